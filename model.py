@@ -1,0 +1,301 @@
+"""YOLOv8 assembled from modules.py, and the import of Ultralytics checkpoints without Ultralytics.
+
+Read top to bottom: scales and helpers, the safe checkpoint reader, Backbone / PAN / YOLOv8.
+"""
+import io
+import math
+import pickle
+import types
+import zipfile
+
+import torch
+import torch.nn as nn
+
+from modules import C2f, SPPF, Conv, Detect, EMAttention
+
+# (depth, width, max_channels) of the official scales
+SCALES = {
+    "n": (0.33, 0.25, 1024),
+    "s": (0.33, 0.50, 1024),
+    "m": (0.67, 0.75, 768),
+    "l": (1.00, 1.00, 512),
+    "x": (1.00, 1.25, 512),
+}
+STRIDES = (8, 16, 32)
+
+
+def scale_triple(scale):
+    if isinstance(scale, str):
+        if scale not in SCALES:
+            raise ValueError(f"scale {scale!r}: expected one of {list(SCALES)} or a (depth, width, max_channels) triple")
+        return SCALES[scale]
+    d, w, mc = scale
+    return float(d), float(w), int(mc)
+
+
+def check_imgsz(h, w, where="input"):
+    """The PAN concatenates upsampled and lateral maps, so every side must divide by the largest stride."""
+    if h % 32 or w % 32:
+        raise ValueError(f"{where}: image size {h}x{w} is not a multiple of 32; letterbox or resize it "
+                         f"(e.g. to {math.ceil(h / 32) * 32}x{math.ceil(w / 32) * 32})")
+
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+@torch.no_grad()
+def gflops(model, imgsz=640, forward=None):
+    """Forward FLOPs (multiply-adds x 2, convs and matmuls) at imgsz, as YOLOv8 reports them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    h, w = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
+    p = next(model.parameters())
+    x = torch.zeros(1, 3, h, w, device=p.device, dtype=p.dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as fc:
+            (forward or model)(x)
+    finally:
+        model.train(was_training)
+    return fc.get_total_flops() / 1e9
+
+
+# -----------------------------------------------------------------------------
+# Ultralytics checkpoints, read without Ultralytics and without running anything from the file.
+#
+# An official `yolov8n.pt` is a torch zip archive whose pickle rebuilds whole Ultralytics modules. We
+# unpickle it with an allow-list: tensor rebuild functions and plain containers resolve to the real thing;
+# classes from the module trees a checkpoint legitimately names (ultralytics, torch.nn, numpy scalars,
+# namespaces) become inert records that only store their state; every other global (os.system, eval,
+# getattr, subprocess, ...) raises before it can be called.
+
+_SAFE_GLOBALS = {
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
+    ("collections", "OrderedDict"): __import__("collections").OrderedDict,
+    ("torch", "Size"): torch.Size,
+    **{(b, n): getattr(__import__("builtins"), n) for b in ("builtins", "__builtin__") for n in ("set", "frozenset", "slice")},
+}
+_RECORD_MODULES = ("ultralytics.", "models.", "torch.nn.modules.", "torch.nn.parameter", "numpy", "argparse",
+                   "types", "pathlib", "datetime")
+
+
+class _Record:
+    """Stand-in for a class we refuse to import: accepts any construction, keeps its state, does nothing."""
+
+    def __init__(self, *args, **kwargs):
+        self.__dict__["_args"] = args
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) == 2:  # (dict state, slot state)
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _SAFE_GLOBALS:
+            return _SAFE_GLOBALS[(module, name)]
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module.startswith(_RECORD_MODULES):
+            return type(name, (_Record,), {"_origin": f"{module}.{name}"})
+        raise pickle.UnpicklingError(f"refusing to load global '{module}.{name}': a weights file has no reason "
+                                     "to name it (a tampered or foreign file?); nothing from it was run")
+
+
+_safe_pickle = types.ModuleType("nanocamtl_safe_pickle")
+_safe_pickle.Unpickler = _SafeUnpickler
+_safe_pickle.load = lambda f, **kw: _SafeUnpickler(f, **kw).load()
+_safe_pickle.UnpicklingError = pickle.UnpicklingError
+_safe_pickle.__name__ = "nanocamtl_safe_pickle"
+
+
+def _module_tensors(obj, prefix, out):
+    """Walk an unpickled nn.Module record and collect its parameters and buffers as a state dict."""
+    d = getattr(obj, "__dict__", {})
+    for key in ("_parameters", "_buffers"):
+        for k, v in (d.get(key) or {}).items():
+            if isinstance(v, torch.Tensor):
+                out[prefix + k] = v
+    for k, child in (d.get("_modules") or {}).items():
+        if child is not None:
+            _module_tensors(child, f"{prefix}{k}.", out)
+    return out
+
+
+def read_ultralytics(path):
+    """Ultralytics checkpoint -> float32 state dict named `model.{i}.…` (EMA weights when present)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", pickle_module=_safe_pickle, weights_only=False)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: {e}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError) as e:
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e}); is the file "
+                         "complete? re-download or re-save it") from None
+    if isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        sd = ckpt  # already a plain state dict
+    else:
+        model = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else ckpt
+        if not isinstance(model, _Record):
+            raise ValueError(f"{path}: no Ultralytics model inside (expected a dict with 'model' or 'ema')")
+        sd = _module_tensors(model, "", {})
+    if not any(k.startswith("model.0.") for k in sd):
+        raise ValueError(f"{path}: holds no Ultralytics layer 'model.0' ({len(sd)} tensors); not a YOLOv8 checkpoint")
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+# Ultralytics layer index -> our module path (layers 10, 11, 13, 14, 17, 20 are Upsample/Concat: no weights)
+ULTRA_TO_OURS = {**{i: f"backbone.{i}" for i in range(10)},
+                 12: "neck.t4", 15: "neck.n3", 16: "neck.d3", 18: "neck.n4", 19: "neck.d4", 21: "neck.n5", 22: "detect"}
+
+
+def map_ultralytics(sd, nc=None):
+    """Rename `model.{i}.…` to ours; keep only Detect's box/class branches and DFL from a head
+    (a -seg head also has mask parts); drop the class branch when nc differs from the checkpoint's."""
+    out = {}
+    for k, v in sd.items():
+        parts = k.split(".")
+        if parts[0] != "model" or not parts[1].isdigit() or int(parts[1]) not in ULTRA_TO_OURS:
+            continue
+        i, rest = int(parts[1]), ".".join(parts[2:])
+        if i == 22 and not rest.startswith(("cv2.", "cv3.", "dfl.")):
+            continue
+        out[f"{ULTRA_TO_OURS[i]}.{rest}"] = v
+    ck_nc = out["detect.cv3.0.2.weight"].shape[0] if "detect.cv3.0.2.weight" in out else None
+    if nc is not None and ck_nc is not None and nc != ck_nc:
+        out = {k: v for k, v in out.items() if not k.startswith("detect.cv3.")}
+    return out, ck_nc
+
+
+def infer_scale(sd):
+    """(depth, width, max_channels) from tensor shapes: width from layer 0, max_channels from layer 7,
+    depth from the bottleneck count of layer 4 (6 at depth 1)."""
+    w = sd["model.0.conv.weight"].shape[0] / 64
+    c7 = sd["model.7.conv.weight"].shape[0]
+    mc = 1024 if c7 >= math.ceil(1024 * w / 8) * 8 else round(c7 / w)
+    n4 = len({k.split(".")[3] for k in sd if k.startswith("model.4.m.")})
+    return n4 / 6, w, mc
+
+
+# -----------------------------------------------------------------------------
+# YOLOv8
+
+
+class Backbone(nn.Sequential):
+    """CSPDarknet layers 0-9, indexed as in Ultralytics. Returns B3 (stride 8), B4 (16), B5 (32)."""
+
+    def forward(self, x):
+        taps = []
+        for i, layer in enumerate(self):
+            x = layer(x)
+            if i in (4, 6, 9):
+                taps.append(x)
+        return taps
+
+
+class PAN(nn.Module):
+    """Top-down then bottom-up path aggregation (Ultralytics layers 10-21); EMA attention optionally inline
+    after N3/N4/N5, so everything downstream (the next strided conv, the head) sees its output."""
+
+    def __init__(self, c3, c4, c5, n, ema_attention=False):
+        super().__init__()
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.t4 = C2f(c5 + c4, c4, n)  # layer 12
+        self.n3 = C2f(c4 + c3, c3, n)  # layer 15
+        self.d3 = Conv(c3, c3, 3, 2)  # layer 16
+        self.n4 = C2f(c3 + c4, c4, n)  # layer 18
+        self.d4 = Conv(c4, c4, 3, 2)  # layer 19
+        self.n5 = C2f(c4 + c5, c5, n)  # layer 21
+        self.ema3, self.ema4, self.ema5 = ((EMAttention(c3), EMAttention(c4), EMAttention(c5)) if ema_attention
+                                           else (nn.Identity(), nn.Identity(), nn.Identity()))
+
+    def forward(self, b3, b4, b5):
+        t4 = self.t4(torch.cat((self.up(b5), b4), 1))
+        n3 = self.ema3(self.n3(torch.cat((self.up(t4), b3), 1)))
+        n4 = self.ema4(self.n4(torch.cat((self.d3(n3), t4), 1)))
+        n5 = self.ema5(self.n5(torch.cat((self.d4(n4), b5), 1)))
+        return [n3, n4, n5]
+
+
+class YOLOv8(nn.Module):
+    """YOLOv8 detector. Training mode: three raw maps (B, 64+nc, H/s, W/s); eval: (B, 4+nc, A) decoded."""
+
+    def __init__(self, nc=80, scale="n", ema_attention=False, verbose=True):
+        super().__init__()
+        d, w, mc = self.scale = scale_triple(scale)
+        self.nc = nc
+
+        def ch(c):
+            return math.ceil(min(c, mc) * w / 8) * 8
+
+        def rep(n):
+            return max(round(n * d), 1) if n > 1 else n
+
+        self.channels = c3, c4, c5 = ch(256), ch(512), ch(1024)
+        self.backbone = Backbone(
+            Conv(3, ch(64), 3, 2),  # 0  P1/2
+            Conv(ch(64), ch(128), 3, 2),  # 1  P2/4
+            C2f(ch(128), ch(128), rep(3), True),  # 2
+            Conv(ch(128), c3, 3, 2),  # 3  P3/8
+            C2f(c3, c3, rep(6), True),  # 4  B3
+            Conv(c3, c4, 3, 2),  # 5  P4/16
+            C2f(c4, c4, rep(6), True),  # 6  B4
+            Conv(c4, c5, 3, 2),  # 7  P5/32
+            C2f(c5, c5, rep(3), True),  # 8
+            SPPF(c5, c5, 5),  # 9  B5
+        )
+        self.neck = PAN(c3, c4, c5, rep(3), ema_attention)
+        self.detect = Detect(nc, self.channels, STRIDES)
+        if verbose:
+            print(self.summary())
+
+    def summary(self, imgsz=640):
+        # convs scale exactly with area at multiples of 32, so count FLOPs at 64 px and scale up (fast for x)
+        g = gflops(self, 64) * (imgsz / 64) ** 2
+        return f"{type(self).__name__} scale ({self.scale[0]:.2f}, {self.scale[1]:.3g}, {self.scale[2]}), nc {self.nc}: {count_params(self):,} parameters, {g:.1f} GFLOPs at {imgsz}"
+
+    def features(self, x):
+        """Neck outputs [N3, N4, N5]."""
+        check_imgsz(*x.shape[-2:])
+        return self.neck(*self.backbone(x))
+
+    def forward(self, x):
+        return self.detect(self.features(x))
+
+    def fuse(self):
+        """Fold every BatchNorm into its convolution (inference only); returns self."""
+        for m in self.modules():
+            if isinstance(m, Conv):
+                m.fuse()
+        return self
+
+    @classmethod
+    def from_ultralytics(cls, path, nc=None, verbose=True, **kw):
+        """Build from an official `yolov8*.pt` / `yolov8*-seg.pt`: scale and nc inferred from its tensors;
+        with nc given and different, the class branch keeps its fresh prior-bias init."""
+        sd = read_ultralytics(path)
+        ours, ck_nc = map_ultralytics(sd, nc)
+        model = cls(nc=nc or ck_nc or 80, scale=infer_scale(sd), verbose=False, **kw)
+        load_matching(model, ours, f"{path}", verbose=verbose)
+        if verbose:
+            print(model.summary())
+        return model
+
+
+def load_matching(model, sd, source="checkpoint", verbose=True):
+    """Load every tensor whose name and shape match; fail loudly on shape clashes, report what stayed fresh."""
+    own = model.state_dict()
+    bad = [f"{k}: {tuple(v.shape)} vs ours {tuple(own[k].shape)}" for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"{source}: {len(bad)} tensors do not fit this model (wrong scale?): " + "; ".join(bad[:3]))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    fresh = sorted({k.rsplit(".", 2)[0] for k in missing if not k.endswith("num_batches_tracked")})
+    if verbose:
+        print(f"loaded {len(sd) - len(unexpected)} tensors from {source}"
+              + (f"; kept fresh init for {len(fresh)} modules ({', '.join(fresh[:4])}{', ...' if len(fresh) > 4 else ''})" if fresh else ""))
+    return missing, unexpected

@@ -1,0 +1,212 @@
+"""Building blocks of nanoCAMTL: YOLOv8's layers and the attention/normalisation modules of CA-MTL.
+
+Read top to bottom: helpers, YOLOv8 blocks (Conv, Bottleneck, C2f, SPPF, DFL, Detect), EMA attention.
+Attribute names (`conv`, `bn`, `cv1`, `cv2`, `cv3`, `m`, `dfl`) follow YOLOv8 so that its checkpoints
+map onto ours by name.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# helpers
+
+
+def make_anchors(feats, strides, offset=0.5):
+    """Anchor centres (A, 2) in grid units and their strides (A, 1), level by level, row-major."""
+    points, stride_col = [], []
+    for f, s in zip(feats, strides):
+        h, w = f.shape[-2:]
+        sy = torch.arange(h, device=f.device, dtype=f.dtype) + offset
+        sx = torch.arange(w, device=f.device, dtype=f.dtype) + offset
+        sy, sx = torch.meshgrid(sy, sx, indexing="ij")
+        points.append(torch.stack((sx, sy), -1).view(-1, 2))
+        stride_col.append(torch.full((h * w, 1), float(s), device=f.device, dtype=f.dtype))
+    return torch.cat(points), torch.cat(stride_col)
+
+
+def dist2bbox(dist, anchors, xywh=True, dim=-1):
+    """(left, top, right, bottom) distances from anchor points -> boxes, xywh or xyxy."""
+    lt, rb = dist.chunk(2, dim)
+    x1y1, x2y2 = anchors - lt, anchors + rb
+    if xywh:
+        return torch.cat(((x1y1 + x2y2) / 2, x2y2 - x1y1), dim)
+    return torch.cat((x1y1, x2y2), dim)
+
+
+def fuse_conv_bn(conv, bn):
+    """A Conv2d with bias that computes bn(conv(x)) with the BN's running statistics."""
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      conv.dilation, conv.groups, bias=True).to(conv.weight.device)
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (C,)
+    fused.weight.data = (conv.weight * scale.view(-1, 1, 1, 1)).detach()
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    fused.bias.data = ((bias - bn.running_mean) * scale + bn.bias).detach()
+    fused.weight.requires_grad_(False)
+    fused.bias.requires_grad_(False)
+    return fused
+
+
+# -----------------------------------------------------------------------------
+# YOLOv8 blocks
+
+
+class Conv(nn.Module):
+    """Conv2d (no bias, 'same' padding) -> BatchNorm -> SiLU. After fuse(), bn is Identity."""
+
+    def __init__(self, c1, c2, k=1, s=1, g=1, act=True):
+        super().__init__()
+        self.conv = nn.Conv2d(c1, c2, k, s, k // 2, groups=g, bias=False)
+        self.bn = nn.BatchNorm2d(c2, eps=1e-3, momentum=0.03)
+        self.act = nn.SiLU() if act else nn.Identity()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+    def fuse(self):
+        if isinstance(self.bn, nn.BatchNorm2d):
+            self.conv = fuse_conv_bn(self.conv, self.bn)
+            self.bn = nn.Identity()
+
+
+class Bottleneck(nn.Module):
+    """Two 3x3 Convs with an optional residual (only when shapes allow)."""
+
+    def __init__(self, c1, c2, shortcut=True):
+        super().__init__()
+        self.cv1 = Conv(c1, c2, 3)
+        self.cv2 = Conv(c2, c2, 3)
+        self.add = shortcut and c1 == c2
+
+    def forward(self, x):
+        y = self.cv2(self.cv1(x))
+        return x + y if self.add else y
+
+
+class C2f(nn.Module):
+    """CSP block with 2 convolutions: 1x1 to 2c, split, n bottlenecks chained on the second half,
+    concat every intermediate (2 + n chunks of c), 1x1 to c2."""
+
+    def __init__(self, c1, c2, n=1, shortcut=False):
+        super().__init__()
+        self.c = c2 // 2
+        self.cv1 = Conv(c1, 2 * self.c, 1)
+        self.cv2 = Conv((2 + n) * self.c, c2, 1)
+        self.m = nn.ModuleList(Bottleneck(self.c, self.c, shortcut) for _ in range(n))
+
+    def forward(self, x):
+        y = list(self.cv1(x).chunk(2, 1))  # 2 x (B, c, H, W)
+        for m in self.m:
+            y.append(m(y[-1]))
+        return self.cv2(torch.cat(y, 1))  # (B, (2+n)c, H, W) -> (B, c2, H, W)
+
+
+class SPPF(nn.Module):
+    """Spatial pyramid pooling, fast: three chained 5x5 max-pools equal pools of 5, 9 and 13."""
+
+    def __init__(self, c1, c2, k=5):
+        super().__init__()
+        c_ = c1 // 2
+        self.cv1 = Conv(c1, c_, 1)
+        self.cv2 = Conv(c_ * 4, c2, 1)
+        self.m = nn.MaxPool2d(k, 1, k // 2)
+
+    def forward(self, x):
+        y = [self.cv1(x)]
+        for _ in range(3):
+            y.append(self.m(y[-1]))
+        return self.cv2(torch.cat(y, 1))
+
+
+class DFL(nn.Module):
+    """Distribution focal loss decoding: the expectation of a softmax over reg_max bins.
+
+    The bin values live in a frozen 1x1 conv (0, 1, ..., reg_max-1) as in YOLOv8, so its checkpoints
+    and parameter counts match ours."""
+
+    def __init__(self, c1=16):
+        super().__init__()
+        self.c1 = c1
+        self.conv = nn.Conv2d(c1, 1, 1, bias=False).requires_grad_(False)
+        self.conv.weight.data[:] = torch.arange(c1, dtype=torch.float).view(1, c1, 1, 1)
+
+    def forward(self, x):
+        b, _, a = x.shape  # (B, 4*c1, A)
+        p = x.view(b, 4, self.c1, a).softmax(2)  # (B, 4, c1, A)
+        return torch.einsum("bkca,c->bka", p, self.conv.weight.view(-1).to(p.dtype))  # (B, 4, A)
+
+
+class Detect(nn.Module):
+    """YOLOv8 detection head: per level a box branch (cv2 -> 4*reg_max DFL logits) and a class
+    branch (cv3 -> nc logits). Training: the raw maps; eval: decoded (B, 4+nc, A) xywh pixels + scores."""
+
+    def __init__(self, nc=80, ch=(), strides=(8, 16, 32), reg_max=16):
+        super().__init__()
+        self.nc, self.nl, self.reg_max = nc, len(ch), reg_max
+        self.no = nc + 4 * reg_max
+        self.register_buffer("stride", torch.tensor(strides, dtype=torch.float), persistent=False)
+        c2 = max(16, ch[0] // 4, reg_max * 4)
+        c3 = max(ch[0], min(nc, 100))
+        self.cv2 = nn.ModuleList(nn.Sequential(Conv(c, c2, 3), Conv(c2, c2, 3), nn.Conv2d(c2, 4 * reg_max, 1)) for c in ch)
+        self.cv3 = nn.ModuleList(nn.Sequential(Conv(c, c3, 3), Conv(c3, c3, 3), nn.Conv2d(c3, nc, 1)) for c in ch)
+        self.dfl = DFL(reg_max)
+        self.shape, self.anchors, self.strides = None, None, None  # decode cache for eval
+        self.bias_init()
+
+    def bias_init(self):
+        """Box logits start at 1; class logits at the prior of ~5 objects per 640 px image."""
+        for a, b, s in zip(self.cv2, self.cv3, self.stride.tolist()):
+            a[-1].bias.data[:] = 1.0
+            b[-1].bias.data[: self.nc] = math.log(5 / self.nc / (640 / s) ** 2)
+
+    def forward(self, x):
+        x = [torch.cat((self.cv2[i](x[i]), self.cv3[i](x[i])), 1) for i in range(self.nl)]  # (B, 64+nc, H, W)
+        if self.training:
+            return x
+        return self.decode(x)
+
+    def decode(self, x):
+        b = x[0].shape[0]
+        shape = tuple(xi.shape for xi in x)
+        if shape != self.shape:  # anchors depend only on the map sizes; rebuild when they change
+            anchors, strides = make_anchors(x, self.stride.tolist())
+            self.anchors, self.strides, self.shape = anchors.t(), strides.t(), shape  # (2, A), (1, A)
+        flat = torch.cat([xi.view(b, self.no, -1) for xi in x], 2)  # (B, 64+nc, A)
+        box, cls = flat.split((4 * self.reg_max, self.nc), 1)
+        dbox = dist2bbox(self.dfl(box), self.anchors.unsqueeze(0), xywh=True, dim=1) * self.strides
+        return torch.cat((dbox, cls.sigmoid()), 1)  # (B, 4+nc, A)
+
+
+# -----------------------------------------------------------------------------
+# EMA: Efficient Multi-scale Attention (Ouyang et al., 2023), groups 8
+
+
+class EMAttention(nn.Module):
+    """Channels split into groups; a 1x1 branch gates each group by pooled row/column context, a 3x3
+    branch sees local context; each branch's global descriptor weights the other's pixels (cross-spatial
+    learning), and the sum of both gates the input. Output shape = input shape."""
+
+    def __init__(self, c, groups=8):
+        super().__init__()
+        assert c % groups == 0, f"EMA attention: channels {c} not divisible by groups {groups}"
+        self.g = groups
+        cg = c // groups
+        self.gn = nn.GroupNorm(cg, cg)
+        self.conv1x1 = nn.Conv2d(cg, cg, 1)
+        self.conv3x3 = nn.Conv2d(cg, cg, 3, padding=1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        gx = x.reshape(b * self.g, c // self.g, h, w)  # (B*g, cg, H, W)
+        xh = gx.mean(3, keepdim=True)  # (B*g, cg, H, 1)
+        xw = gx.mean(2, keepdim=True).transpose(2, 3)  # (B*g, cg, W, 1)
+        hw = self.conv1x1(torch.cat((xh, xw), 2))
+        xh, xw = hw.split((h, w), 2)
+        x1 = self.gn(gx * xh.sigmoid() * xw.transpose(2, 3).sigmoid())  # 1x1 branch
+        x2 = self.conv3x3(gx)  # 3x3 branch
+        a1 = x1.mean((2, 3)).softmax(-1).unsqueeze(1)  # (B*g, 1, cg)
+        a2 = x2.mean((2, 3)).softmax(-1).unsqueeze(1)
+        wts = a1 @ x2.flatten(2) + a2 @ x1.flatten(2)  # (B*g, 1, HW)
+        return (gx * wts.view(b * self.g, 1, h, w).sigmoid()).reshape(b, c, h, w)
