@@ -5,6 +5,9 @@ The detection metrics reproduce the numbers Ultralytics' YOLOv8 validator prints
 including its particular box-to-label matching rule and its F1-based choice of the reported P/R operating point.
 """
 
+import math
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -260,3 +263,162 @@ def seg_scores(prob_or_logits, mask, thr=0.5, from_logits=True):
 
 
 dice_iou = seg_scores
+
+
+# -----------------------------------------------------------------------------
+# validation loop (per epoch in train.py, and the CLI below)
+
+
+def fitness(m):
+    """best.pt criterion: 0.1 mAP50 + 0.9 mAP50-95 for detection, Dice(full) for segmentation, mean of present."""
+    parts = []
+    if "map50" in m:
+        parts.append(0.1 * m["map50"] + 0.9 * m["map50_95"])
+    if "dice_full" in m:
+        parts.append(m["dice_full"])
+    return float(np.mean(parts)) if parts else 0.0
+
+
+def targets_xyxy(batch, i, h, w):
+    """Batch i's GT rows (M, 5) cls, x1, y1, x2, y2 in canvas pixels."""
+    sel = batch["batch_idx"] == i
+    b = batch["bboxes"][sel] * torch.tensor([w, h, w, h])
+    return torch.cat((batch["cls"][sel].view(-1, 1), xywh2xyxy(b)), 1)
+
+
+@torch.no_grad()
+def validate(model, loaders, cfg, device, crit=None, plot_dir=None):
+    """Loss 6-vector, Dice/IoU per scale and detection P/R/mAP on the val loaders {"det": ..., "seg": ...}.
+    No augmentation; each batch in its own domain. The detection head runs in its training graph (raw maps,
+    BN running statistics) so the loss can be computed, and is decoded here."""
+    model.eval()
+    det_meter, seg_meters = DetMeter(), {k: SegMeter() for k in ("p3", "p4", "p5", "full")}
+    loss_sum, n_img = torch.zeros(6), 0
+    nms_kw = dict(conf=cfg["val_conf"], iou=cfg["val_iou"], max_det=cfg["max_det"], multi_label=True)
+    for task, loader in loaders.items():
+        for bi, batch in enumerate(loader):
+            img = batch["img"].to(device)
+            tasks = ("det", "seg") if task == "det" else ("seg",)
+            model.detect.training = True  # raw maps out of the head, every BN still in eval
+            try:
+                with model.domain(batch["domain"]):
+                    det_out, seg_out = model(img, tasks=tasks)
+            finally:
+                model.detect.training = False
+            bd = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            if crit is not None:
+                loss_sum += crit(det_out, seg_out, bd)[1].cpu() * img.shape[0]
+            n_img += img.shape[0]
+            preds = None
+            if task == "det":
+                h, w = img.shape[-2:]
+                preds = nms(model.detect.decode(det_out), **nms_kw)
+                det_meter.update([p.cpu() for p in preds], [targets_xyxy(batch, i, h, w) for i in range(len(preds))])
+            else:
+                for k, meter in seg_meters.items():
+                    meter.update(seg_out[k].float().cpu(), batch["mask"])
+            if plot_dir is not None and bi == 0:
+                save_overlays(batch, preds, seg_out["full"].cpu() if seg_out else None, Path(plot_dir) / f"val_{task}.png")
+    m = {}
+    if crit is not None and n_img:
+        m.update({f"val/{n}": float(v) for n, v in zip(("det", "seg", "cons", "align", "l2sp", "total"), loss_sum / n_img)})
+    if "seg" in loaders:
+        for k, meter in seg_meters.items():
+            m[f"dice_{k}"], m[f"iou_{k}"] = (float(v) for v in meter.compute())
+    if "det" in loaders:
+        r = det_meter.compute(cfg["nc"])
+        m.update({k: float(r[k]) for k in ("precision", "recall", "map50", "map50_95")})
+    m["fitness"] = fitness(m)
+    return m
+
+
+def format_metrics(m, prefix="val"):
+    keys = [k for k in ("dice_full", "iou_full", "dice_p3", "dice_p4", "dice_p5", "precision", "recall", "map50", "map50_95", "val/total") if k in m]
+    return f"{prefix}: " + "  ".join(f"{k} {m[k]:.4f}" for k in keys)
+
+
+def results_table(m):
+    rows = [("Dice / IoU  full", "dice_full", "iou_full"), ("Dice / IoU  p3", "dice_p3", "iou_p3"),
+            ("Dice / IoU  p4", "dice_p4", "iou_p4"), ("Dice / IoU  p5", "dice_p5", "iou_p5"),
+            ("P / R", "precision", "recall"), ("mAP50 / mAP50-95", "map50", "map50_95")]
+    lines = [f"  {'metric':18s} {'value':>17s}", "  " + "-" * 36]
+    for name, a, b in rows:
+        if a in m:
+            lines.append(f"  {name:18s} {m[a]:8.4f} {m[b]:8.4f}")
+    if "val/total" in m:
+        lines.append("  loss [det seg cons align l2sp total] " + " ".join(f"{m['val/' + n]:.4f}" for n in ("det", "seg", "cons", "align", "l2sp", "total")))
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# pictures: prediction overlays and training curves, drawn with PIL
+
+
+def overlay(img, boxes=None, gt=None, prob=None, thr=0.5):
+    """One (3, H, W) image in [0, 1] -> PIL image: vessel probability tinted, GT boxes green, predictions red."""
+    from PIL import Image, ImageDraw
+    a = (img.permute(1, 2, 0).numpy() * 255).astype(np.float32)
+    if prob is not None:
+        m = (prob.numpy() > thr)[..., None]
+        a = np.where(m, 0.5 * a + 0.5 * np.array([0, 220, 255], np.float32), a)
+    im = Image.fromarray(a.clip(0, 255).astype(np.uint8))
+    d = ImageDraw.Draw(im)
+    for r in (gt if gt is not None else []):
+        d.rectangle([float(v) for v in r[1:5]], outline=(0, 255, 0), width=1)
+    for r in (boxes if boxes is not None else []):
+        d.rectangle([float(v) for v in r[:4]], outline=(255, 40, 40), width=2)
+        d.text((float(r[0]) + 2, max(float(r[1]) - 11, 0)), f"{float(r[4]):.2f}", fill=(255, 40, 40))
+    return im
+
+
+def save_overlays(batch, preds, full_logits, path, n=8, conf=0.25):
+    from PIL import Image
+    imgs = batch["img"][:n]
+    h, w = imgs.shape[-2:]
+    tiles = []
+    for i in range(len(imgs)):
+        prob = full_logits[i, 0].sigmoid() if full_logits is not None else None
+        p = preds[i][preds[i][:, 4] > conf] if preds is not None else None
+        gt = targets_xyxy(batch, i, h, w) if len(batch["bboxes"]) else None
+        tiles.append(overlay(imgs[i], p, gt, prob))
+    cols = min(4, len(tiles))
+    rows = math.ceil(len(tiles) / cols)
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for k, t in enumerate(tiles):
+        grid.paste(t, ((k % cols) * w, (k // cols) * h))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
+
+def plot_results(csv_path, out_path, size=(260, 180)):
+    """Every numeric column of results.csv against epoch, one small chart each, in a grid PNG."""
+    import csv as _csv
+    from PIL import Image, ImageDraw
+    with open(csv_path) as f:
+        rows = list(_csv.DictReader(f))
+    if not rows:
+        return
+    keys = [k for k in rows[0] if k != "epoch"]
+    x = [float(r["epoch"]) for r in rows]
+    cols = 4
+    W, H = size
+    img = Image.new("RGB", (cols * W, math.ceil(len(keys) / cols) * H), "white")
+    d = ImageDraw.Draw(img)
+    for k, key in enumerate(keys):
+        ox, oy = (k % cols) * W, (k // cols) * H
+        y = [float(r[key]) if r.get(key) not in (None, "") else float("nan") for r in rows]
+        ok = [(a, b) for a, b in zip(x, y) if math.isfinite(b)]
+        d.text((ox + 8, oy + 4), key, fill="black")
+        if not ok:
+            continue
+        lo, hi = min(b for _, b in ok), max(b for _, b in ok)
+        x0, x1 = min(x), max(max(x), min(x) + 1)
+        span = hi - lo or 1.0
+        pts = [(ox + 30 + (a - x0) / (x1 - x0) * (W - 45), oy + H - 20 - (b - lo) / span * (H - 45)) for a, b in ok]
+        d.rectangle([ox + 30, oy + 22, ox + W - 15, oy + H - 20], outline=(200, 200, 200))
+        if len(pts) > 1:
+            d.line(pts, fill=(30, 90, 200), width=2)
+        for p in pts:
+            d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=(30, 90, 200))
+        d.text((ox + 32, oy + H - 18), f"{lo:.3g} .. {hi:.3g}", fill=(90, 90, 90))
+    img.save(out_path)

@@ -209,3 +209,106 @@ class DetectionLoss:
 
         items = torch.stack((loss_box * self.gains[0], loss_cls * self.gains[1], loss_dfl * self.gains[2]))
         return items.sum() * B, items.detach()
+
+
+# -----------------------------------------------------------------------------
+# CA-MTL terms. Every task term is a per-image mean x batch size (the detection loss's convention), so a
+# det batch and a seg batch of the same size weigh alike.
+
+
+def dice_bce(logits, target):
+    """Per image BCE + soft Dice, (B, 1, H, W) logits vs soft targets in [0, 1] -> (B,)."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).mean(1)
+    p, t = logits.sigmoid().flatten(1), target.flatten(1)
+    dice = 1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)  # +1: an empty mask predicted empty costs 0
+    return bce + dice
+
+
+def seg_loss(seg_out, batch, weights):
+    """Deep supervision: p3/p4/p5 against area-averaged soft masks at their stride, `full` against the mask."""
+    B = batch["mask"].shape[0]
+    total = 0.0
+    for k, w in zip(("p3", "p4", "p5", "full"), weights):
+        if w:
+            target = batch["mask"] if k == "full" else batch[f"mask_{k}"]
+            total = total + w * dice_bce(seg_out[k].float(), target.to(seg_out[k].device).float()).mean()
+    return total * B
+
+
+def box_masks(batch, B, h, w, device):
+    """GT boxes -> (B, N, h, w) bool rectangles per image (padded), and (B, N) validity."""
+    labels, boxes = pad_targets(batch, B, (h, w), device)
+    valid = boxes.sum(-1) > 0  # (B, N)
+    ys = torch.arange(h, device=device).view(1, 1, h, 1) + 0.5
+    xs = torch.arange(w, device=device).view(1, 1, 1, w) + 0.5
+    x1, y1, x2, y2 = (boxes[..., i, None, None] for i in range(4))
+    return (xs >= x1) & (xs <= x2) & (ys >= y1) & (ys <= y2) & valid[..., None, None], valid
+
+
+def consistency_loss(full_logits, batch, mode="contain", margin=0.3):
+    """Boxes -> mask consistency on detection images, which carry no vessel mask: a stenosis sits on a
+    vessel, so the predicted vessel probability inside each GT box should be high.
+    contain: mean over boxes of ReLU(margin - mean vessel probability in the box);
+    bce: BCE of the full logits against the union of box rectangles as a pseudo-mask (the original's variant)."""
+    B, _, h, w = full_logits.shape
+    inside, valid = box_masks(batch, B, h, w, full_logits.device)  # (B, N, h, w)
+    if not valid.any():
+        return full_logits.sum() * 0.0
+    if mode == "bce":
+        pseudo = inside.any(1, keepdim=True).float()
+        return F.binary_cross_entropy_with_logits(full_logits.float(), pseudo, reduction="none").flatten(1).mean(1).sum()
+    p = full_logits.float().sigmoid()  # (B, 1, h, w)
+    cover = (p * inside).flatten(2).sum(2) / inside.flatten(2).sum(2).clamp(min=1)  # (B, N)
+    per_box = F.relu(margin - cover) * valid
+    return (per_box.sum(1) / valid.sum(1).clamp(min=1)).sum()  # per-image mean x B
+
+
+def align_loss(attn, full_logits, eps=1e-8):
+    """Detection attention should fall on vessels: KL(vessel distribution || CTAM key attention) per scale,
+    the vessel distribution being the detached predicted probability pooled to the key grid, normalised."""
+    B = full_logits.shape[0]
+    vessel = full_logits.detach().float().sigmoid()
+    total = 0.0
+    for a in attn:  # (B, hk, wk), rows sum to 1
+        q = F.adaptive_avg_pool2d(vessel, a.shape[-2:]).flatten(1)
+        q = q / q.sum(1, keepdim=True).clamp(min=eps)
+        a = a.float().flatten(1)
+        total = total + (q * ((q + eps).log() - (a + eps).log())).sum(1).mean()
+    return total / len(attn) * B
+
+
+def l2sp_loss(model, anchor):
+    """L2-SP: squared distance of backbone+neck weights to their values at stage start (anchor: name -> tensor)."""
+    named = dict(model.named_parameters())
+    return sum(((named[k] - w0) ** 2).sum() for k, w0 in anchor.items())
+
+
+class MultiTaskLoss:
+    """The CA-MTL total. `total, vec = crit(det_out, seg_out, batch, model)`: total is what is optimised,
+    vec the detached 6-vector [det, seg, cons, align, l2sp, total] divided by the batch size, so it reads
+    like YOLOv8's per-image loss items; a term whose task is absent from the batch is 0."""
+
+    NAMES = ("det", "seg", "cons", "align", "l2sp", "total")
+
+    def __init__(self, cfg, anchor=None):
+        self.cfg, self.anchor = cfg, anchor
+        self.det = DetectionLoss(cfg["nc"], box=cfg["box"], cls=cfg["cls"], dfl=cfg["dfl"])
+        self.seg_w = (cfg["w_p3"], cfg["w_p4"], cfg["w_p5"], cfg["w_full"])
+
+    def __call__(self, det_out, seg_out, batch, model=None):
+        c = self.cfg
+        ref = det_out[0] if det_out is not None else seg_out["full"]
+        zero = ref.new_zeros(()).float()
+        det = seg = cons = align = l2sp = zero
+        if batch["task"] == "det" and det_out is not None:
+            det = self.det(det_out, batch)[0] * c["lambda_det"]
+            if seg_out is not None and c["lambda_cons"]:
+                cons = consistency_loss(seg_out["full"], batch, c["cons_mode"], c["cons_margin"]) * c["lambda_cons"]
+        if batch["task"] == "seg" and seg_out is not None:
+            seg = seg_loss(seg_out, batch, self.seg_w) * c["lambda_seg"]
+        if seg_out is not None and seg_out.get("attn") is not None and c["lambda_align"]:
+            align = align_loss(seg_out["attn"], seg_out["full"]) * c["lambda_align"]
+        if self.anchor and c["lambda_l2sp"] and model is not None:
+            l2sp = l2sp_loss(model, self.anchor) * c["lambda_l2sp"]
+        total = det + seg + cons + align + l2sp
+        return total, torch.stack([det, seg, cons, align, l2sp, total]).detach() / ref.shape[0]

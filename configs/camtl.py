@@ -1,0 +1,5 @@
+"""Stage 2: angiography detection + angiography segmentation (+ optional retinography replay),
+initialised from stage 1, DualBN on."""
+config = {
+    "camtl_ratio": [1, 2],
+}

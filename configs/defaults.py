@@ -1,0 +1,77 @@
+"""Every configuration key, with its default. Other files in configs/ override a few of these; so does
+`train.py --config FILE --set key=value`. A key not listed here is an error, so this file is the reference.
+
+A config file defines `config = {...}` and may add per-stage dicts `domainshift1 = {...}`, `camtl = {...}`
+that apply on top of it for that stage only.
+"""
+config = {
+    # --- model
+    "scale": "n",  # n/s/m/l/x (or [depth, width, max_channels])
+    "nc": 1,  # detection classes (stenosis)
+    "attn_dim": 64,  # attention width of FPMA/CTAM/CSAM (the original: 256 at every scale)
+    "attn_heads": 4,
+    "attn_tokens": 256,  # keys/values pooled to at most this many tokens: cost linear in image area
+    "ema_attention": False,  # Efficient Multi-scale Attention after N3/N4/N5
+    "gn_groups": 32,  # GroupNorm groups in the seg stream: the first of 32,16,...,1 dividing C, at most this
+    "dual_bn": True,  # camtl stage: separate BatchNorm statistics for source and target domains
+    "kpt_aux": False,  # centre-keypoint auxiliary head on Detect (training only; stripped at export)
+    # --- data
+    "data": "",  # processed data root; empty = the built-in synthetic data (generated on first use)
+    "synthetic_n": 120,  # images per synthetic task when generating
+    "imgsz": 512,  # letterbox size (multiple of 32)
+    "batch": 8,
+    "workers": 2,
+    "group_regex": "",  # when splits.json is written: regex whose first group keys a patient/video
+    "camtl_ratio": [1, 2],  # batches per cycle: [det, seg] or [det, seg, source replay]
+    "augment": True,
+    # --- weights and output
+    "weights_dir": "weights",  # yolov8{S}.pt / yolov8{S}-seg.pt / yolov8{S}-domainshift1.pt looked up here
+    "project": "runs",  # runs/{stage}/{name}
+    "name": "",  # empty = exp, exp2, ...
+    "device": "auto",  # auto / cpu / cuda / cuda:0
+    "seed": 0,
+    # --- optimisation (YOLOv8's recipe)
+    "epochs": 100,
+    "optimizer": "SGD",  # SGD (nesterov) or AdamW
+    "lr0": 0.0,  # 0 = the optimizer's default: SGD 0.01, AdamW 0.002
+    "lrf": 0.01,  # final lr = lr0 * lrf
+    "cos_lr": False,
+    "momentum": 0.937,
+    "weight_decay": 5e-4,  # scaled by batch * accumulate / nbs
+    "nbs": 64,  # nominal batch: gradients accumulate to it
+    "warmup_epochs": 3.0,
+    "warmup_min_iters": 100,
+    "warmup_momentum": 0.8,
+    "warmup_bias_lr": 0.1,
+    "clip_grad": 10.0,
+    "amp": True,  # autocast on CUDA (fp16 with GradScaler, or bf16); off on CPU
+    "amp_dtype": "fp16",  # fp16 / bf16
+    "ema": True,
+    "ema_decay": 0.9999,
+    "ema_tau": 2000,
+    "max_nan_steps": 10,  # this many non-finite losses in a row stop the run
+    # --- losses
+    "box": 7.5,
+    "cls": 0.5,
+    "dfl": 1.5,
+    "kpt": 12.0,
+    "kobj": 1.0,
+    "w_p3": 0.25,
+    "w_p4": 0.25,
+    "w_p5": 0.25,
+    "w_full": 1.0,
+    "lambda_det": 1.0,
+    "lambda_seg": 1.0,
+    "lambda_cons": 0.1,
+    "cons_mode": "contain",  # contain: mean ReLU(margin - vessel coverage in each box); bce: boxes as pseudo-mask
+    "cons_margin": 0.3,
+    "lambda_align": 0.05,
+    "lambda_l2sp": 1e-4,
+    # --- validation and logging
+    "val_interval": 1,  # epochs
+    "val_conf": 0.001,
+    "val_iou": 0.7,
+    "max_det": 300,
+    "log_interval": 10,  # iterations between progress lines
+    "plots": True,
+}
