@@ -152,7 +152,7 @@ class Detect(nn.Module):
         self.cv2 = nn.ModuleList(nn.Sequential(Conv(c, c2, 3), Conv(c2, c2, 3), nn.Conv2d(c2, 4 * reg_max, 1)) for c in ch)
         self.cv3 = nn.ModuleList(nn.Sequential(Conv(c, c3, 3), Conv(c3, c3, 3), nn.Conv2d(c3, nc, 1)) for c in ch)
         self.dfl = DFL(reg_max)
-        self.shape, self.anchors, self.strides = None, None, None  # decode cache for eval
+        self.strides = tuple(float(s) for s in strides)  # plain floats: a tensor would be data to torch.export
         self.bias_init()
 
     def bias_init(self):
@@ -169,13 +169,11 @@ class Detect(nn.Module):
 
     def decode(self, x):
         b = x[0].shape[0]
-        shape = tuple(xi.shape for xi in x)
-        if shape != self.shape:  # anchors depend only on the map sizes; rebuild when they change
-            anchors, strides = make_anchors(x, self.stride.tolist())
-            self.anchors, self.strides, self.shape = anchors.t(), strides.t(), shape  # (2, A), (1, A)
+        # rebuilt every call (microseconds), not cached: the module keeps no state, so torch.export traces it as is
+        anchors, strides = make_anchors(x, self.strides)  # (A, 2), (A, 1)
         flat = torch.cat([xi.view(b, self.no, -1) for xi in x], 2)  # (B, 64+nc, A)
         box, cls = flat.split((4 * self.reg_max, self.nc), 1)
-        dbox = dist2bbox(self.dfl(box), self.anchors.unsqueeze(0), xywh=True, dim=1) * self.strides
+        dbox = dist2bbox(self.dfl(box), anchors.t().unsqueeze(0), xywh=True, dim=1) * strides.t()
         return torch.cat((dbox, cls.sigmoid()), 1)  # (B, 4+nc, A)
 
 
