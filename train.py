@@ -403,7 +403,13 @@ def train(cfg, args, log=print):
             if fitness > best_fitness:
                 best_fitness = fitness
                 save_atomic(ck, run_dir / "weights" / "best.pt")
-    if world > 1:
+    if world > 1:  # replicas must have stayed identical: compare every rank's weights with rank 0's
+        flat = torch.cat([p.detach().double().flatten() for p in raw.parameters()])
+        ref = flat.clone()
+        dist.broadcast(ref, 0)
+        diff = torch.tensor([(flat - ref).abs().max().item()], dtype=torch.float64)
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+        log(f"DDP: max weight difference across {world} ranks {diff.item():.3g}")
         dist.barrier()
     if not master:
         return None, metrics

@@ -1,0 +1,168 @@
+"""Both training stages end to end on a tiny synthetic set: artefacts, stage hand-over, resume, config
+errors, NaN handling, DDP. Tiny widths and 64 px images keep each run to seconds on 2 CPU cores."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import evaluate
+import train
+from losses import MultiTaskLoss
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["scale=[0.33,0.125,1024]", "imgsz=64", "batch=2", "workers=0", "attn_dim=16", "attn_heads=2",
+        "attn_tokens=16", "log_interval=1", "nbs=2", "warmup_min_iters=2"]
+
+
+def run(stage, tmp, *extra, resume=None):
+    argv = ["--stage", stage, "--set", *TINY, f"data={tmp / 'synth'}", f"project={tmp / 'runs'}",
+            f"weights_dir={tmp / 'weights'}", "epochs=1", *extra]
+    if resume is not None:
+        argv += ["--resume", str(resume)]
+    return train.main(argv)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    data.make_synthetic(tmp / "synth", n=6, imgsz=64, seed=0)
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def stages(synth):
+    ds1_dir, ds1_metrics = run("domainshift1", synth)
+    camtl_dir, camtl_metrics = run("camtl", synth)
+    return ds1_dir, camtl_dir, ds1_metrics, camtl_metrics
+
+
+def test_each_stage_writes_every_artefact(stages):
+    ds1_dir, camtl_dir, ds1_m, camtl_m = stages
+    for d, stage in ((ds1_dir, "domainshift1"), (camtl_dir, "camtl")):
+        for f in ("results.csv", "results.png", "val_seg.png", "weights/last.pt", "weights/best.pt", f"weights/yolov8c-{stage}.pt"):
+            assert (d / f).is_file() and (d / f).stat().st_size > 0, f"{d / f} missing"
+        assert not list(d.glob("weights/*.tmp")), "a temp checkpoint was left behind"
+        last = torch.load(d / "weights" / "last.pt", weights_only=True)  # plain tensors and containers only
+        assert {"model", "ema", "optimizer", "scaler", "epoch", "config", "rng"} <= set(last)
+        assert last["config"]["stage"] == stage
+        header = (d / "results.csv").read_text().splitlines()[0].split(",")
+        assert {"epoch", "train/total", "dice_full", "fitness"} <= set(header)
+    assert (camtl_dir / "val_det.png").is_file()
+    assert {"dice_full", "iou_full", "dice_p3", "dice_p4", "dice_p5"} <= set(ds1_m) and "map50" not in ds1_m
+    assert {"map50", "map50_95", "precision", "recall", "dice_full", "val/det", "val/seg"} <= set(camtl_m)
+    assert 0 <= camtl_m["dice_full"] <= 1 and 0 <= camtl_m["map50"] <= 1
+
+
+def test_camtl_starts_from_the_domainshift1_checkpoint(stages):
+    ds1_dir, camtl_dir, _, _ = stages
+    ds1 = torch.load(ds1_dir / "weights" / "yolov8c-domainshift1.pt", weights_only=True)
+    model, found = train.build_model(torch.load(camtl_dir / "weights" / "last.pt", weights_only=True)["config"], "camtl", print)
+    assert found == ds1_dir / "weights" / "yolov8c-domainshift1.pt"
+    sd = model.state_dict()
+    # a stage-1 BatchNorm loads into both DualBN branches; the seg stream keeps its GroupNorm weights
+    assert torch.equal(sd["backbone.0.bn.source.running_mean"], ds1["model"]["backbone.0.bn.running_mean"])
+    assert torch.equal(sd["backbone.0.bn.target.running_mean"], ds1["model"]["backbone.0.bn.running_mean"])
+    assert torch.equal(sd["backbone.0.conv.weight"], ds1["model"]["backbone.0.conv.weight"])
+    seg_keys = [k for k in ds1["model"] if k.startswith("seg_head.")]
+    assert seg_keys and all(torch.equal(sd[k], ds1["model"][k]) for k in seg_keys)
+
+
+def test_domainshift1_keeps_detection_parts_frozen(stages):
+    ds1_dir = stages[0]
+    ck = torch.load(ds1_dir / "weights" / "last.pt", weights_only=True)
+    torch.manual_seed(ck["config"]["seed"])  # the same random init as the run (no COCO weights here)
+    model, _ = train.build_model(ck["config"], "domainshift1", print)
+    init = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("detect.", "ctam.", "csam."))}
+    assert all(torch.equal(ck["model"][k], v) for k, v in init.items())  # Detect/CTAM/CSAM untouched, BN stats too
+
+
+def test_resume_reproduces_the_uninterrupted_run(synth, monkeypatch):
+    full_dir, _ = run("camtl", synth, "epochs=2", "name=full")
+    calls = {"n": 0}
+    real = evaluate.validate
+
+    def dies_in_epoch_2(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # the machine went down during epoch 2
+        return real(*a, **k)
+    monkeypatch.setattr(evaluate, "validate", dies_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run("camtl", synth, "epochs=2", "name=cut")
+    monkeypatch.setattr(evaluate, "validate", real)
+    cut_dir = synth / "runs" / "camtl" / "cut"
+    assert torch.load(cut_dir / "weights" / "last.pt", weights_only=True)["epoch"] == 0
+    run("camtl", synth, "epochs=2", resume=cut_dir)
+    a = torch.load(full_dir / "weights" / "last.pt", weights_only=True)
+    b = torch.load(cut_dir / "weights" / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 1
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-6), k
+    for k in a["ema"]:
+        assert torch.allclose(a["ema"][k].float(), b["ema"][k].float(), atol=1e-6), k
+    rows = lambda d: [line.split(",") for line in (d / "results.csv").read_text().splitlines()]
+    ra, rb = rows(full_dir), rows(cut_dir)
+    assert len(ra) == len(rb) == 3
+    for x, y in zip(ra[1:], rb[1:]):
+        assert all(abs(float(p) - float(q)) < 1e-5 for p, q in zip(x, y))
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (["epochs=abc"], "key 'epochs' expects int"),
+    (["lr=0.1"], "unknown key 'lr'; did you mean .*lr0"),
+    (["dual_bn=1"], "key 'dual_bn' expects bool"),
+    (["camtl_ratio=[1]"], "camtl_ratio"),
+    (["imgsz=100"], "multiple of 32"),
+    (["epochs"], "expected key=value"),
+])
+def test_config_errors_name_the_key(bad, msg):
+    with pytest.raises(SystemExit, match=msg.replace("[", r"\[")):
+        train.load_config("camtl", None, bad)
+
+
+def test_config_layers_and_set_values():
+    cfg, defaults = train.load_config("camtl", None, ["camtl_ratio=[1,2,1]", "lr0=1", "cons_mode=bce", "scale=s"])
+    assert cfg["camtl_ratio"] == [1, 2, 1] and cfg["lr0"] == 1.0 and isinstance(cfg["lr0"], float)
+    assert cfg["cons_mode"] == "bce" and cfg["scale"] == "s"
+    assert cfg["imgsz"] == 256 and defaults["imgsz"] == 512  # configs/synthetic.py applies by default
+    assert train.load_config("domainshift1", None, [])[0]["lambda_det"] == 0.0  # configs/domainshift1.py
+    with pytest.raises(SystemExit, match="no such file"):
+        train.load_config("camtl", "configs/nope.py", [])
+
+
+def test_non_finite_loss_is_skipped_and_repeated_ones_stop_the_run(synth, monkeypatch, capsys):
+    real = MultiTaskLoss.__call__
+    state = {"n": 0}
+
+    def one_nan(self, *a, **k):
+        total, vec = real(self, *a, **k)
+        state["n"] += 1
+        return (total * float("nan"), vec) if state["n"] == 2 else (total, vec)
+    monkeypatch.setattr(MultiTaskLoss, "__call__", one_nan)
+    run_dir, _ = run("domainshift1", synth, "name=nan1")
+    out = capsys.readouterr().out
+    assert "step skipped" in out and "1 skipped non-finite steps" in out
+    last = torch.load(run_dir / "weights" / "last.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+    monkeypatch.setattr(MultiTaskLoss, "__call__", lambda self, *a, **k: (lambda t, v: (t * float("nan"), v))(*real(self, *a, **k)))
+    with pytest.raises(SystemExit, match="non-finite losses in a row"):
+        run("domainshift1", synth, "name=nan2", "max_nan_steps=2")
+
+
+@pytest.mark.skipif(not hasattr(torch.distributed, "is_gloo_available") or not torch.distributed.is_gloo_available(),
+                    reason="gloo backend not built")
+def test_ddp_two_gloo_processes_keep_identical_weights(synth):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", str(ROOT / "train.py"),
+           "--stage", "domainshift1", "--set", *TINY, f"data={synth / 'synth'}", f"project={synth / 'runs_ddp'}",
+           f"weights_dir={synth / 'weights'}", "epochs=2", "--device", "cpu"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=synth)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "max weight difference across 2 ranks 0" in out.stdout
+    assert out.stdout.count("domainshift1 done") == 1  # only rank 0 reports
+    assert (synth / "runs_ddp" / "domainshift1" / "exp" / "weights" / "yolov8c-domainshift1.pt").is_file()
