@@ -1,7 +1,9 @@
 """YOLOv8 assembled from modules.py, and the import of Ultralytics checkpoints without Ultralytics.
 
-Read top to bottom: scales and helpers, the safe checkpoint reader, Backbone / PAN / YOLOv8.
+Read top to bottom: scales and helpers, the safe checkpoint reader, Backbone / PAN / YOLOv8, then CAMTL
+(the multi-task network of DESIGN.md §4) with its weight loading and stage setup.
 """
+import contextlib
 import io
 import math
 import pickle
@@ -11,7 +13,8 @@ import zipfile
 import torch
 import torch.nn as nn
 
-from modules import C2f, SPPF, Conv, Detect, EMAttention
+from modules import (CSAM, CTAM, FPMA, C2f, Conv, Detect, DualBatchNorm2d, EMAttention, SegHeadMulti, SPPF,
+                     to_dualbn, to_groupnorm)
 
 # (depth, width, max_channels) of the official scales
 SCALES = {
@@ -46,8 +49,11 @@ def count_params(module):
 
 @torch.no_grad()
 def gflops(model, imgsz=640, forward=None):
-    """Forward FLOPs (multiply-adds x 2, convs and matmuls) at imgsz, as YOLOv8 reports them."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """Forward FLOPs (multiply-adds x 2, convs and matmuls) at imgsz, as YOLOv8 reports them. Attention
+    included: the counter knows SDPA's GPU kernels but not the CPU one, so we tell it the same formula."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    cpu_sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: sdpa_flop_count(q, k, v)}
 
     h, w = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
     p = next(model.parameters())
@@ -55,7 +61,7 @@ def gflops(model, imgsz=640, forward=None):
     was_training = model.training
     model.eval()
     try:
-        with FlopCounterMode(display=False) as fc:
+        with FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as fc:
             (forward or model)(x)
     finally:
         model.train(was_training)
@@ -299,3 +305,185 @@ def load_matching(model, sd, source="checkpoint", verbose=True):
         print(f"loaded {len(sd) - len(unexpected)} tensors from {source}"
               + (f"; kept fresh init for {len(fresh)} modules ({', '.join(fresh[:4])}{', ...' if len(fresh) > 4 else ''})" if fresh else ""))
     return missing, unexpected
+
+
+# -----------------------------------------------------------------------------
+# CA-MTL: YOLOv8 + a vessel-segmentation stream, cross-task and cross-scale attention (DESIGN.md §4)
+#
+#   backbone -> neck -> N3, N4, N5
+#   seg stream:  S5 = s5(N5);  S4 = fpma4(N4 <- S5);  S3 = fpma3(N3 <- S4);  seg_head(S3, S4, S5) -> p3, p4, p5, full
+#   det stream:  D_k = ctam[k](N_k <- S_k);  D3', D4', D5' = csam(D3 <- D4, D5;  D4 <- D5;  D5);  detect(D')
+#
+# Every attention branch is gated at zero, so with COCO weights CAMTL detects exactly as YOLOv8.
+
+CAMTL_DEFAULTS = dict(
+    scale="n",  # n/s/m/l/x or a (depth, width, max_channels) triple, as YOLOv8
+    nc=1,  # detection classes
+    attn_dim=64,  # width of queries/keys/values in every attention, split over the heads
+    attn_heads=4,
+    attn_tokens=256,  # each key/value map is average-pooled to at most this many positions
+    ema_attention=False,  # EMA attention inline after N3/N4/N5
+    gn_groups=32,  # GroupNorm of the seg stream and attention: first of 32, 16, ..., 1 dividing C, <= this
+    dual_bn=False,  # DualBatchNorm2d (source/target) in backbone, neck and Detect
+    imgsz=512,  # image size for the GFLOPs of the summary
+    kpt_aux=False,  # centre-keypoint auxiliary branch (DESIGN.md §8), not built yet
+)
+TASKS = ("det", "seg")
+STAGES = ("domainshift1", "camtl")
+GN_PARTS = ("s5", "fpma4", "fpma3", "ctam", "csam", "seg_head")  # GroupNorm in both stages
+DUALBN_PARTS = ("backbone", "neck", "detect")
+
+
+class CAMTL(YOLOv8):
+    """Multi-task CA-MTL network. forward(x, tasks=("det", "seg"), need_attn=False) -> (det_out, seg_out):
+    det_out as YOLOv8's (train: 3 raw maps; eval: (B, 4+nc, A)) or None; seg_out {p3, p4, p5, full} logits
+    (B, 1, H/s, W/s) and (B, 1, H, W), or None. A task not asked for is not computed: "seg" alone runs no
+    CTAM/CSAM/Detect; "det" alone runs the seg stream (CTAM's keys) but not the seg head. With need_attn
+    (both tasks), seg_out["attn"] = CTAM's key-attention maps, 3 x (B, h', w'), each summing to 1."""
+
+    def __init__(self, cfg=None, verbose=True):
+        cfg = dict(cfg or {})
+        for k in cfg:
+            if k not in CAMTL_DEFAULTS:
+                raise ValueError(f"CAMTL config: unknown key {k!r} (known: {', '.join(CAMTL_DEFAULTS)})")
+        cfg = {**CAMTL_DEFAULTS, **cfg}
+        if cfg["kpt_aux"]:
+            raise NotImplementedError("CAMTL config: kpt_aux (centre-keypoint auxiliary) is not built yet")
+        if cfg["attn_dim"] % cfg["attn_heads"]:
+            raise ValueError(f"CAMTL config: attn_dim {cfg['attn_dim']} is not divisible by attn_heads {cfg['attn_heads']}")
+        super().__init__(nc=cfg["nc"], scale=cfg["scale"], ema_attention=cfg["ema_attention"], verbose=False)
+        self.cfg = cfg
+        _, w, mc = self.scale
+        c3, c4, c5 = self.channels
+        cs5 = math.ceil(min(256, mc) * w / 8) * 8  # S5 has 256 * width channels
+        a = dict(dim=cfg["attn_dim"], heads=cfg["attn_heads"], tokens=cfg["attn_tokens"])
+        self.s5 = Conv(c5, cs5, 1)
+        self.fpma4 = FPMA(c4, cs5, **a)
+        self.fpma3 = FPMA(c3, c4, **a)
+        self.seg_head = SegHeadMulti((c3, c4, cs5))
+        self.ctam = nn.ModuleList(CTAM(c, (cs,), **a) for c, cs in zip(self.channels, (c3, c4, cs5)))
+        self.csam = CSAM(self.channels, **a)
+        for name in GN_PARTS:
+            to_groupnorm(getattr(self, name), cfg["gn_groups"])
+        if cfg["dual_bn"]:
+            for name in DUALBN_PARTS:
+                to_dualbn(getattr(self, name))
+        self.active_domain = "source"
+        self.frozen = ()  # names of parts whose BatchNorm statistics stay fixed in train mode (stage_setup)
+        if verbose:
+            print(self.summary())
+
+    def forward(self, x, tasks=TASKS, need_attn=False):
+        tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
+        if not tasks or any(t not in TASKS for t in tasks):
+            raise ValueError(f"tasks {tasks!r}: expected a non-empty subset of {TASKS}")
+        if need_attn and not set(TASKS) <= set(tasks):
+            raise ValueError("need_attn needs both tasks: the attention maps are compared with the predicted vessels")
+        n3, n4, n5 = self.features(x)
+        s5 = self.s5(n5)  # (B, 256w, H/32, W/32)
+        s4 = self.fpma4(n4, s5)  # (B, C4, H/16, W/16)
+        s3 = self.fpma3(n3, s4)  # (B, C3, H/8, W/8)
+        seg_out = self.seg_head([s3, s4, s5], x.shape[-2:]) if "seg" in tasks else None
+        det_out = None
+        if "det" in tasks:
+            d, maps = zip(*(m(n, [s], need_attn) for m, n, s in zip(self.ctam, (n3, n4, n5), (s3, s4, s5))))
+            det_out = self.detect(self.csam(list(d)))
+            if need_attn:
+                seg_out["attn"] = [m[0] for m in maps]  # (B, h', w') per scale over S_k's pooled grid
+        return det_out, seg_out
+
+    # ---- domain switch for DualBatchNorm2d
+
+    def set_domain(self, domain):
+        """Route every DualBatchNorm2d through its `source` or `target` branch; returns self."""
+        if domain not in ("source", "target"):
+            raise ValueError(f"domain {domain!r}: expected 'source' (retinography) or 'target' (angiography)")
+        self.active_domain = domain
+        for m in self.modules():
+            if isinstance(m, DualBatchNorm2d):
+                m.domain = domain
+        return self
+
+    @contextlib.contextmanager
+    def domain(self, domain):
+        """`with model.domain("target"): ...` -- the previous domain is restored on exit."""
+        prev = self.active_domain
+        self.set_domain(domain)
+        try:
+            yield self
+        finally:
+            self.set_domain(prev)
+
+    def train(self, mode=True):
+        super().train(mode)
+        for name in getattr(self, "frozen", ()):  # frozen parts keep their statistics (DESIGN.md §5)
+            for m in getattr(self, name).modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+        return self
+
+    # ---- summary and loading
+
+    def parts(self):
+        return {"backbone": [self.backbone], "neck": [self.neck], "seg stream": [self.s5, self.fpma4, self.fpma3],
+                "CTAM": [self.ctam], "CSAM": [self.csam], "seg head": [self.seg_head], "Detect": [self.detect]}
+
+    def summary(self, imgsz=None):
+        """Parameters per part and GFLOPs (attention included) of one image at imgsz (default cfg imgsz)."""
+        imgsz = imgsz or self.cfg["imgsz"]
+        per = " | ".join(f"{k} {sum(count_params(m) for m in ms):,}" for k, ms in self.parts().items())
+        d, w, mc = self.scale
+        return (f"CAMTL scale ({d:.2f}, {w:.3g}, {mc}), nc {self.nc}: {count_params(self):,} parameters, "
+                f"{gflops(self, imgsz):.1f} GFLOPs at {imgsz}\n  {per}")
+
+    @classmethod
+    def from_pretrained(cls, cfg=None, det=None, seg=None, stage_ckpt=None, stage=None, verbose=True):
+        """Build, then load in order: COCO checkpoints (backbone+neck from `seg`, else `det`; Detect from `det`,
+        else `seg`; class branch skipped when nc differs), stage_setup(stage), our stage checkpoint
+        ({"model": state dict, "config": dict}; plain BN loads into both DualBN branches). Model keys of the
+        checkpoint's config fill what cfg leaves unset."""
+        ckpt = torch.load(stage_ckpt, map_location="cpu", weights_only=True) if stage_ckpt else None
+        if ckpt is not None and not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)):
+            raise ValueError(f"{stage_ckpt}: not a nanoCAMTL checkpoint (expected a dict with a 'model' state dict)")
+        base = {k: v for k, v in (ckpt or {}).get("config", {}).items() if k in CAMTL_DEFAULTS}
+        model = cls({**base, **(cfg or {})}, verbose=False)
+        coco = {p: map_ultralytics(read_ultralytics(p), model.nc) for p in {det, seg} if p}
+        said = []
+        for path, prefixes, what in ((seg or det, ("backbone.", "neck."), "backbone+neck"), (det or seg, ("detect.",), "Detect")):
+            if path:
+                sd, ck_nc = coco[path]
+                load_matching(model, {k: v for k, v in sd.items() if k.startswith(prefixes)}, path, verbose=False)
+                skip = f" (class branch fresh: nc {model.nc} vs {ck_nc})" if what == "Detect" and ck_nc != model.nc else ""
+                said.append(f"{what} <- {path}{skip}")
+            else:
+                said.append(f"{what} random")
+        said.append("random: seg stream, CTAM, CSAM, seg head" + (", EMA attention" if model.cfg["ema_attention"] else ""))
+        if verbose and (coco or ckpt is None):
+            print("CAMTL weights: " + "; ".join(said))
+        if stage:
+            stage_setup(model, stage)
+        if ckpt is not None:  # after stage_setup, so its GroupNorm/DualBN layout receives the tensors
+            load_matching(model, ckpt["model"], stage_ckpt, verbose=verbose)
+        if verbose:
+            print(model.summary())
+        return model
+
+
+def stage_setup(model, stage):
+    """Normalisation and freezing of a training stage (DESIGN.md §5), in place, idempotent; returns the model.
+    domainshift1: GroupNorm in the seg stream; Detect, CTAM, CSAM frozen (no gradients, BN statistics fixed).
+    camtl: GroupNorm in the seg stream; DualBatchNorm2d in backbone, neck, Detect (if cfg dual_bn); all trainable."""
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r}: expected one of {STAGES}")
+    for name in GN_PARTS:
+        to_groupnorm(getattr(model, name), model.cfg["gn_groups"])
+    if stage == "camtl" and model.cfg["dual_bn"]:
+        for name in DUALBN_PARTS:
+            to_dualbn(getattr(model, name))
+        model.set_domain(model.active_domain)
+    model.requires_grad_(True)
+    model.detect.dfl.requires_grad_(False)  # DFL's bins are constants
+    model.frozen = ("detect", "ctam", "csam") if stage == "domainshift1" else ()
+    for name in model.frozen:
+        getattr(model, name).requires_grad_(False)
+    return model.train(model.training)

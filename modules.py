@@ -1,6 +1,8 @@
 """Building blocks of nanoCAMTL: YOLOv8's layers and the attention/normalisation modules of CA-MTL.
 
-Read top to bottom: helpers, YOLOv8 blocks (Conv, Bottleneck, C2f, SPPF, DFL, Detect), EMA attention.
+Read top to bottom: helpers, YOLOv8 blocks (Conv, Bottleneck, C2f, SPPF, DFL, Detect), EMA attention,
+CA-MTL's gated cross-attention (FPMA, CTAM, CSAM), the segmentation head, and the normalisation
+helpers (GroupNorm, DualBatchNorm2d) with their converters.
 Attribute names (`conv`, `bn`, `cv1`, `cv2`, `cv3`, `m`, `dfl`) follow YOLOv8 so that its checkpoints
 map onto ours by name.
 """
@@ -66,8 +68,9 @@ class Conv(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
     def fuse(self):
-        if isinstance(self.bn, nn.BatchNorm2d):
-            self.conv = fuse_conv_bn(self.conv, self.bn)
+        bn = getattr(self.bn, "active", self.bn)  # a DualBatchNorm2d folds in its active domain's branch
+        if isinstance(bn, nn.BatchNorm2d):
+            self.conv = fuse_conv_bn(self.conv, bn)
             self.bn = nn.Identity()
 
 
@@ -208,3 +211,192 @@ class EMAttention(nn.Module):
         a2 = x2.mean((2, 3)).softmax(-1).unsqueeze(1)
         wts = a1 @ x2.flatten(2) + a2 @ x1.flatten(2)  # (B*g, 1, HW)
         return (gx * wts.view(b * self.g, 1, h, w).sigmoid()).reshape(b, c, h, w)
+
+
+# -----------------------------------------------------------------------------
+# CA-MTL attention: gated multi-head cross-attention over pooled keys/values
+#
+# The original attends densely at full resolution (memory quadratic in image area). Here queries stay
+# on their own grid but every key/value map is average-pooled to at most `tokens` positions, so cost
+# and memory grow linearly with the image area. Each residual branch is multiplied by a zero-initialised
+# gate: a fresh module is the identity, so COCO weights keep giving COCO's outputs until training opens it.
+
+
+def token_grid(h, w, tokens):
+    """Largest grid (h', w') <= (h, w) of about the same aspect with h' * w' <= tokens."""
+    if h * w <= tokens:
+        return h, w
+    hk = max(1, min(h, int(h * math.sqrt(tokens / (h * w)))))
+    return hk, max(1, min(w, tokens // hk))
+
+
+def pool_tokens(x, tokens):
+    """(B, C, H, W) -> (B, C, h', w') by adaptive average pooling to token_grid (no-op when small enough)."""
+    grid = token_grid(*x.shape[-2:], tokens)
+    return x if grid == tuple(x.shape[-2:]) else F.adaptive_avg_pool2d(x, grid)
+
+
+class CrossAttention(nn.Module):
+    """Queries from x (c channels) at its own grid; keys/values from one or more source maps (channels
+    csrc), pooled to <= tokens positions in all (shared evenly), concatenated along the token axis. Output
+    x + gate * proj(attention), proj = 1x1 conv -> norm -> SiLU, gate per channel, zero at init.
+
+    With need_attn, also returns per source the key-attention map (B, h', w') over its pooled grid,
+    averaged over heads and queries (rows sum to 1 over all sources). It is computed from queries pooled
+    to the same budget, never from the full (B, heads, HW, N) weights; SDPA does not return those."""
+
+    def __init__(self, c, csrc, dim=64, heads=4, tokens=256):
+        super().__init__()
+        assert dim % heads == 0, f"attention width {dim} not divisible by {heads} heads"
+        self.heads, self.tokens = heads, tokens
+        self.q = nn.Conv2d(c, dim, 1, bias=False)
+        self.kv = nn.ModuleList(nn.Conv2d(cs, 2 * dim, 1, bias=False) for cs in csrc)
+        self.proj = Conv(dim, c, 1)
+        self.gate = nn.Parameter(torch.zeros(c))
+
+    def split_heads(self, t):
+        # SDPA's fast CPU kernel needs unit stride on the head dim, hence the copy
+        return t.flatten(2).unflatten(1, (self.heads, -1)).transpose(2, 3).contiguous()  # (B, D, h, w) -> (B, heads, hw, d)
+
+    def forward(self, x, sources, need_attn=False):
+        b, _, h, w = x.shape
+        n = self.tokens // len(sources)  # the token budget is shared by all sources
+        pooled = [pool_tokens(s, n) for s in sources]  # pool before the 1x1 conv: same result, cheaper
+        k, v = torch.cat([f(s).flatten(2) for f, s in zip(self.kv, pooled)], 2).chunk(2, 1)  # 2 x (B, D, N)
+        q, k, v = self.split_heads(self.q(x)), self.split_heads(k), self.split_heads(v)  # (B, heads, L, d)
+        o = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, d)
+        o = o.transpose(2, 3).reshape(b, -1, h, w)  # (B, D, H, W)
+        y = x + self.gate.view(1, -1, 1, 1) * self.proj(o)
+        if not need_attn:
+            return y, None
+        qp = self.split_heads(self.q(pool_tokens(x, self.tokens)))  # (B, heads, Lq <= tokens, d)
+        a = (qp @ k.transpose(2, 3) * qp.shape[-1] ** -0.5).softmax(-1).mean((1, 2))  # (B, N)
+        sizes = [s.shape[-2] * s.shape[-1] for s in pooled]
+        return y, [m.view(b, *s.shape[-2:]) for m, s in zip(a.split(sizes, 1), pooled)]
+
+
+class FPMA(CrossAttention):
+    """Feature-pyramid attention of the seg stream: fine-grid queries attend to the coarser map at its own
+    resolution (no upsampling first); the output keeps the fine map's channels."""
+
+    def __init__(self, c_fine, c_coarse, **kw):
+        super().__init__(c_fine, (c_coarse,), **kw)
+
+    def forward(self, fine, coarse):
+        return super().forward(fine, [coarse])[0]
+
+
+class CTAM(CrossAttention):
+    """Cross-task attention: detection queries (target) attend to segmentation features (one or more sources)
+    of the same scale, so the detector looks where the vessels are. forward(target, sources, need_attn)."""
+
+
+class CSAM(nn.Module):
+    """Cross-scale attention: each finer level attends to all coarser ones (in parallel, from the inputs);
+    the coarsest passes through unchanged."""
+
+    def __init__(self, ch, **kw):
+        super().__init__()
+        self.attn = nn.ModuleList(CrossAttention(c, ch[i + 1:], **kw) for i, c in enumerate(ch[:-1]))
+
+    def forward(self, xs):
+        return [a(x, xs[i + 1:])[0] for i, (a, x) in enumerate(zip(self.attn, xs))] + list(xs[-1:])
+
+
+# -----------------------------------------------------------------------------
+# segmentation head
+
+
+class SegHeadMulti(nn.Module):
+    """Per scale three halving 3x3 Convs then a 1x1 conv to one vessel logit (deep supervision at
+    p3/p4/p5); `full`: p4/p5 upsampled to p3, mixed by per-pixel softmax gates (1x1 conv over the
+    three logits), a 3x3 refine, bilinear to the input size. Returns {p3, p4, p5, full} logits."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Sequential(Conv(c, c // 2, 3), Conv(c // 2, c // 4, 3), Conv(c // 4, c // 8, 3),
+                                                 nn.Conv2d(c // 8, 1, 1)) for c in ch)
+        self.gate = nn.Conv2d(len(ch), len(ch), 1)
+        self.refine = nn.Conv2d(1, 1, 3, padding=1)
+        nn.init.dirac_(self.refine.weight)  # starts as the identity: `full` = the fused logits, upsampled
+        nn.init.zeros_(self.refine.bias)
+
+    def forward(self, xs, size):
+        p = [m(x) for m, x in zip(self.heads, xs)]  # (B, 1, H/s, W/s) per scale
+        up = torch.cat([p[0]] + [F.interpolate(t, p[0].shape[-2:], mode="bilinear", align_corners=False)
+                                 for t in p[1:]], 1)  # (B, 3, H/8, W/8)
+        fused = (self.gate(up).softmax(1) * up).sum(1, keepdim=True)  # (B, 1, H/8, W/8)
+        full = F.interpolate(self.refine(fused), size, mode="bilinear", align_corners=False)  # (B, 1, H, W)
+        return {"p3": p[0], "p4": p[1], "p5": p[2], "full": full}
+
+
+# -----------------------------------------------------------------------------
+# normalisation: DualBatchNorm2d for the two domains, and converters BN -> GroupNorm / DualBN
+
+
+class DualBatchNorm2d(nn.Module):
+    """Two complete BatchNorms, `source` (retinography) and `target` (angiography), each with its own affine
+    parameters and running statistics. `domain` picks the branch; the model's switch (CAMTL.set_domain)
+    sets it on every DualBN, so no global state. A plain BatchNorm state dict loads into both branches."""
+
+    def __init__(self, c, eps=1e-3, momentum=0.03):
+        super().__init__()
+        self.source = nn.BatchNorm2d(c, eps, momentum)
+        self.target = nn.BatchNorm2d(c, eps, momentum)
+        self.domain = "source"
+
+    @classmethod
+    def from_bn(cls, bn):
+        """Both branches start as copies of bn (weights, statistics, requires_grad, train/eval)."""
+        m = cls(bn.num_features, bn.eps, bn.momentum).to(bn.weight.device, bn.weight.dtype)
+        for b in (m.source, m.target):
+            b.load_state_dict(bn.state_dict())
+        return m.requires_grad_(bn.weight.requires_grad).train(bn.training)
+
+    @property
+    def active(self):
+        return getattr(self, self.domain)
+
+    def forward(self, x):
+        return self.active(x)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        # a checkpoint from before DualBN (COCO, domainshift1) has plain BN keys: they seed both branches
+        for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            if prefix + k in state_dict:
+                v = state_dict.pop(prefix + k)
+                for branch in ("source.", "target."):
+                    state_dict.setdefault(prefix + branch + k, v)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+def gn_groups(c, max_groups=32):
+    """First of 32, 16, 8, 4, 2, 1 that divides c (and is at most max_groups)."""
+    return next(g for g in (32, 16, 8, 4, 2, 1) if g <= max_groups and c % g == 0)
+
+
+def bn_to_gn(bn, max_groups=32):
+    """GroupNorm with the BatchNorm's eps and affine parameters (running statistics have no counterpart)."""
+    c = bn.num_features
+    gn = nn.GroupNorm(gn_groups(c, max_groups), c, eps=bn.eps).to(bn.weight.device, bn.weight.dtype)
+    gn.weight.data.copy_(bn.weight.data)
+    gn.bias.data.copy_(bn.bias.data)
+    return gn.requires_grad_(bn.weight.requires_grad)
+
+
+def replace_bn(module, make):
+    """Swap, in place, every BatchNorm2d under module (except a DualBN's own branches) for make(bn)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, make(child))
+        elif not isinstance(child, DualBatchNorm2d):
+            replace_bn(child, make)
+    return module
+
+
+def to_groupnorm(module, max_groups=32):
+    return replace_bn(module, lambda bn: bn_to_gn(bn, max_groups))
+
+
+def to_dualbn(module):
+    return replace_bn(module, DualBatchNorm2d.from_bn)

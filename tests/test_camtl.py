@@ -1,0 +1,302 @@
+"""CAMTL: shapes, exactness against YOLOv8 with COCO weights, gradients, DualBN, GroupNorm, task gating,
+attention maps, stage setup."""
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import CAMTL, YOLOv8, gflops, read_ultralytics, stage_setup
+from modules import Conv, CrossAttention, DualBatchNorm2d, gn_groups, to_dualbn, to_groupnorm, token_grid
+
+FIX = Path(__file__).parent / "fixtures"
+T = (1 / 3, 0.125, 1024)  # the fixtures' tiny scale: fast, and COCO-like weights exist for it
+SEG_PARTS = ("s5", "fpma4", "fpma3", "seg_head")
+
+
+def camtl(**cfg):
+    return CAMTL({"scale": T, **cfg}, verbose=False)
+
+
+def open_gates(model, value=0.1):
+    for m in model.modules():
+        if isinstance(m, CrossAttention):
+            m.gate.data.fill_(value)
+    return model
+
+
+def nonzero_grad(p):
+    return p.grad is not None and p.grad.abs().sum() > 0
+
+
+def bn_eval(model):
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------- shapes and sizes
+
+
+@pytest.mark.parametrize("scale", ["n", "s", "m", "l", "x"])
+def test_output_shapes_every_scale(scale):
+    m = CAMTL({"scale": scale, "nc": 2}, verbose=False).eval()
+    for h, w in [(160, 96), (64, 128)]:  # 160 and 96 are multiples of 32, not of 64
+        with torch.no_grad():
+            det, seg = m(torch.rand(1, 3, h, w))
+        assert det.shape == (1, 4 + 2, sum((h // s) * (w // s) for s in (8, 16, 32)))
+        assert {k: tuple(v.shape) for k, v in seg.items()} == {
+            "p3": (1, 1, h // 8, w // 8), "p4": (1, 1, h // 16, w // 16), "p5": (1, 1, h // 32, w // 32), "full": (1, 1, h, w)}
+
+
+def test_train_mode_shapes_at_320x256_and_bad_size_rejected():
+    m = CAMTL({"scale": "n"}, verbose=False).train()
+    det, seg = m(torch.rand(2, 3, 320, 256))
+    assert [tuple(d.shape) for d in det] == [(2, 65, 40, 32), (2, 65, 20, 16), (2, 65, 10, 8)]
+    assert seg["full"].shape == (2, 1, 320, 256)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        m(torch.rand(1, 3, 100, 128))
+
+
+def test_config_errors_name_the_problem():
+    with pytest.raises(ValueError, match="'attn_dims'"):
+        CAMTL({"attn_dims": 32}, verbose=False)
+    m = camtl()
+    with pytest.raises(ValueError, match="tasks"):
+        m(torch.rand(1, 3, 64, 64), tasks=("mask",))
+    with pytest.raises(ValueError, match="need_attn"):
+        m(torch.rand(1, 3, 64, 64), tasks=("seg",), need_attn=True)
+
+
+# ----------------------------------------------------------------------------- COCO weights
+
+
+def test_detection_equals_yolov8_with_coco_weights():
+    io = torch.load(FIX / "det_io.pt", weights_only=True)
+    ref = YOLOv8.from_ultralytics(str(FIX / "det.pt"), verbose=False)
+    m = CAMTL.from_pretrained({"scale": T, "nc": 3}, det=str(FIX / "det.pt"), verbose=False)
+    with torch.no_grad():
+        assert torch.equal(m.eval()(io["x"])[0], ref.eval()(io["x"]))
+        assert all(torch.equal(a, b) for a, b in zip(bn_eval(m)(io["x"])[0], bn_eval(ref)(io["x"])))
+        open_gates(m)  # the attention path is live: open gates change the detections
+        assert not torch.equal(m.eval()(io["x"])[0], ref.eval()(io["x"]))
+
+
+def test_from_pretrained_takes_backbone_neck_from_seg_and_detect_from_det():
+    det, seg = read_ultralytics(str(FIX / "det.pt")), read_ultralytics(str(FIX / "seg.pt"))
+    m = CAMTL.from_pretrained({"scale": T, "nc": 1}, det=str(FIX / "det.pt"), seg=str(FIX / "seg.pt"), verbose=False)
+    assert torch.equal(m.backbone[0].conv.weight, seg["model.0.conv.weight"])
+    assert torch.equal(m.neck.n5.cv2.conv.weight, seg["model.21.cv2.conv.weight"])
+    assert torch.equal(m.detect.cv2[0][0].conv.weight, det["model.22.cv2.0.0.conv.weight"])
+    assert m.detect.cv3[0][-1].weight.shape[0] == 1  # nc 1 != 3: class branch fresh
+    # backbone+neck equal to a YOLOv8 built from the seg checkpoint
+    ref = YOLOv8.from_ultralytics(str(FIX / "seg.pt"), verbose=False).eval()
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(m.eval().features(x), ref.features(x)))
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+def seg_loss(seg, mask):
+    return sum(F.binary_cross_entropy_with_logits(v, F.adaptive_avg_pool2d(mask, v.shape[-2:])) for v in seg.values())
+
+
+def test_seg_loss_reaches_backbone_seg_stream_and_head_but_not_detection():
+    m = camtl().train()
+    x, mask = torch.rand(2, 3, 64, 64), (torch.rand(2, 1, 64, 64) > 0.5).float()
+    det, seg = m(x, tasks=("seg",))
+    assert det is None
+    seg_loss(seg, mask).backward()
+    assert nonzero_grad(m.backbone[0].conv.weight) and nonzero_grad(m.neck.n3.cv2.conv.weight)
+    assert all(nonzero_grad(p) for p in m.seg_head.parameters())
+    assert nonzero_grad(m.s5.conv.weight) and nonzero_grad(m.fpma3.gate) and nonzero_grad(m.fpma4.gate)
+    assert all(p.grad is None for part in (m.detect, m.ctam, m.csam) for p in part.parameters())
+    # gates at zero pass no gradient into the attention itself; once open, every seg-stream tensor learns
+    m.zero_grad(set_to_none=True)
+    seg_loss(open_gates(m)(x, tasks=("seg",))[1], mask).backward()
+    assert all(nonzero_grad(p) for name in SEG_PARTS for p in getattr(m, name).parameters())
+
+
+def test_det_loss_reaches_ctam_keys_values():
+    m = camtl().train()
+    x = torch.rand(2, 3, 64, 64)
+    det, seg = m(x, tasks=("det",))
+    assert seg is None
+    sum(d.square().mean() for d in det).backward()
+    assert all(nonzero_grad(c.gate) for c in m.ctam)  # at init only the gates learn (zero-gated residuals)
+    m.zero_grad(set_to_none=True)
+    det, _ = open_gates(m)(x, tasks=("det",))
+    sum(d.square().mean() for d in det).backward()
+    assert all(nonzero_grad(c.kv[0].weight) and nonzero_grad(c.q.weight) for c in m.ctam)
+    assert nonzero_grad(m.fpma3.kv[0].weight) and nonzero_grad(m.s5.conv.weight)  # through CTAM's keys
+    assert all(p.grad is None for p in m.seg_head.parameters())
+
+
+# ----------------------------------------------------------------------------- task gating and attention maps
+
+
+def test_seg_task_runs_no_detection_module_and_det_task_no_seg_head():
+    m = camtl().eval()
+    calls = []
+    for name in ("detect", "ctam", "csam", "seg_head"):
+        for mod in getattr(m, name).modules():
+            mod.register_forward_hook(lambda *a, name=name: calls.append(name))
+    with torch.no_grad():
+        m(torch.rand(1, 3, 64, 64), tasks=("seg",))
+        assert set(calls) == {"seg_head"}
+        calls.clear()
+        m(torch.rand(1, 3, 64, 64), tasks=("det",))
+        assert set(calls) == {"detect", "ctam", "csam"}
+
+
+def test_attention_maps_are_distributions_over_the_pooled_key_grid():
+    m = camtl(attn_tokens=16).train()
+    det, seg = m(torch.rand(2, 3, 128, 96), need_attn=True)
+    assert [tuple(a.shape) for a in seg["attn"]] == [(2, 4, 4), (2, 4, 4), (2, 4, 3)]  # S3 16x12, S4 8x6 pooled; S5 4x3
+    for a in seg["attn"]:
+        assert (a >= 0).all() and torch.allclose(a.sum((1, 2)), torch.ones(2))
+        assert a.requires_grad  # the alignment loss trains CTAM's queries and keys
+    assert token_grid(64, 64, 256) == (16, 16) and token_grid(40, 32, 256) == (17, 15)
+
+
+def test_attention_map_is_the_mean_attention_when_queries_fit_the_budget():
+    a = CrossAttention(8, (6,), dim=8, heads=2, tokens=64)
+    x, s = torch.rand(1, 8, 4, 4), torch.rand(1, 6, 4, 4)  # 16 queries, 16 keys: nothing pooled
+    _, (amap,) = a(x, [s], need_attn=True)
+    q = a.q(x).flatten(2).view(1, 2, 4, 16).transpose(2, 3)  # (B, heads, Lq, d)
+    k = a.kv[0](s)[:, :8].flatten(2).view(1, 2, 4, 16).transpose(2, 3)
+    w = (q @ k.transpose(2, 3) / 2).softmax(-1)  # the weights SDPA uses, d = 4
+    assert torch.allclose(amap.view(1, 16), w.mean((1, 2)), atol=1e-6)
+
+
+def test_attention_cost_grows_linearly_with_image_area():
+    m = camtl(attn_tokens=16)  # keys pooled to the same grid at all sizes: only the query count grows
+    f1, f2, f3 = (gflops(m, s) for s in (128, 256, 384))  # areas 1 : 4 : 9
+    assert (f3 - f2) / 5 == pytest.approx((f2 - f1) / 3, rel=1e-9)  # affine in area (pooled keys: a constant)
+
+
+# ----------------------------------------------------------------------------- normalisation
+
+
+def test_groupnorm_conversion_keeps_affine_parameters():
+    net = nn.Sequential(Conv(3, 24, 3), Conv(24, 12, 1))
+    for c in net:
+        c.bn.weight.data.uniform_(0.5, 2)
+        c.bn.bias.data.uniform_(-1, 1)
+    want = [(c.bn.weight.clone(), c.bn.bias.clone()) for c in net]
+    to_groupnorm(net)
+    for c, (w, b) in zip(net, want):
+        assert isinstance(c.bn, nn.GroupNorm) and c.bn.eps == 1e-3
+        assert torch.equal(c.bn.weight, w) and torch.equal(c.bn.bias, b)
+    assert [c.bn.num_groups for c in net] == [8, 4] == [gn_groups(24), gn_groups(12)]
+    gns = [c.bn for c in net]
+    to_groupnorm(net)  # idempotent
+    assert [c.bn for c in net] == gns
+    m = camtl()
+    assert not any(isinstance(x, nn.BatchNorm2d) for n in SEG_PARTS + ("ctam", "csam") for x in getattr(m, n).modules())
+
+
+def test_dualbn_keeps_separate_running_stats_per_domain():
+    m = camtl(dual_bn=True).train()
+    bn = m.backbone[0].bn
+    assert isinstance(bn, DualBatchNorm2d)
+    assert all(isinstance(p, DualBatchNorm2d) for p in m.backbone.modules() for x in p.children() if isinstance(x, nn.BatchNorm2d))
+    with m.domain("target"):
+        assert bn.domain == "target"
+        m(torch.rand(2, 3, 64, 64) * 0.2 + 0.8)
+    assert bn.domain == "source"  # restored
+    assert torch.equal(bn.source.running_mean, torch.zeros_like(bn.source.running_mean))  # untouched
+    m.set_domain("source")(torch.rand(2, 3, 64, 64) * 0.2)
+    assert not torch.allclose(bn.source.running_mean, bn.target.running_mean)
+    assert bn.source.num_batches_tracked == bn.target.num_batches_tracked == 1
+
+
+def test_dualbn_checkpoint_round_trip(tmp_path):
+    m = camtl(dual_bn=True).train()
+    with m.domain("target"):
+        m(torch.rand(2, 3, 64, 64))
+    open_gates(m)
+    path = tmp_path / "camtl.pt"
+    torch.save({"model": m.state_dict(), "config": {**m.cfg, "lr0": 0.01}}, path)  # a train config has more keys
+    m2 = CAMTL.from_pretrained(stage_ckpt=str(path), verbose=False)
+    assert m2.cfg["dual_bn"] and m2.state_dict().keys() == m.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad(), m.eval().domain("target"), m2.eval().domain("target"):
+        assert torch.equal(m(x)[0], m2(x)[0])
+
+
+def test_plain_bn_checkpoint_seeds_both_dualbn_branches(tmp_path):
+    ds1 = stage_setup(camtl(), "domainshift1").train()
+    ds1(torch.rand(2, 3, 64, 64), tasks=("seg",))
+    path = tmp_path / "ds1.pt"
+    torch.save({"model": ds1.state_dict(), "config": ds1.cfg}, path)
+    m = CAMTL.from_pretrained({"dual_bn": True}, stage_ckpt=str(path), stage="camtl", verbose=False)
+    bn, ref = m.neck.n3.cv1.bn, ds1.neck.n3.cv1.bn
+    for k in ("weight", "bias", "running_mean", "running_var"):
+        assert torch.equal(getattr(bn.source, k), getattr(ref, k)) and torch.equal(getattr(bn.target, k), getattr(ref, k))
+
+
+def test_fuse_folds_the_active_dualbn_branch():
+    c = Conv(4, 8, 3)
+    c.bn = DualBatchNorm2d.from_bn(c.bn)
+    c.train()(torch.rand(2, 4, 8, 8))  # source statistics
+    c.bn.domain = "target"
+    c(torch.rand(2, 4, 8, 8) + 3)  # different target statistics
+    c.eval()
+    x = torch.rand(1, 4, 8, 8)
+    with torch.no_grad():
+        ref = c(x)
+        c.fuse()
+        assert isinstance(c.bn, nn.Identity) and torch.allclose(c(x), ref, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def test_stage_setup_domainshift1_freezes_detection_side():
+    m = stage_setup(camtl(), "domainshift1")
+    assert stage_setup(m, "domainshift1") is m  # idempotent
+    assert all(not p.requires_grad for n in ("detect", "ctam", "csam") for p in getattr(m, n).parameters())
+    assert all(p.requires_grad for n in ("backbone", "neck") + SEG_PARTS for p in getattr(m, n).parameters())
+    m.train()
+    assert all(not x.training for x in m.detect.modules() if isinstance(x, nn.BatchNorm2d))
+    assert m.backbone[0].bn.training and m.detect.training  # Detect keeps its training graph (raw maps)
+    before = m.detect.cv2[0][0].bn.running_mean.clone()
+    det, _ = m(torch.rand(2, 3, 64, 64))
+    assert isinstance(det, list) and torch.equal(m.detect.cv2[0][0].bn.running_mean, before)
+
+
+def test_stage_setup_camtl_dualbn_and_everything_trainable():
+    m = stage_setup(stage_setup(camtl(dual_bn=False), "domainshift1"), "camtl")
+    assert all(p.requires_grad for n, p in m.named_parameters() if not n.startswith("detect.dfl."))
+    m = camtl()
+    m.cfg["dual_bn"] = True  # a model built plain, switched to DualBN by the camtl stage
+    stage_setup(m.set_domain("target"), "camtl")
+    sd = m.state_dict()
+    stage_setup(m, "camtl")
+    assert m.state_dict().keys() == sd.keys()  # idempotent
+    for name in ("backbone", "neck", "detect"):
+        assert any(isinstance(x, DualBatchNorm2d) for x in getattr(m, name).modules())
+        assert all(x.domain == "target" for x in getattr(m, name).modules() if isinstance(x, DualBatchNorm2d))
+    assert not any(isinstance(x, (nn.BatchNorm2d, DualBatchNorm2d)) for n in SEG_PARTS for x in getattr(m, n).modules())
+    assert m.detect.training == m.training and not m.frozen
+
+
+def test_summary_lists_parts_and_fuse_keeps_outputs():
+    m = camtl()
+    s = m.summary(64)
+    for part in ("backbone", "neck", "seg stream", "CTAM", "CSAM", "seg head", "Detect", "GFLOPs at 64"):
+        assert part in s
+    to_dualbn(m.backbone)
+    open_gates(m).eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        det, seg = m(x)
+        fdet, fseg = m.fuse()(x)
+    assert torch.allclose(fdet, det, atol=1e-3) and torch.allclose(fseg["full"], seg["full"], atol=1e-4)
