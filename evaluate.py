@@ -3,15 +3,25 @@ Evaluation for nanoCAMTL: NMS post-processing, detection mAP and vessel segmenta
 
 The detection metrics reproduce the numbers Ultralytics' YOLOv8 validator prints (P, R, mAP50, mAP50-95),
 including its particular box-to-label matching rule and its F1-based choice of the reported P/R operating point.
+
+    python evaluate.py --weights runs/camtl/exp/weights/best.pt [--data ROOT] [--split val]   # metrics
+    python evaluate.py --weights best.pt --source my_images/ --save-dir runs/predict          # predict a folder
+    python evaluate.py --weights best.pt2 --source my_images/                                 # ... with an export.py program
 """
 
+import argparse
 import math
+import pickle
+import runpy
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
+
+import data
+from model import CAMTL, CAMTL_DEFAULTS
 
 # IoU thresholds 0.50:0.05:0.95. Built in float32 exactly like the reference so that an IoU sitting right on a
 # threshold (e.g. float32(0.55)) is judged the same way.
@@ -422,3 +432,156 @@ def plot_results(csv_path, out_path, size=(260, 180)):
             d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=(30, 90, 200))
         d.text((ox + 32, oy + H - 18), f"{lo:.3g} .. {hi:.3g}", fill=(90, 90, 90))
     img.save(out_path)
+
+
+# -----------------------------------------------------------------------------
+# the CLI: metrics of a checkpoint on a data split, or predictions on a folder of the user's own images
+
+ROOT = Path(__file__).resolve().parent
+
+
+def load_checkpoint_model(path, device="cpu"):
+    """One of our checkpoints (a run's last.pt / best.pt, or a stage's yolov8{S}-{stage}.pt) -> (CAMTL in eval
+    mode, its training config completed by configs/defaults.py). EMA weights when the file has them (they are
+    what validation scored); DualBN routed to the stage's domain (camtl: target = angiography)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError):  # e.g. an Ultralytics pickle of whole modules
+        raise ValueError(f"{path}: not a nanoCAMTL checkpoint (torch.load with weights_only=True cannot read it)") from None
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)):
+        raise ValueError(f"{path}: not a nanoCAMTL checkpoint (expected a dict with a 'model' state dict)")
+    cfg = {**runpy.run_path(str(ROOT / "configs" / "defaults.py"))["config"], **ckpt.get("config", {})}
+    cfg["stage"] = stage = ckpt.get("stage") or cfg.get("stage") or "camtl"
+    mcfg = {k: cfg[k] for k in CAMTL_DEFAULTS if k in cfg}
+    mcfg["dual_bn"] = bool(cfg["dual_bn"]) and stage == "camtl"  # as train.py builds it: stage 1 has plain BN
+    model = CAMTL.from_pretrained(mcfg, stage=stage, verbose=False)
+    which = "ema" if ckpt.get("ema") else "model"
+    model.load_state_dict(ckpt[which])  # strict: our own file must fit exactly, or we would score random weights
+    model.set_domain("target" if stage == "camtl" else "source")
+    print(f"{path}: {stage} checkpoint" + (f", epoch {ckpt['epoch'] + 1}" if "epoch" in ckpt else "") + f", {which} weights")
+    return model.to(device).eval(), cfg
+
+
+def load_predictor(weights, device="cpu", imgsz=None):
+    """Our .pt checkpoint, an Ultralytics yolov8*.pt or an export.py .pt2 -> (run, imgsz). run(x (B, 3, S, S)) ->
+    (detections (B, 4+nc, A), vessel logits (B, 1, S, S)) for CA-MTL, (detections,) for a plain detector:
+    the eager model goes through the same fused wrapper that export.py traces, so both predict alike."""
+    import export  # export.py imports this module, so import it when needed rather than at the top
+    if Path(weights).suffix == ".pt2":
+        run, meta = export.load_program(weights, device)
+        if imgsz and imgsz != meta["imgsz"]:
+            raise SystemExit(f"--imgsz {imgsz}: {weights} was exported for {meta['imgsz']} px; re-export with --imgsz {imgsz}")
+        return run, meta["imgsz"]
+    model, cfg = export.load_model(weights)
+    return export.deployable(model).to(device), imgsz or (cfg or {}).get("imgsz", 640)
+
+
+@torch.no_grad()
+def predict_image(run, img, imgsz, conf=0.25, iou=0.7, device="cpu"):
+    """One image (h0, w0, 3) float in [0, 1] -> (det (n, 6) x1, y1, x2, y2, conf, cls in the image's own pixels,
+    vessel logits (h0, w0) or None). Letterboxed exactly as in training; boxes and mask mapped back through it."""
+    x, _, _, ratio, pad = data.transform(img, None, np.zeros((0, 5), np.float32), imgsz)
+    out = run(x[None].to(device))
+    det = nms(out[0].float(), conf, iou)[0].cpu()
+    det[:, :4] = data.unletterbox_boxes(det[:, :4], ratio, pad, img.shape[:2])
+    det = det[(det[:, 2] > det[:, 0]) & (det[:, 3] > det[:, 1])]  # a box lying wholly in the padding clips to nothing
+    logits = data.unletterbox_mask(out[1][0, 0].float().cpu(), ratio, pad, img.shape[:2]) if len(out) > 1 else None
+    return det, logits
+
+
+def save_prediction(img, det, logits, save_dir, stem):
+    """{stem}.png overlay, labels/{stem}.txt (cls xc yc w h conf, normalised to the image; empty = nothing found)
+    and, for CA-MTL, masks/{stem}.png (vessels 255) at the image's own size."""
+    from PIL import Image
+    h0, w0 = img.shape[:2]
+    (save_dir / "labels").mkdir(parents=True, exist_ok=True)
+    lines = [f"{int(c)} {(x1 + x2) / 2 / w0:.6f} {(y1 + y2) / 2 / h0:.6f} {(x2 - x1) / w0:.6f} {(y2 - y1) / h0:.6f} {p:.4f}\n"
+             for x1, y1, x2, y2, p, c in det.tolist()]
+    (save_dir / "labels" / f"{stem}.txt").write_text("".join(lines))
+    prob = logits.sigmoid() if logits is not None else None
+    if prob is not None:
+        (save_dir / "masks").mkdir(exist_ok=True)
+        Image.fromarray(((prob > 0.5).numpy() * 255).astype(np.uint8)).save(save_dir / "masks" / f"{stem}.png")
+    overlay(torch.from_numpy(img).permute(2, 0, 1), det, prob=prob).save(save_dir / f"{stem}.png")
+
+
+def predict_folder(run, source, save_dir, imgsz, conf=0.25, iou=0.7, device="cpu"):
+    """Predict every image in a folder (or one file). A file data.read_image cannot read is named and skipped,
+    never fatal. Returns {"saved": [stems], "skipped": [paths]}."""
+    source, save_dir = Path(source), Path(save_dir)
+    if not source.exists():
+        raise SystemExit(f"--source {source}: no such file or folder")
+    files = sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith(".")) if source.is_dir() else [source]
+    save_dir.mkdir(parents=True, exist_ok=True)
+    saved, skipped = [], []
+    for p in files:
+        try:
+            img = data.read_image(p)
+        except ValueError as e:
+            print(f"{p}: skipped, not a readable image ({e.__cause__ or e})")
+            skipped.append(p)
+            continue
+        stem = p.stem if p.stem not in saved else p.name  # a.png and a.jpg: the second keeps its extension
+        det, logits = predict_image(run, img, imgsz, conf, iou, device)
+        save_prediction(img, det, logits, save_dir, stem)
+        saved.append(stem)
+        print(f"{p}: {img.shape[1]}x{img.shape[0]}, {len(det)} boxes" + (f", max conf {det[0, 4]:.2f}" if len(det) else ""))
+    print(f"{len(saved)} images predicted -> {save_dir} (overlays; labels/*.txt; masks/*.png)"
+          + (f"; {len(skipped)} unreadable files skipped: {', '.join(p.name for p in skipped)}" if skipped else ""))
+    return {"saved": saved, "skipped": skipped}
+
+
+def val_loaders(cfg, root, split="val", imgsz=512, batch=8, workers=0):
+    """The stage's evaluation loaders, as in training: stage 1 scores fundus vessels; camtl stenoses + angiogram vessels."""
+    keys = ({"seg": "retinography_segmentation"} if cfg["stage"] == "domainshift1"
+            else {"det": "angiography_detection", "seg": "angiography_segmentation"})
+    loaders = {t: data.build_loader(root, k, split, imgsz=imgsz, batch=batch, augment=False, shuffle=False, workers=workers,
+                                    nc=cfg["nc"]) for t, k in keys.items()}
+    loaders = {t: ld for t, ld in loaders.items() if len(ld.dataset)}  # e.g. an empty test split of one task
+    if not loaders:
+        raise SystemExit(f"{root}: no images in split '{split}' of {', '.join(keys.values())}")
+    return loaders
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="nanoCAMTL: metrics of a checkpoint, or predictions on your images")
+    ap.add_argument("--weights", required=True, help="our .pt (run last/best.pt, yolov8{S}-{stage}.pt) or an export.py .pt2")
+    ap.add_argument("--data", help="processed data root (default: the checkpoint's, else the built-in synthetic set)")
+    ap.add_argument("--split", default="val", choices=("train", "val", "test"))
+    ap.add_argument("--imgsz", type=int, help="letterbox size (default: the checkpoint's training size)")
+    ap.add_argument("--batch", type=int, help="default: the checkpoint's")
+    ap.add_argument("--workers", type=int, help="data loader workers (default: the checkpoint's)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--source", help="a folder of images (or one image) to predict, instead of computing metrics")
+    ap.add_argument("--save-dir", help="where predictions go (default runs/predict); with metrics: the overlay of a batch")
+    ap.add_argument("--conf", type=float, default=0.25, help="prediction: confidence threshold")
+    ap.add_argument("--iou", type=float, default=0.7, help="prediction: NMS IoU threshold")
+    a = ap.parse_args(argv)
+    device = torch.device(a.device)
+    if not Path(a.weights).is_file():
+        raise SystemExit(f"--weights {a.weights}: no such file")
+    if a.imgsz is not None and (a.imgsz <= 0 or a.imgsz % 32):
+        raise SystemExit(f"--imgsz {a.imgsz}: must be a positive multiple of 32")
+    if a.source:
+        run, imgsz = load_predictor(a.weights, device, a.imgsz)
+        return predict_folder(run, a.source, a.save_dir or "runs/predict", imgsz, a.conf, a.iou, device)
+    if Path(a.weights).suffix == ".pt2":
+        raise SystemExit(f"{a.weights}: an exported program only predicts (--source DIR); for metrics give the .pt it came from")
+    from losses import MultiTaskLoss
+    model, cfg = load_checkpoint_model(a.weights, device)
+    # the synthetic set is looked up with the training parameters (other ones would regenerate it), whatever --imgsz
+    root = Path(a.data or cfg["data"] or data.ensure_synthetic(n=cfg["synthetic_n"], imgsz=cfg["imgsz"]))
+    if not root.is_dir():
+        raise SystemExit(f"data root {root} ({'--data' if a.data else 'from the checkpoint config'}) is not a directory; "
+                         "pass --data ROOT")
+    cfg["imgsz"] = a.imgsz or cfg["imgsz"]
+    loaders = val_loaders(cfg, root, a.split, cfg["imgsz"], a.batch or cfg["batch"], cfg["workers"] if a.workers is None else a.workers)
+    m = validate(model, loaders, cfg, device, MultiTaskLoss(cfg), plot_dir=a.save_dir)
+    print(f"{a.weights} on {root} ({a.split}, {cfg['imgsz']} px):\n{results_table(m)}")
+    return m
+
+
+if __name__ == "__main__":
+    main()

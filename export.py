@@ -1,0 +1,142 @@
+"""Export a trained network for deployment: BatchNorm folded into the convolutions, auxiliary branches removed,
+eval mode, and a forward that takes one tensor and returns a tuple of tensors.
+
+    python export.py --weights runs/camtl/exp/weights/best.pt                 # -> runs/camtl/exp/weights/best.pt2
+    python export.py --weights best.pt --imgsz 640 --dynamic-batch --out camtl.pt2
+    python export.py --weights yolov8n.pt                                      # an Ultralytics detector
+    python export.py --weights best.pt --format onnx                           # also best.onnx (needs `onnx`)
+
+The program takes x (B, 3, S, S): RGB in [0, 1], letterboxed to S as data.transform does (pad 114/255), and returns
+    CA-MTL: (detections (B, 4+nc, A), vessel_logits (B, 1, S, S))
+    YOLOv8: (detections (B, 4+nc, A),)
+detections: per anchor xywh in input pixels, then one sigmoid score per class (evaluate.nms turns them into boxes);
+A = (S/8)^2 + (S/16)^2 + (S/32)^2. A CA-MTL model with DualBatchNorm is exported in its target (angiography) domain.
+Use it with `torch.export.load(path).module()(x)`, or `python evaluate.py --weights best.pt2 --source DIR`.
+torch.export always writes the .pt2; ONNX needs the `onnx` and `onnxscript` packages, which nanoCAMTL does not require.
+"""
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from evaluate import load_checkpoint_model
+from model import CAMTL, YOLOv8, check_imgsz, count_params, gflops
+
+META = "nanocamtl.json"  # stored inside the .pt2: input size, output names, classes, model config
+
+
+class Deployed(nn.Module):
+    """The inference contract, x -> tuple of tensors: no dicts and no options, which is what exporters want."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.outputs = ("detections", "vessel_logits") if isinstance(model, CAMTL) else ("detections",)
+
+    def forward(self, x):
+        if isinstance(self.model, CAMTL):
+            det, seg = self.model(x)
+            return det, seg["full"]
+        return (self.model(x),)
+
+
+def deployable(model):
+    """A fused, auxiliary-stripped, eval-mode copy of model (the original is left as it was), wrapped in Deployed.
+    A DualBatchNorm folds its target (angiography) branch: deployment sees angiograms."""
+    m = copy.deepcopy(model).eval().requires_grad_(False)
+    if hasattr(m, "strip_aux"):  # training-only branches (the centre-keypoint auxiliary of DESIGN.md §8)
+        m.strip_aux()
+    if hasattr(m, "set_domain"):
+        m.set_domain("target")
+    return Deployed(m.fuse())
+
+
+def load_model(path):
+    """Our checkpoint -> (CAMTL, its config); any other file is tried as an Ultralytics yolov8*.pt -> (YOLOv8, None)."""
+    try:
+        return load_checkpoint_model(path)
+    except ValueError as ours:
+        try:
+            return YOLOv8.from_ultralytics(path, verbose=False), None
+        except ValueError as theirs:
+            raise SystemExit(f"{path}: neither a nanoCAMTL checkpoint nor an Ultralytics one\n  {ours}\n  {theirs}") from None
+
+
+def export(model, imgsz, path, fmt="pt2", dynamic_batch=False, verbose=True):
+    """Trace deployable(model) at imgsz x imgsz with torch.export and save it to path (suffix .pt2); with
+    fmt="onnx" also write the same program as path.onnx. dynamic_batch: any batch size, else batch 1 only.
+    Returns the paths written."""
+    if fmt not in ("pt2", "onnx"):
+        raise ValueError(f"format {fmt!r}: expected 'pt2' or 'onnx'")
+    check_imgsz(imgsz, imgsz, "export")
+    net = deployable(model)
+    p = next(net.parameters())
+    # torch.export fixes a dimension whose example size is 1, so a dynamic batch is traced with two images
+    x = torch.rand(2 if dynamic_batch else 1, 3, imgsz, imgsz, device=p.device, dtype=p.dtype)
+    dims = {"x": {0: torch.export.Dim("batch", min=1, max=1024)}} if dynamic_batch else None
+    prog = torch.export.export(net, (x,), dynamic_shapes=dims)
+
+    out_node = next(n for n in prog.graph.nodes if n.op == "output")
+    shapes = [tuple(d if isinstance(d, int) else "batch" for d in a.meta["val"].shape) for a in out_node.args[0]]
+    cfg = model.cfg if isinstance(model, CAMTL) else {"scale": list(model.scale), "nc": model.nc}
+    meta = dict(model=type(model).__name__, imgsz=imgsz, dynamic_batch=dynamic_batch, nc=model.nc,
+                outputs=dict(zip(net.outputs, shapes)), config=cfg)
+    path = Path(path).with_suffix(".pt2")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(prog, path, extra_files={META: json.dumps(meta)})
+    written = [path]
+    if verbose:
+        b = "batch" if dynamic_batch else 1
+        print(f"{type(model).__name__} fused for export: {count_params(net):,} parameters, {gflops(net, imgsz):.3g} GFLOPs at {imgsz}\n"
+              f"  input  x {(b, 3, imgsz, imgsz)}\n" + "".join(f"  output {k} {v}\n" for k, v in meta["outputs"].items())
+              + f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB)")
+    if fmt == "onnx":
+        try:
+            import onnx  # noqa: F401  (torch's ONNX exporter needs onnx and onnxscript; we do not)
+            import onnxscript  # noqa: F401
+        except ImportError:
+            raise ImportError(f"ONNX export needs the `onnx` and `onnxscript` packages (pip install onnx onnxscript); "
+                              f"they are not nanoCAMTL requirements. The torch.export program {path} was written.") from None
+        onnx_path = path.with_suffix(".onnx")
+        torch.onnx.export(prog, (x,), onnx_path, input_names=["x"], output_names=list(net.outputs), dynamo=True,
+                          external_data=False)
+        written.append(onnx_path)
+        if verbose:
+            print(f"wrote {onnx_path} ({onnx_path.stat().st_size / 2**20:.1f} MB)")
+    return written
+
+
+def load_program(path, device="cpu"):
+    """An export.py .pt2 -> (callable module, metadata: model, imgsz, dynamic_batch, nc, outputs, config)."""
+    extra = {META: ""}
+    prog = torch.export.load(path, extra_files=extra)
+    if not extra[META]:
+        raise ValueError(f"{path}: a torch.export program, but not one written by export.py (no {META} inside)")
+    if torch.device(device).type != "cpu":  # traced on the CPU: constants made inside the graph move too
+        prog = torch.export.passes.move_to_device_pass(prog, device)
+    return prog.module(), json.loads(extra[META])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--weights", required=True, help="our .pt checkpoint, or an Ultralytics yolov8*.pt")
+    ap.add_argument("--imgsz", type=int, help="input size, a multiple of 32 (default: the checkpoint's training size, else 640)")
+    ap.add_argument("--format", choices=("pt2", "onnx"), default="pt2", help="onnx: the .pt2 plus an .onnx")
+    ap.add_argument("--dynamic-batch", action="store_true", help="accept any batch size (default: batch 1)")
+    ap.add_argument("--out", help="output path (default: the weights path with suffix .pt2)")
+    a = ap.parse_args(argv)
+    if not Path(a.weights).is_file():
+        raise SystemExit(f"--weights {a.weights}: no such file")
+    model, cfg = load_model(a.weights)
+    imgsz = a.imgsz or (cfg or {}).get("imgsz", 640)
+    try:
+        return export(model, imgsz, a.out or a.weights, a.format, a.dynamic_batch)
+    except (ImportError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""export.py: fused == unfused, the .pt2 program == the eager model (also at a batch size it was not traced with),
+and predictions from a .pt2 equal predictions from the checkpoint it came from."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+import export
+from model import CAMTL
+
+FIX = Path(__file__).parent / "fixtures"
+TINY = {"scale": [0.33, 0.125, 1024], "dual_bn": True, "imgsz": 64}
+
+
+def randomise(model, seed=0):
+    """BatchNorm statistics and affine far from identity (so folding is really exercised, each DualBN branch
+    differently) and attention gates open (so CTAM/CSAM/FPMA reach the outputs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                for t, lo, hi in ((m.running_mean, -0.2, 0.2), (m.running_var, 0.5, 1.5), (m.weight, 0.7, 1.3), (m.bias, -0.2, 0.2)):
+                    t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
+        for name, p in model.named_parameters():
+            if name.split(".")[-1] == "gate":
+                p.copy_(torch.rand(p.shape, generator=g) - 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def camtl_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    model = randomise(CAMTL(TINY, verbose=False))
+    path = tmp_path_factory.mktemp("ck") / "best.pt"
+    torch.save({"model": model.state_dict(), "config": {**model.cfg, "workers": 0}, "stage": "camtl"}, path)
+    return path
+
+
+def test_yolov8_from_ultralytics_pt2_equals_eager(tmp_path):
+    model, cfg = export.load_model(FIX / "det.pt")  # an Ultralytics checkpoint: the YOLOv8 route
+    assert cfg is None and model.nc == 3
+    stripped = []
+    model.strip_aux = lambda: stripped.append(True)  # export must strip training-only branches when a model has them
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+        paths = export.export(model, 64, tmp_path / "det.pt2", fmt="onnx")
+        assert paths[1].suffix == ".onnx" and paths[1].stat().st_size > 0
+    except ImportError:  # the usual case: onnx is not a requirement; the .pt2 is still written, the message says why
+        with pytest.raises(ImportError, match="onnx"):
+            export.export(model, 64, tmp_path / "det.pt2", fmt="onnx")
+    assert stripped
+    run, meta = export.load_program(tmp_path / "det.pt2")
+    assert meta["model"] == "YOLOv8" and meta["imgsz"] == 64 and meta["outputs"] == {"detections": [1, 7, 84]}
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        (got,), (fused,), ref = run(x), export.deployable(model)(x), model.eval()(x)
+    assert (got - fused).abs().max() < 1e-4
+    assert (got - ref).abs().max() < 1e-3 and (got[:, 4:] - ref[:, 4:]).abs().max() < 1e-5  # folding: float rounding only
+
+
+def test_camtl_fused_equals_unfused_in_target_domain(camtl_ckpt):
+    model, _ = evaluate.load_checkpoint_model(camtl_ckpt)
+    net = export.deployable(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        det, full = net(x)
+        with model.domain("target"):
+            ref_det, ref_seg = model(x)
+        with model.domain("source"):
+            src_det, src_seg = model(x)
+    assert (det - ref_det).abs().max() < 1e-3 and (det[:, 4:] - ref_det[:, 4:]).abs().max() < 1e-5
+    assert (full - ref_seg["full"]).abs().max() < 1e-4
+    assert (det[:, :4] - src_det[:, :4]).abs().max() > 0.1  # the target branch was folded, not the source one
+    assert (full - src_seg["full"]).abs().max() > 0.01
+
+
+def test_camtl_cli_dynamic_batch_pt2_equals_eager_and_predicts_alike(camtl_ckpt, tmp_path):
+    out = tmp_path / "camtl.pt2"
+    export.main(["--weights", str(camtl_ckpt), "--dynamic-batch", "--out", str(out)])  # imgsz 64 from the checkpoint
+    run, imgsz = evaluate.load_predictor(out)  # the loader the predictor uses
+    model, _ = evaluate.load_checkpoint_model(camtl_ckpt)
+    eager = export.deployable(model)
+    assert imgsz == 64
+    for b in (1, 3):  # traced with 2 images
+        x = torch.rand(b, 3, 64, 64)
+        with torch.no_grad():
+            got, ref = run(x), eager(x)
+        assert [tuple(t.shape) for t in got] == [(b, 5, 84), (b, 1, 64, 64)]
+        assert max((g - r).abs().max() for g, r in zip(got, ref)) < 1e-4
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray((np.random.default_rng(0).random((70, 150, 3)) * 255).astype(np.uint8)).save(src / "a.png")
+    for r, d in ((run, "pt2"), (eager, "pt")):
+        evaluate.predict_folder(r, src, tmp_path / d, imgsz, conf=0.001)
+    assert (tmp_path / "pt2/labels/a.txt").read_text() == (tmp_path / "pt/labels/a.txt").read_text()
+    masks = [np.asarray(Image.open(tmp_path / d / "masks/a.png")) for d in ("pt2", "pt")]
+    assert masks[0].shape == (70, 150) and (masks[0] != masks[1]).mean() < 1e-3
