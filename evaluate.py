@@ -528,7 +528,7 @@ def predict_folder(run, source, save_dir, imgsz, conf=0.25, iou=0.7, device="cpu
         save_prediction(img, det, logits, save_dir, stem)
         saved.append(stem)
         print(f"{p}: {img.shape[1]}x{img.shape[0]}, {len(det)} boxes" + (f", max conf {det[0, 4]:.2f}" if len(det) else ""))
-    print(f"{len(saved)} images predicted -> {save_dir} (overlays; labels/*.txt; masks/*.png)"
+    print(f"{len(saved)} images predicted -> {save_dir} (overlays, labels/*.txt, CA-MTL vessel masks/*.png)"
           + (f"; {len(skipped)} unreadable files skipped: {', '.join(p.name for p in skipped)}" if skipped else ""))
     return {"saved": saved, "skipped": skipped}
 
@@ -547,7 +547,8 @@ def val_loaders(cfg, root, split="val", imgsz=512, batch=8, workers=0):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="nanoCAMTL: metrics of a checkpoint, or predictions on your images")
-    ap.add_argument("--weights", required=True, help="our .pt (run last/best.pt, yolov8{S}-{stage}.pt) or an export.py .pt2")
+    ap.add_argument("--weights", required=True, help="our .pt (run last/best.pt, yolov8{S}-{stage}.pt), an export.py .pt2, "
+                    "or (to predict) an Ultralytics yolov8*.pt")
     ap.add_argument("--data", help="processed data root (default: the checkpoint's, else the built-in synthetic set)")
     ap.add_argument("--split", default="val", choices=("train", "val", "test"))
     ap.add_argument("--imgsz", type=int, help="letterbox size (default: the checkpoint's training size)")
@@ -570,7 +571,10 @@ def main(argv=None):
     if Path(a.weights).suffix == ".pt2":
         raise SystemExit(f"{a.weights}: an exported program only predicts (--source DIR); for metrics give the .pt it came from")
     from losses import MultiTaskLoss
-    model, cfg = load_checkpoint_model(a.weights, device)
+    try:
+        model, cfg = load_checkpoint_model(a.weights, device)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     # the synthetic set is looked up with the training parameters (other ones would regenerate it), whatever --imgsz
     root = Path(a.data or cfg["data"] or data.ensure_synthetic(n=cfg["synthetic_n"], imgsz=cfg["imgsz"]))
     if not root.is_dir():
