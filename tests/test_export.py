@@ -15,6 +15,15 @@ FIX = Path(__file__).parent / "fixtures"
 TINY = {"scale": [0.33, 0.125, 1024], "dual_bn": True, "imgsz": 64}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from a second thread, and on a busy machine an OpenMP team can stall for seconds."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def randomise(model, seed=0):
     """BatchNorm statistics and affine far from identity (so folding is really exercised, each DualBN branch
     differently) and attention gates open (so CTAM/CSAM/FPMA reach the outputs)."""

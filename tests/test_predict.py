@@ -13,6 +13,15 @@ import evaluate
 from model import CAMTL
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from a second thread, and on a busy machine an OpenMP team can stall for seconds."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def white_detector(x):
     """Stub of the exported contract: one box around the white pixels of the canvas (conf 0.9), one decoy
     anchor under the confidence threshold, and vessel logits positive exactly on white."""
