@@ -1,6 +1,8 @@
 """CAMTL vs YOLOv8 train step: time and peak memory at several image sizes (to move into bench.py).
 
-Each (model, size) runs in its own subprocess so peak RSS (ru_maxrss) is that configuration's alone.
+Peak memory: each model in its own subprocess, so ru_maxrss is that configuration's alone.
+Time: both models in one subprocess, steps alternating, ratio = median of the per-round ratios; on a
+shared machine that cancels most of the load drift that separate runs would pick up.
     python bench_camtl.py                 # n scale, batch 4, sizes 320 512 640
     python bench_camtl.py --sizes 512 --repeats 3
 """
@@ -21,12 +23,11 @@ def maxrss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def train_step_once(kind, size, batch, repeats, warmup, scale="n"):
-    """Median seconds of forward + loss + backward, and peak RSS (total, and above the state before step 1)."""
+def make_step(kind, size, batch, scale="n"):
+    """A closure doing one train step (forward + simple det/seg loss + backward) of a fresh model."""
     from losses import DetectionLoss
     from model import CAMTL, YOLOv8
 
-    torch.set_num_threads(2)
     torch.manual_seed(0)
     model = (CAMTL({"scale": scale, "nc": 1}, verbose=False) if kind == "camtl" else YOLOv8(1, scale, verbose=False)).train()
     crit = DetectionLoss(nc=1)
@@ -45,37 +46,58 @@ def train_step_once(kind, size, batch, repeats, warmup, scale="n"):
         loss.backward()
         model.zero_grad(set_to_none=True)
 
+    return step
+
+
+def timed(step):
+    t = time.perf_counter()
+    step()
+    return time.perf_counter() - t
+
+
+def child_memory(kind, size, batch, repeats, scale):
+    """Peak RSS: total, and above the state just before the first step (the step's own working memory)."""
+    step = make_step(kind, size, batch, scale)
     base = maxrss_mib()
-    times = []
-    for i in range(warmup + repeats):
-        t = time.perf_counter()
+    for _ in range(repeats):
         step()
-        times.append(time.perf_counter() - t)
     peak = maxrss_mib()
-    return {"kind": kind, "size": size, "batch": batch, "time": statistics.median(times[warmup:]),
-            "peak_mib": peak, "step_mib": peak - base}
+    return {"peak_mib": peak, "step_mib": peak - base}
+
+
+def child_time(size, batch, repeats, warmup, scale):
+    """Median seconds per model and the median of per-round CAMTL / YOLOv8 ratios, steps alternating."""
+    steps = {k: make_step(k, size, batch, scale) for k in ("yolov8", "camtl")}
+    t = {k: [] for k in steps}
+    for i in range(warmup + repeats):
+        for k, step in steps.items():
+            t[k].append(timed(step))
+    t = {k: v[warmup:] for k, v in t.items()}
+    return {"yolov8": statistics.median(t["yolov8"]), "camtl": statistics.median(t["camtl"]),
+            "ratio": statistics.median(c / y for c, y in zip(t["camtl"], t["yolov8"]))}
+
+
+def run_child(*args):
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), *map(str, args)], cwd=here,
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def bench_camtl(sizes=(320, 512, 640), batch=4, repeats=5, warmup=2, scale="n"):
-    """Print and return per size: YOLOv8 and CAMTL step time and peak memory, and CAMTL / YOLOv8 ratios."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    rows = []
-    print(f"train step (forward + det/seg loss + backward), scale {scale}, batch {batch}, 2 threads, "
-          f"median of {repeats} after {warmup} warmup; memory = peak RSS above the pre-step state (total in brackets)")
+    """Print and return per size: step time of YOLOv8 and CAMTL with their ratio, and the step's peak memory."""
+    common = ["--batch", batch, "--repeats", repeats, "--warmup", warmup, "--scale", scale]
+    print(f"train step (forward + det/seg loss + backward), scale {scale}, batch {batch}, 2 threads; "
+          f"time: median of {repeats} alternating rounds after {warmup} warmup; memory: peak RSS above the pre-step state (total)")
     print(f"{'size':>5} {'YOLOv8 s':>9} {'CAMTL s':>8} {'time x':>7} {'YOLOv8 MiB':>16} {'CAMTL MiB':>16} {'mem x':>6}")
+    rows = []
     for size in sizes:
-        r = {}
-        for kind in ("yolov8", "camtl"):
-            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", kind, "--sizes", str(size),
-                                  "--batch", str(batch), "--repeats", str(repeats), "--warmup", str(warmup),
-                                  "--scale", scale], cwd=here, capture_output=True, text=True, check=True)
-            r[kind] = json.loads(out.stdout.strip().splitlines()[-1])
-        y, c = r["yolov8"], r["camtl"]
-        row = {"size": size, "yolov8": y, "camtl": c, "time_ratio": c["time"] / y["time"],
-               "mem_ratio": c["step_mib"] / y["step_mib"]}
+        t = run_child("--child", "time", "--sizes", size, *common)
+        y, c = (run_child("--child", k, "--sizes", size, *common) for k in ("yolov8", "camtl"))
+        row = {"size": size, **t, "yolov8_mem": y, "camtl_mem": c, "mem_ratio": c["step_mib"] / y["step_mib"]}
         rows.append(row)
-        print(f"{size:>5} {y['time']:>9.3f} {c['time']:>8.3f} {row['time_ratio']:>7.2f} "
-              f"{y['step_mib']:>7.0f} ({y['peak_mib']:>6.0f}) {c['step_mib']:>7.0f} ({c['peak_mib']:>6.0f}) {row['mem_ratio']:>6.2f}")
+        print(f"{size:>5} {t['yolov8']:>9.3f} {t['camtl']:>8.3f} {t['ratio']:>7.2f} {y['step_mib']:>7.0f} ({y['peak_mib']:>6.0f}) "
+              f"{c['step_mib']:>7.0f} ({c['peak_mib']:>6.0f}) {row['mem_ratio']:>6.2f}")
     return rows
 
 
@@ -86,9 +108,12 @@ if __name__ == "__main__":
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--scale", default="n")
-    ap.add_argument("--one", choices=("yolov8", "camtl"), help=argparse.SUPPRESS)  # child process: one configuration
+    ap.add_argument("--child", choices=("time", "yolov8", "camtl"), help=argparse.SUPPRESS)  # one measurement
     a = ap.parse_args()
-    if a.one:
-        print(json.dumps(train_step_once(a.one, a.sizes[0], a.batch, a.repeats, a.warmup, a.scale)))
+    torch.set_num_threads(2)
+    if a.child == "time":
+        print(json.dumps(child_time(a.sizes[0], a.batch, a.repeats, a.warmup, a.scale)))
+    elif a.child:
+        print(json.dumps(child_memory(a.child, a.sizes[0], a.batch, 2, a.scale)))
     else:
         bench_camtl(a.sizes, a.batch, a.repeats, a.warmup, a.scale)

@@ -321,7 +321,7 @@ CAMTL_DEFAULTS = dict(
     nc=1,  # detection classes
     attn_dim=64,  # width of queries/keys/values in every attention, split over the heads
     attn_heads=4,
-    attn_tokens=256,  # each key/value map is average-pooled to at most this many positions
+    attn_tokens=256,  # keys/values of an attention are average-pooled to at most this many positions (all sources)
     ema_attention=False,  # EMA attention inline after N3/N4/N5
     gn_groups=32,  # GroupNorm of the seg stream and attention: first of 32, 16, ..., 1 dividing C, <= this
     dual_bn=False,  # DualBatchNorm2d (source/target) in backbone, neck and Detect
