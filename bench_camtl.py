@@ -5,6 +5,7 @@ Time: both models in one subprocess, steps alternating, ratio = median of the pe
 shared machine that cancels most of the load drift that separate runs would pick up.
     python bench_camtl.py                 # n scale, batch 4, sizes 320 512 640
     python bench_camtl.py --sizes 512 --repeats 3
+    python bench_camtl.py --threads 1     # on a busy machine: a 2-thread OpenMP team stalls whenever a thread is descheduled
 """
 import argparse
 import json
@@ -84,10 +85,10 @@ def run_child(*args):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench_camtl(sizes=(320, 512, 640), batch=4, repeats=5, warmup=2, scale="n"):
+def bench_camtl(sizes=(320, 512, 640), batch=4, repeats=5, warmup=2, scale="n", threads=2):
     """Print and return per size: step time of YOLOv8 and CAMTL with their ratio, and the step's peak memory."""
-    common = ["--batch", batch, "--repeats", repeats, "--warmup", warmup, "--scale", scale]
-    print(f"train step (forward + det/seg loss + backward), scale {scale}, batch {batch}, 2 threads; "
+    common = ["--batch", batch, "--repeats", repeats, "--warmup", warmup, "--scale", scale, "--threads", threads]
+    print(f"train step (forward + det/seg loss + backward), scale {scale}, batch {batch}, {threads} thread(s); "
           f"time: median of {repeats} alternating rounds after {warmup} warmup; memory: peak RSS above the pre-step state (total)")
     print(f"{'size':>5} {'YOLOv8 s':>9} {'CAMTL s':>8} {'time x':>7} {'YOLOv8 MiB':>16} {'CAMTL MiB':>16} {'mem x':>6}")
     rows = []
@@ -108,12 +109,13 @@ if __name__ == "__main__":
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--scale", default="n")
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--child", choices=("time", "yolov8", "camtl"), help=argparse.SUPPRESS)  # one measurement
     a = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     if a.child == "time":
         print(json.dumps(child_time(a.sizes[0], a.batch, a.repeats, a.warmup, a.scale)))
     elif a.child:
         print(json.dumps(child_memory(a.child, a.sizes[0], a.batch, 2, a.scale)))
     else:
-        bench_camtl(a.sizes, a.batch, a.repeats, a.warmup, a.scale)
+        bench_camtl(a.sizes, a.batch, a.repeats, a.warmup, a.scale, a.threads)
