@@ -168,23 +168,35 @@ def pad_targets(batch, B, imgsz_hw, device):
     return labels, bboxes
 
 
+def keypoint_loss(pred_xy, gt_xy, area, sigma=1.0):
+    """YOLOv8-pose's OKS-shaped keypoint term for one always-visible keypoint, per positive anchor:
+    1 - exp(-d² / (2 (2σ)² area)), d and area in grid units of the anchor's stride. (P, 2), (P, 2), (P,) -> (P,)."""
+    d2 = (pred_xy - gt_xy).pow(2).sum(-1)
+    return 1 - torch.exp(-d2 / ((2 * sigma) ** 2 * (area + 1e-9) * 2))
+
+
 class DetectionLoss:
     """YOLOv8 detection loss. `loss, items = crit(preds, batch)`: preds the three raw maps (B, 64+nc, H, W),
     batch with batch_idx (N,), cls (N, 1), bboxes (N, 4) normalised xywh. items = detached (box, cls, dfl)
-    after gains; loss = items.sum() * B with gradient (Ultralytics' convention: per-image mean x batch)."""
+    after gains; loss = items.sum() * B with gradient (Ultralytics' convention: per-image mean x batch).
+    Maps with 3 more channels carry the centre-keypoint auxiliary: items then are (box, cls, dfl, kpt, kobj)."""
 
-    def __init__(self, nc, strides=(8, 16, 32), reg_max=16, box=7.5, cls=0.5, dfl=1.5, topk=10, alpha=0.5, beta=6.0):
+    def __init__(self, nc, strides=(8, 16, 32), reg_max=16, box=7.5, cls=0.5, dfl=1.5, topk=10, alpha=0.5, beta=6.0,
+                 kpt=12.0, kobj=1.0):
         self.nc, self.strides, self.reg_max = nc, list(strides), reg_max
-        self.gains = (box, cls, dfl)
+        self.gains = (box, cls, dfl, kpt, kobj)
         self.topk, self.alpha, self.beta = topk, alpha, beta
         self.min_side = float(self.strides[1] if len(self.strides) > 1 else self.strides[0])
 
     def __call__(self, preds, batch):
         preds = [p.float() for p in preds]  # losses in fp32 even under autocast
         B, dev = preds[0].shape[0], preds[0].device
-        flat = torch.cat([p.view(B, p.shape[1], -1) for p in preds], 2)  # (B, 64+nc, A)
-        pred_dist, pred_logits = flat.split((4 * self.reg_max, self.nc), 1)
-        pred_dist, pred_logits = pred_dist.transpose(1, 2), pred_logits.transpose(1, 2)  # (B, A, 64), (B, A, nc)
+        flat = torch.cat([p.view(B, p.shape[1], -1) for p in preds], 2)  # (B, 64+nc(+3), A)
+        n_kpt = flat.shape[1] - 4 * self.reg_max - self.nc
+        if n_kpt not in (0, 3):
+            raise ValueError(f"DetectionLoss: maps have {flat.shape[1]} channels, expected {4 * self.reg_max + self.nc} "
+                             f"(64 + nc={self.nc}) or 3 more with the keypoint auxiliary")
+        pred_dist, pred_logits, pred_kpt = (t.transpose(1, 2) for t in flat.split((4 * self.reg_max, self.nc, n_kpt), 1))
         anchors, stride = make_anchors(preds, self.strides)  # grid units (A, 2), (A, 1)
         imgsz = (preds[0].shape[2] * self.strides[0], preds[0].shape[3] * self.strides[0])
 
@@ -192,7 +204,7 @@ class DetectionLoss:
         mask_gt = gt_bboxes.sum(2, keepdim=True) > 0
         pred_bboxes = dist2bbox(dfl_expectation(pred_dist, self.reg_max), anchors, xywh=False)  # (B, A, 4) grid units
 
-        _, target_bboxes, target_scores, fg, _ = task_aligned_assign(
+        _, target_bboxes, target_scores, fg, gt_idx = task_aligned_assign(
             pred_logits.detach().sigmoid(), pred_bboxes.detach() * stride, anchors * stride,
             gt_labels, gt_bboxes, mask_gt, self.topk, self.alpha, self.beta, self.min_side)
         score_sum = target_scores.sum().clamp(min=1)
@@ -207,7 +219,16 @@ class DetectionLoss:
         target_ltrb = torch.cat((anchors_fg - target_bboxes[fg][:, :2], target_bboxes[fg][:, 2:] - anchors_fg), -1)
         loss_dfl = (df_loss(pred_dist[fg].view(-1, 4, self.reg_max), target_ltrb, self.reg_max) * weight).sum() / score_sum
 
-        items = torch.stack((loss_box * self.gains[0], loss_cls * self.gains[1], loss_dfl * self.gains[2]))
+        items = [loss_box * self.gains[0], loss_cls * self.gains[1], loss_dfl * self.gains[2]]
+        if n_kpt:  # centre keypoint of the assigned GT, as the pose loss with one keypoint (sigma 1)
+            tb = target_bboxes[fg]  # (P, 4) xyxy grid units
+            raw = pred_kpt[fg]  # (P, 3)
+            pred_xy = raw[:, :2] * 2 + anchors_fg - 0.5  # YOLOv8-pose decoding, grid units
+            area = (tb[:, 2] - tb[:, 0]) * (tb[:, 3] - tb[:, 1])
+            kpt = keypoint_loss(pred_xy, (tb[:, :2] + tb[:, 2:]) / 2, area).mean() if len(raw) else pred_kpt.sum() * 0
+            kobj = F.binary_cross_entropy_with_logits(raw[:, 2], torch.ones_like(raw[:, 2])) if len(raw) else pred_kpt.sum() * 0
+            items += [kpt * self.gains[3], kobj * self.gains[4]]
+        items = torch.stack(items)
         return items.sum() * B, items.detach()
 
 
@@ -292,7 +313,9 @@ class MultiTaskLoss:
 
     def __init__(self, cfg, anchor=None):
         self.cfg, self.anchor = cfg, anchor
-        self.det = DetectionLoss(cfg["nc"], box=cfg["box"], cls=cfg["cls"], dfl=cfg["dfl"])
+        self.det = DetectionLoss(cfg["nc"], box=cfg["box"], cls=cfg["cls"], dfl=cfg["dfl"], kpt=cfg.get("kpt", 12.0),
+                                 kobj=cfg.get("kobj", 1.0))
+        self.det_items = None  # (box, cls, dfl[, kpt, kobj]) of the last det batch, per image, for the progress line
         self.seg_w = (cfg["w_p3"], cfg["w_p4"], cfg["w_p5"], cfg["w_full"])
 
     def __call__(self, det_out, seg_out, batch, model=None):
@@ -301,7 +324,8 @@ class MultiTaskLoss:
         zero = ref.new_zeros(()).float()
         det = seg = cons = align = l2sp = zero
         if batch["task"] == "det" and det_out is not None:
-            det = self.det(det_out, batch)[0] * c["lambda_det"]
+            det, self.det_items = self.det(det_out, batch)
+            det = det * c["lambda_det"]
             if seg_out is not None and c["lambda_cons"]:
                 cons = consistency_loss(seg_out["full"], batch, c["cons_mode"], c["cons_margin"]) * c["lambda_cons"]
         if batch["task"] == "seg" and seg_out is not None:

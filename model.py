@@ -231,7 +231,7 @@ class PAN(nn.Module):
 class YOLOv8(nn.Module):
     """YOLOv8 detector. Training mode: three raw maps (B, 64+nc, H/s, W/s); eval: (B, 4+nc, A) decoded."""
 
-    def __init__(self, nc=80, scale="n", ema_attention=False, verbose=True):
+    def __init__(self, nc=80, scale="n", ema_attention=False, kpt_aux=False, verbose=True):
         super().__init__()
         d, w, mc = self.scale = scale_triple(scale)
         self.nc = nc
@@ -256,7 +256,7 @@ class YOLOv8(nn.Module):
             SPPF(c5, c5, 5),  # 9  B5
         )
         self.neck = PAN(c3, c4, c5, rep(3), ema_attention)
-        self.detect = Detect(nc, self.channels, STRIDES)
+        self.detect = Detect(nc, self.channels, STRIDES, kpt_aux=kpt_aux)
         if verbose:
             print(self.summary())
 
@@ -272,6 +272,11 @@ class YOLOv8(nn.Module):
 
     def forward(self, x):
         return self.detect(self.features(x))
+
+    def strip_aux(self):
+        """Remove the centre-keypoint auxiliary branch (training only); detections are unchanged."""
+        self.detect.strip_aux()
+        return self
 
     def fuse(self):
         """Fold every BatchNorm into its convolution (inference only); returns self."""
@@ -300,10 +305,13 @@ def load_matching(model, sd, source="checkpoint", verbose=True):
     if bad:
         raise ValueError(f"{source}: {len(bad)} tensors do not fit this model (wrong scale?): " + "; ".join(bad[:3]))
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    fresh = sorted({k.rsplit(".", 2)[0] for k in missing if not k.endswith("num_batches_tracked")})
+    def parts(keys):  # module names, so one line stays readable
+        names = sorted({k.rsplit(".", 2)[0] for k in keys if not k.endswith("num_batches_tracked")})
+        return f"{len(names)} modules ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})" if names else ""
     if verbose:
-        print(f"loaded {len(sd) - len(unexpected)} tensors from {source}"
-              + (f"; kept fresh init for {len(fresh)} modules ({', '.join(fresh[:4])}{', ...' if len(fresh) > 4 else ''})" if fresh else ""))
+        fresh, dropped = parts(missing), parts(unexpected)
+        print(f"loaded {len(sd) - len(unexpected)} tensors from {source}" + (f"; kept fresh init for {fresh}" if fresh else "")
+              + (f"; dropped {len(unexpected)} tensors this model has no place for: {dropped}" if dropped else ""))
     return missing, unexpected
 
 
@@ -326,7 +334,7 @@ CAMTL_DEFAULTS = dict(
     gn_groups=32,  # GroupNorm of the seg stream and attention: first of 32, 16, ..., 1 dividing C, <= this
     dual_bn=False,  # DualBatchNorm2d (source/target) in backbone, neck and Detect
     imgsz=512,  # image size for the GFLOPs of the summary
-    kpt_aux=False,  # centre-keypoint auxiliary branch (DESIGN.md §8), not built yet
+    kpt_aux=False,  # centre-keypoint auxiliary branch on Detect (DESIGN.md §8), training only
 )
 TASKS = ("det", "seg")
 STAGES = ("domainshift1", "camtl")
@@ -347,11 +355,10 @@ class CAMTL(YOLOv8):
             if k not in CAMTL_DEFAULTS:
                 raise ValueError(f"CAMTL config: unknown key {k!r} (known: {', '.join(CAMTL_DEFAULTS)})")
         cfg = {**CAMTL_DEFAULTS, **cfg}
-        if cfg["kpt_aux"]:
-            raise NotImplementedError("CAMTL config: kpt_aux (centre-keypoint auxiliary) is not built yet")
         if cfg["attn_dim"] % cfg["attn_heads"]:
             raise ValueError(f"CAMTL config: attn_dim {cfg['attn_dim']} is not divisible by attn_heads {cfg['attn_heads']}")
-        super().__init__(nc=cfg["nc"], scale=cfg["scale"], ema_attention=cfg["ema_attention"], verbose=False)
+        super().__init__(nc=cfg["nc"], scale=cfg["scale"], ema_attention=cfg["ema_attention"], kpt_aux=cfg["kpt_aux"],
+                         verbose=False)
         self.cfg = cfg
         _, w, mc = self.scale
         c3, c4, c5 = self.channels

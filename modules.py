@@ -145,7 +145,7 @@ class Detect(nn.Module):
     """YOLOv8 detection head: per level a box branch (cv2 -> 4*reg_max DFL logits) and a class
     branch (cv3 -> nc logits). Training: the raw maps; eval: decoded (B, 4+nc, A) xywh pixels + scores."""
 
-    def __init__(self, nc=80, ch=(), strides=(8, 16, 32), reg_max=16):
+    def __init__(self, nc=80, ch=(), strides=(8, 16, 32), reg_max=16, kpt_aux=False):
         super().__init__()
         self.nc, self.nl, self.reg_max = nc, len(ch), reg_max
         self.no = nc + 4 * reg_max
@@ -155,6 +155,11 @@ class Detect(nn.Module):
         self.cv2 = nn.ModuleList(nn.Sequential(Conv(c, c2, 3), Conv(c2, c2, 3), nn.Conv2d(c2, 4 * reg_max, 1)) for c in ch)
         self.cv3 = nn.ModuleList(nn.Sequential(Conv(c, c3, 3), Conv(c3, c3, 3), nn.Conv2d(c3, nc, 1)) for c in ch)
         self.dfl = DFL(reg_max)
+        # centre-keypoint auxiliary (DESIGN.md §8): per anchor the box centre (x, y, visibility logit). It trains
+        # the shared features towards centre distance, which is stabler than IoU for tiny boxes; inference
+        # never computes it and strip_aux() deletes it.
+        c4 = max(ch[0] // 4, 3)
+        self.cv4 = nn.ModuleList(nn.Sequential(Conv(c, c4, 3), Conv(c4, c4, 3), nn.Conv2d(c4, 3, 1)) for c in ch) if kpt_aux else None
         self.strides = tuple(float(s) for s in strides)  # plain floats: a tensor would be data to torch.export
         self.bias_init()
 
@@ -165,16 +170,23 @@ class Detect(nn.Module):
             b[-1].bias.data[: self.nc] = math.log(5 / self.nc / (640 / s) ** 2)
 
     def forward(self, x):
-        x = [torch.cat((self.cv2[i](x[i]), self.cv3[i](x[i])), 1) for i in range(self.nl)]  # (B, 64+nc, H, W)
+        aux = self.cv4 is not None and self.training
+        x = [torch.cat((self.cv2[i](x[i]), self.cv3[i](x[i])) + ((self.cv4[i](x[i]),) if aux else ()), 1)
+             for i in range(self.nl)]  # (B, 64+nc, H, W), +3 keypoint channels when the auxiliary trains
         if self.training:
             return x
         return self.decode(x)
+
+    def strip_aux(self):
+        """Drop the keypoint auxiliary: the deployed detector is exactly the plain one."""
+        self.cv4 = None
+        return self
 
     def decode(self, x):
         b = x[0].shape[0]
         # rebuilt every call (microseconds), not cached: the module keeps no state, so torch.export traces it as is
         anchors, strides = make_anchors(x, self.strides)  # (A, 2), (A, 1)
-        flat = torch.cat([xi.view(b, self.no, -1) for xi in x], 2)  # (B, 64+nc, A)
+        flat = torch.cat([xi[:, : self.no].reshape(b, self.no, -1) for xi in x], 2)  # (B, 64+nc, A)
         box, cls = flat.split((4 * self.reg_max, self.nc), 1)
         dbox = dist2bbox(self.dfl(box), anchors.t().unsqueeze(0), xywh=True, dim=1) * strides.t()
         return torch.cat((dbox, cls.sigmoid()), 1)  # (B, 4+nc, A)
