@@ -34,6 +34,7 @@ from model import CAMTL, CAMTL_DEFAULTS, count_params, stage_setup
 
 ROOT = Path(__file__).resolve().parent
 STAGES = ("domainshift1", "camtl")
+DET_NAMES = ("box", "cls", "dfl", "kpt", "kobj")
 
 # -----------------------------------------------------------------------------
 # configuration
@@ -342,6 +343,7 @@ def train(cfg, args, log=print):
         raw.train()
         (loader.set_epoch if hasattr(loader, "set_epoch") else loader.sampler.set_epoch)(epoch)
         mloss, seen, t0 = torch.zeros(6), 0, time.time()
+        mdet, ndet, crit.det_items = None, 0, None  # running mean of the det items (box, cls, dfl[, kpt, kobj])
         opt.zero_grad(set_to_none=True)
         for i, batch in enumerate(loader):
             it = epoch * nb + i
@@ -378,13 +380,17 @@ def train(cfg, args, log=print):
                     ema.update(raw)
                 last_opt_it = it
             mloss = (mloss * i + items.cpu()) / (i + 1)
+            if crit.det_items is not None:
+                mdet = crit.det_items.cpu() if mdet is None else (mdet * ndet + crit.det_items.cpu()) / (ndet + 1)
+                ndet, crit.det_items = ndet + 1, None
             seen += img.shape[0]
             if master and ((i + 1) % cfg["log_interval"] == 0 or i + 1 == nb):
                 dt = time.time() - t0
                 left = (cfg["epochs"] - epoch) * nb - i - 1
                 eta = dt / (i + 1) * left
+                det_part = f" ({' '.join(f'{n} {v:.3f}' for n, v in zip(DET_NAMES, mdet))})" if mdet is not None else ""
                 log(f"{stage} {epoch + 1}/{cfg['epochs']} {i + 1:4d}/{nb} " + " ".join(f"{n} {v:.4f}" for n, v in zip(MultiTaskLoss.NAMES, mloss))
-                    + f"  lr {lr_w:.5f}  {seen / dt:.1f} img/s  ETA {eta / 60:.1f} min")
+                    + det_part + f"  lr {lr_w:.5f}  {seen / dt:.1f} img/s  ETA {eta / 60:.1f} min")
 
         if master:
             final = epoch + 1 == cfg["epochs"]
@@ -394,6 +400,7 @@ def train(cfg, args, log=print):
                 log(evaluate.format_metrics(metrics, prefix=f"val {epoch + 1}/{cfg['epochs']}"))
             fitness = metrics.get("fitness", 0.0)
             row = {"epoch": epoch + 1, **{f"train/{n}": float(v) for n, v in zip(MultiTaskLoss.NAMES, mloss)},
+                   **({f"train/{n}": float(v) for n, v in zip(DET_NAMES, mdet)} if mdet is not None else {}),
                    **{k: v for k, v in metrics.items() if isinstance(v, float)}, "lr": lr_w}
             write_csv(csv_path, row)
             ck = {"model": raw.state_dict(), "ema": ema.ema.state_dict() if ema else None, "ema_updates": ema.updates if ema else 0,
