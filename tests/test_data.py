@@ -1,6 +1,5 @@
 """data.py: layout, splits, bad inputs, letterbox/augmentation alignment, loaders, synthetic data, converters."""
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,8 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data  # noqa: E402
+import data
 
 DET, SEG, SRC = "angiography_detection", "angiography_segmentation", "retinography_segmentation"
 
