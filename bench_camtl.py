@@ -51,9 +51,10 @@ def make_step(kind, size, batch, scale="n"):
 
 
 def timed(step):
-    t = time.perf_counter()
+    """(wall, CPU) seconds of one call; CPU time is the steadier one when the machine is shared."""
+    t, c = time.perf_counter(), time.process_time()
     step()
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def child_memory(kind, size, batch, repeats, scale):
@@ -67,15 +68,16 @@ def child_memory(kind, size, batch, repeats, scale):
 
 
 def child_time(size, batch, repeats, warmup, scale):
-    """Median seconds per model and the median of per-round CAMTL / YOLOv8 ratios, steps alternating."""
+    """Median wall seconds per model and the medians of per-round CAMTL / YOLOv8 ratios (wall and CPU)."""
     steps = {k: make_step(k, size, batch, scale) for k in ("yolov8", "camtl")}
     t = {k: [] for k in steps}
     for i in range(warmup + repeats):
         for k, step in steps.items():
             t[k].append(timed(step))
-    t = {k: v[warmup:] for k, v in t.items()}
-    return {"yolov8": statistics.median(t["yolov8"]), "camtl": statistics.median(t["camtl"]),
-            "ratio": statistics.median(c / y for c, y in zip(t["camtl"], t["yolov8"]))}
+    y, c = t["yolov8"][warmup:], t["camtl"][warmup:]
+    return {"yolov8": statistics.median(w for w, _ in y), "camtl": statistics.median(w for w, _ in c),
+            "ratio": statistics.median(a[0] / b[0] for a, b in zip(c, y)),
+            "cpu_ratio": statistics.median(a[1] / b[1] for a, b in zip(c, y))}
 
 
 def run_child(*args):
@@ -90,14 +92,14 @@ def bench_camtl(sizes=(320, 512, 640), batch=4, repeats=5, warmup=2, scale="n", 
     common = ["--batch", batch, "--repeats", repeats, "--warmup", warmup, "--scale", scale, "--threads", threads]
     print(f"train step (forward + det/seg loss + backward), scale {scale}, batch {batch}, {threads} thread(s); "
           f"time: median of {repeats} alternating rounds after {warmup} warmup; memory: peak RSS above the pre-step state (total)")
-    print(f"{'size':>5} {'YOLOv8 s':>9} {'CAMTL s':>8} {'time x':>7} {'YOLOv8 MiB':>16} {'CAMTL MiB':>16} {'mem x':>6}")
+    print(f"{'size':>5} {'YOLOv8 s':>9} {'CAMTL s':>8} {'time x':>7} {'cpu x':>6} {'YOLOv8 MiB':>16} {'CAMTL MiB':>16} {'mem x':>6}")
     rows = []
     for size in sizes:
         t = run_child("--child", "time", "--sizes", size, *common)
         y, c = (run_child("--child", k, "--sizes", size, *common) for k in ("yolov8", "camtl"))
         row = {"size": size, **t, "yolov8_mem": y, "camtl_mem": c, "mem_ratio": c["step_mib"] / y["step_mib"]}
         rows.append(row)
-        print(f"{size:>5} {t['yolov8']:>9.3f} {t['camtl']:>8.3f} {t['ratio']:>7.2f} {y['step_mib']:>7.0f} ({y['peak_mib']:>6.0f}) "
+        print(f"{size:>5} {t['yolov8']:>9.3f} {t['camtl']:>8.3f} {t['ratio']:>7.2f} {t['cpu_ratio']:>6.2f} {y['step_mib']:>7.0f} ({y['peak_mib']:>6.0f}) "
               f"{c['step_mib']:>7.0f} ({c['peak_mib']:>6.0f}) {row['mem_ratio']:>6.2f}")
     return rows
 
