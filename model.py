@@ -444,6 +444,14 @@ class CAMTL(YOLOv8):
                 f"{gflops(self, imgsz):.1f} GFLOPs at {imgsz}\n  {per}")
 
     @classmethod
+    def from_ultralytics(cls, path, nc=None, verbose=True, **cfg):
+        """As YOLOv8.from_ultralytics (scale and nc from the checkpoint unless given): backbone, neck and Detect
+        all from one `yolov8*.pt` / `yolov8*-seg.pt`; cfg holds any other CAMTL keys."""
+        sd = read_ultralytics(path)
+        ck_nc = map_ultralytics(sd)[1]
+        return cls.from_pretrained({"scale": infer_scale(sd), "nc": nc or ck_nc or 80, **cfg}, det=path, verbose=verbose)
+
+    @classmethod
     def from_pretrained(cls, cfg=None, det=None, seg=None, stage_ckpt=None, stage=None, verbose=True):
         """Build, then load in order: COCO checkpoints (backbone+neck from `seg`, else `det`; Detect from `det`,
         else `seg`; class branch skipped when nc differs), stage_setup(stage), our stage checkpoint

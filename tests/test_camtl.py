@@ -86,7 +86,7 @@ def test_config_errors_name_the_problem():
 def test_detection_equals_yolov8_with_coco_weights():
     io = torch.load(FIX / "det_io.pt", weights_only=True)
     ref = YOLOv8.from_ultralytics(str(FIX / "det.pt"), verbose=False)
-    m = CAMTL.from_pretrained({"scale": T, "nc": 3}, det=str(FIX / "det.pt"), verbose=False)
+    m = CAMTL.from_ultralytics(str(FIX / "det.pt"), verbose=False)  # = from_pretrained({scale, nc 3}, det=...)
     with torch.no_grad():
         assert torch.equal(m.eval()(io["x"])[0], ref.eval()(io["x"]))
         assert all(torch.equal(a, b) for a, b in zip(bn_eval(m)(io["x"])[0], bn_eval(ref)(io["x"])))
