@@ -92,7 +92,157 @@ def bench_loss(a):
     return {"what": "DetectionLoss + backward, 16 images x 50 boxes, 640 px (8400 anchors), nc 80", **timeit(step, a.repeats)}
 
 
-SECTIONS = {"infer": bench_infer, "train": bench_train, "loss": bench_loss}
+def bench_loader(a):
+    """(d) training loader throughput, 512 px, augmentation on (image + mask), 1 and 2 workers: images/s as the
+    median over whole epochs after a warm-up epoch. Data: a 512 px synthetic set made once in data/synthetic512."""
+    import data
+    root = data.ensure_synthetic(data.DEFAULT_ROOT.with_name("synthetic512"), n=64, imgsz=512)
+    out, epoch = {}, 0
+    for w in (1, 2):
+        loader = data.build_loader(root, "angiography_segmentation", "train", 512, 8, augment=True, workers=w, seed=0, persistent=True)
+        rates = []
+        for r in range(min(a.repeats, 3) + 1):
+            t, n = time.perf_counter(), 0
+            while n < (240 if r else 1):
+                loader.sampler.set_epoch(epoch)
+                epoch += 1
+                n += sum(len(b["img"]) for b in loader)
+            if r:  # r == 0 is the warm-up (worker start-up, page cache)
+                rates.append(n / (time.perf_counter() - t))
+        out[f"img_s_{w}_workers"] = statistics.median(rates)
+    ms = 1e3 / out["img_s_2_workers"]
+    return {"what": "loader, angiography_segmentation 512 px batch 8, augment on", "median_ms": ms, "min_ms": ms, "peak_mb": 0.0, **out}
+
+
+def bench_iter(a):
+    """(e) one CA-MTL camtl-stage iteration on the synthetic data (256 px, batch 8, ratio [2, 1], DualBN, all loss
+    terms) split into data, forward, loss, backward, optimizer + EMA; medians over iterations after warm-up."""
+    import train
+    from losses import MultiTaskLoss
+    cfg, _ = train.load_config("camtl", None, [f"scale={a.scale}", "workers=2"])
+    _, loader, _ = train.build_data(cfg, "camtl", 0, 1)
+    model, _ = train.build_model(cfg, "camtl", lambda *x: None, verbose=False)
+    model.train()
+    anchor = {k: p.detach().clone() for k, p in model.named_parameters() if k.startswith(("backbone.", "neck."))}
+    crit = MultiTaskLoss(cfg, anchor)
+    opt, _, _ = train.build_optimizer(model, cfg, 1)
+    ema = train.ModelEMA(model)
+    phases = {k: [] for k in ("data", "forward", "loss", "backward", "optim_ema")}
+    loader.set_epoch(0)
+    it = iter(loader)
+    for i in range(a.repeats + 3):
+        t0 = time.perf_counter()
+        batch = next(it)
+        t1 = time.perf_counter()
+        with model.domain(batch["domain"]):
+            det_out, seg_out = model(batch["img"], tasks=train.tasks_for(batch, cfg), need_attn=True)
+        t2 = time.perf_counter()
+        loss, _ = crit(det_out, seg_out, batch, model)
+        t3 = time.perf_counter()
+        loss.backward()
+        t4 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(model)
+        t5 = time.perf_counter()
+        if i >= 3:
+            for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+                phases[k].append(1e3 * dt)
+    med = {f"{k}_ms": statistics.median(v) for k, v in phases.items()}
+    total = sum(med.values())
+    return {"what": f"CAMTL{a.scale} camtl iteration (det:seg 2:1), 256 px, batch 8; split in ms", "median_ms": total,
+            "min_ms": total, "peak_mb": 0.0, **med}
+
+
+def bench_export(a):
+    """(f) inference at 512 px, batch 1: CAMTL and YOLOv8 eager, eager fused (export.deployable) and the exported
+    .pt2 program, plus the time torch.export takes. Headline: CAMTL's .pt2; ratio against fused YOLOv8."""
+    import tempfile
+    from pathlib import Path
+
+    import export
+    from model import CAMTL, YOLOv8
+    x = torch.rand(1, 3, 512, 512)
+    out = {}
+    with tempfile.TemporaryDirectory() as d, torch.no_grad():
+        for name, model in (("camtl", CAMTL({"scale": a.scale, "dual_bn": True}, verbose=False)),
+                            ("yolov8", YOLOv8(nc=1, scale=a.scale, verbose=False))):
+            model.eval()
+            t = time.perf_counter()
+            export.export(model, 512, Path(d) / f"{name}.pt2", verbose=False)
+            out[f"{name}_export_s"] = time.perf_counter() - t
+            prog, _ = export.load_program(Path(d) / f"{name}.pt2")
+            for kind, fn in (("eager", model), ("fused", export.deployable(model)), ("pt2", prog)):
+                out[f"{name}_{kind}_ms"] = timeit(lambda: fn(x), a.repeats)["median_ms"]
+    out["camtl_vs_yolov8_fused_pt2"] = out["camtl_pt2_ms"] / out["yolov8_pt2_ms"]
+    return {"what": f"CAMTL{a.scale} .pt2 inference, 1x3x512x512", "median_ms": out["camtl_pt2_ms"], "min_ms": out["camtl_pt2_ms"],
+            "peak_mb": 0.0, **out}
+
+
+def camtl_step(kind, size, batch=4, scale="n"):
+    """One train step (forward + simple det/seg loss + backward) of a fresh CAMTL or YOLOv8, as a closure."""
+    import torch.nn.functional as F
+    from losses import DetectionLoss
+    from model import CAMTL, YOLOv8
+    torch.manual_seed(0)
+    model = (CAMTL({"scale": scale, "nc": 1}, verbose=False) if kind == "camtl" else YOLOv8(1, scale, verbose=False)).train()
+    crit, x, t = DetectionLoss(nc=1), torch.rand(batch, 3, size, size), random_targets(batch, 3)
+    mask = (torch.rand(batch, 1, size, size) > 0.9).float()
+
+    def step():
+        if kind == "camtl":
+            det, seg = model(x)
+            loss = crit(det, t)[0] + F.binary_cross_entropy_with_logits(seg["full"], mask) * batch
+        else:
+            loss = crit(model(x), t)[0]
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    return step
+
+
+def bench_step_memory(a):
+    """Peak RSS growth of one model's train step, alone in this process (called by bench_camtl)."""
+    step = camtl_step(a.model, a.size, scale=a.scale)
+    base = rss_mb()
+    for _ in range(2):
+        step()
+    return {"what": a.model, "median_ms": 0.0, "min_ms": 0.0, "peak_mb": peak_mb() - base}
+
+
+def bench_camtl(a):
+    """(g) CAMTL vs YOLOv8 train step, batch 4, at 320/512/640 px: time ratio as the median of per-round ratios with
+    the two models alternating in one process (cancels load drift); peak memory of each in a process of its own."""
+    out = {}
+    for size in (320, 512, 640):
+        steps = {k: camtl_step(k, size, scale=a.scale) for k in ("yolov8", "camtl")}
+        t = {k: [] for k in steps}
+        for i in range(2 + min(a.repeats, 5)):
+            for k, step in steps.items():
+                t0 = time.perf_counter()
+                step()
+                t[k].append(time.perf_counter() - t0)
+        y, c = t["yolov8"][2:], t["camtl"][2:]
+        out[f"yolov8_{size}_ms"], out[f"camtl_{size}_ms"] = 1e3 * statistics.median(y), 1e3 * statistics.median(c)
+        out[f"time_x_{size}"] = statistics.median(b / a_ for a_, b in zip(y, c))
+        mem = {k: child("step_memory", a, "--model", k, "--size", str(size))["peak_mb"] for k in steps}
+        out[f"yolov8_{size}_mb"], out[f"camtl_{size}_mb"] = mem["yolov8"], mem["camtl"]
+        out[f"mem_x_{size}"] = mem["camtl"] / max(mem["yolov8"], 1e-9)
+    return {"what": f"CAMTL{a.scale} / YOLOv8{a.scale} train step, batch 4 (320/512/640 px)", "median_ms": out["camtl_512_ms"],
+            "min_ms": out["camtl_512_ms"], "peak_mb": out["camtl_512_mb"], **out}
+
+
+def child(name, a, *extra):
+    out = subprocess.run([sys.executable, __file__, "--child", name, "--scale", a.scale, "--repeats", str(a.repeats),
+                          "--threads", str(a.threads), *extra], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{name} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+SECTIONS = {"infer": bench_infer, "train": bench_train, "loss": bench_loss, "loader": bench_loader, "iter": bench_iter,
+            "export": bench_export, "camtl": bench_camtl}
+HIDDEN = {"step_memory": bench_step_memory}
 
 
 def main():
@@ -102,21 +252,22 @@ def main():
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--size", type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     if a.child:  # run one section in this process and hand back JSON
-        print(json.dumps(SECTIONS[a.child](a)))
+        print(json.dumps({**SECTIONS, **HIDDEN}[a.child](a)))
         return
     print(f"torch {torch.__version__}, {a.threads} threads, {os.cpu_count()} cpus, scale {a.scale}, median of {a.repeats}")
     for name in a.only.split(","):
         if name not in SECTIONS:
             sys.exit(f"--only: unknown section {name!r}; choose from {list(SECTIONS)}")
-        out = subprocess.run([sys.executable, __file__, "--child", name, "--scale", a.scale, "--repeats", str(a.repeats),
-                              "--threads", str(a.threads)], capture_output=True, text=True)
-        if out.returncode:
-            print(f"{name}: failed\n{out.stderr[-2000:]}")
+        try:
+            r = child(name, a)
+        except RuntimeError as e:
+            print(e)
             continue
-        r = json.loads(out.stdout.strip().splitlines()[-1])
         extra = "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()
                           if k not in ("what", "median_ms", "min_ms", "peak_mb"))
         print(f"{name:8s} {r['median_ms']:9.1f} ms median ({r['min_ms']:.1f} min)  peak +{r['peak_mb']:.0f} MB  {r['what']}  {extra}")

@@ -17,7 +17,7 @@ config = {
     "kpt_aux": False,  # centre-keypoint auxiliary head on Detect (training only; stripped at export)
     # --- data
     "data": "",  # processed data root; empty = the built-in synthetic data (generated on first use)
-    "synthetic_n": 120,  # images per synthetic task when generating
+    "synthetic_n": 300,  # images per synthetic task when generating
     "imgsz": 512,  # letterbox size (multiple of 32)
     "batch": 8,
     "workers": 2,
