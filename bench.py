@@ -6,12 +6,11 @@ does not leak from one into the next.
     python bench.py --scale s --repeats 20
 
 Times are medians over --repeats after warm-up; memory is the process's peak RSS growth during the timed
-part (ru_maxrss), which on CPU is what a run actually costs.
+part (VmHWM), which on CPU is what a run actually costs.
 """
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -26,7 +25,10 @@ def rss_mb():
 
 
 def peak_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process image's peak RSS (VmHWM). Not ru_maxrss: that survives exec, so a child started from a big
+    parent would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
 def timeit(fn, repeats, warmup=2):
