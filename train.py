@@ -289,7 +289,9 @@ def train(cfg, args, log=print):
         ckpt = torch.load(last, map_location="cpu", weights_only=True)
         cfg = {**ckpt["config"], "epochs": cfg["epochs"] if "epochs" in (args.set_keys or ()) else ckpt["config"]["epochs"]}
         run_dir = last.parent.parent
-        log(f"resuming {run_dir} from epoch {ckpt['epoch'] + 1}")
+        ignored = sorted(set(args.set_keys or ()) - {"epochs"})
+        log(f"resuming {run_dir} from epoch {ckpt['epoch'] + 2} with the run's own config"
+            + (f" (--set {', '.join(ignored)} ignored: only epochs can change on resume)" if ignored else ""))
     else:
         run_dir = new_run_dir(cfg) if master else None
     if master:

@@ -15,13 +15,7 @@ T = (1 / 3, 0.125, 1024)  # the fixtures' tiny scale: fast, and COCO-like weight
 SEG_PARTS = ("s5", "fpma4", "fpma3", "seg_head")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors gain nothing from a second thread, and on a busy machine an OpenMP team can stall for seconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def camtl(**cfg):

@@ -15,13 +15,7 @@ FIX = Path(__file__).parent / "fixtures"
 TINY = {"scale": [0.33, 0.125, 1024], "dual_bn": True, "imgsz": 64}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a busy machine an OpenMP team can stall for seconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomise(model, seed=0):
