@@ -21,7 +21,8 @@ import torch.nn.functional as F
 import torchvision
 
 import data
-from model import CAMTL, CAMTL_DEFAULTS
+from losses import xywh2xyxy
+from model import CAMTL, camtl_config
 
 # IoU thresholds 0.50:0.05:0.95. Built in float32 exactly like the reference so that an IoU sitting right on a
 # threshold (e.g. float32(0.55)) is judged the same way.
@@ -33,12 +34,6 @@ VAL_NMS = dict(conf=0.001, iou=0.7, max_det=300, multi_label=True)
 
 # -----------------------------------------------------------------------------
 # box helpers and NMS
-
-
-def xywh2xyxy(x):
-    """(..., 4) boxes centre-x, centre-y, width, height -> x1, y1, x2, y2."""
-    xy, half = x[..., :2], x[..., 2:4] / 2
-    return torch.cat((xy - half, xy + half), -1)
 
 
 def box_iou(a, b, eps=1e-7):
@@ -454,9 +449,7 @@ def load_checkpoint_model(path, device="cpu"):
         raise ValueError(f"{path}: not a nanoCAMTL checkpoint (expected a dict with a 'model' state dict)")
     cfg = {**runpy.run_path(str(ROOT / "configs" / "defaults.py"))["config"], **ckpt.get("config", {})}
     cfg["stage"] = stage = ckpt.get("stage") or cfg.get("stage") or "camtl"
-    mcfg = {k: cfg[k] for k in CAMTL_DEFAULTS if k in cfg}
-    mcfg["dual_bn"] = bool(cfg["dual_bn"]) and stage == "camtl"  # as train.py builds it: stage 1 has plain BN
-    model = CAMTL.from_pretrained(mcfg, stage=stage, verbose=False)
+    model = CAMTL.from_pretrained(camtl_config(cfg, stage), stage=stage, verbose=False)
     which = "ema" if ckpt.get("ema") else "model"
     model.load_state_dict(ckpt[which])  # strict: our own file must fit exactly, or we would score random weights
     model.set_domain("target" if stage == "camtl" else "source")

@@ -484,6 +484,14 @@ class CAMTL(YOLOv8):
         return model
 
 
+def camtl_config(cfg, stage):
+    """The model keys of a training config for a stage. Stage 1 trains one set of BN statistics; camtl splits
+    them into source/target branches (dual_bn), both seeded from stage 1."""
+    mcfg = {k: cfg[k] for k in CAMTL_DEFAULTS if k in cfg}
+    mcfg["dual_bn"] = bool(mcfg.get("dual_bn")) and stage == "camtl"
+    return mcfg
+
+
 def stage_setup(model, stage):
     """Normalisation and freezing of a training stage (DESIGN.md §5), in place, idempotent; returns the model.
     domainshift1: GroupNorm in the seg stream; Detect, CTAM, CSAM frozen (no gradients, BN statistics fixed).

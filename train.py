@@ -30,7 +30,7 @@ import torch.nn as nn
 import data
 import evaluate
 from losses import MultiTaskLoss
-from model import CAMTL, CAMTL_DEFAULTS, count_params, stage_setup
+from model import CAMTL, camtl_config, count_params, stage_setup
 
 ROOT = Path(__file__).resolve().parent
 STAGES = ("domainshift1", "camtl")
@@ -227,9 +227,7 @@ def find_stage1(cfg):
 
 
 def build_model(cfg, stage, log, verbose=True):
-    mcfg = {k: cfg[k] for k in CAMTL_DEFAULTS if k in cfg}
-    # stage 1 trains one set of BN statistics; camtl splits them into source/target branches, both from stage 1
-    mcfg["dual_bn"] = cfg["dual_bn"] and stage == "camtl"
+    mcfg = camtl_config(cfg, stage)
     wd, S = Path(cfg["weights_dir"]), scale_tag(cfg)
     coco = {"det": wd / f"yolov8{S}.pt", "seg": wd / f"yolov8{S}-seg.pt"}
     coco = {k: str(v) if v.is_file() else None for k, v in coco.items()}
