@@ -149,7 +149,6 @@ class Detect(nn.Module):
         super().__init__()
         self.nc, self.nl, self.reg_max = nc, len(ch), reg_max
         self.no = nc + 4 * reg_max
-        self.register_buffer("stride", torch.tensor(strides, dtype=torch.float), persistent=False)
         c2 = max(16, ch[0] // 4, reg_max * 4)
         c3 = max(ch[0], min(nc, 100))
         self.cv2 = nn.ModuleList(nn.Sequential(Conv(c, c2, 3), Conv(c2, c2, 3), nn.Conv2d(c2, 4 * reg_max, 1)) for c in ch)
@@ -165,7 +164,7 @@ class Detect(nn.Module):
 
     def bias_init(self):
         """Box logits start at 1; class logits at the prior of ~5 objects per 640 px image."""
-        for a, b, s in zip(self.cv2, self.cv3, self.stride.tolist()):
+        for a, b, s in zip(self.cv2, self.cv3, self.strides):
             a[-1].bias.data[:] = 1.0
             b[-1].bias.data[: self.nc] = math.log(5 / self.nc / (640 / s) ** 2)
 

@@ -55,10 +55,14 @@ def check_key(key, value, defaults, source):
         raise SystemExit(f"{source}: unknown key '{key}'" + (f"; did you mean {', '.join(near)}?" if near else "")
                          + " (configs/defaults.py lists every key)")
     want = defaults[key]
-    ok = (isinstance(value, type(want)) and not (isinstance(want, int) and isinstance(value, bool) != isinstance(want, bool))
-          or isinstance(want, float) and isinstance(value, int) and not isinstance(value, bool)
-          or isinstance(want, (list, tuple)) and isinstance(value, (list, tuple))
-          or key == "scale" and isinstance(value, (list, tuple)) and len(value) == 3)
+    if isinstance(want, bool) or isinstance(value, bool):  # bool is an int subclass: compare exactly
+        ok = type(value) is type(want)
+    elif isinstance(want, float):
+        ok = isinstance(value, (int, float))
+    elif isinstance(want, (list, tuple)):
+        ok = isinstance(value, (list, tuple))
+    else:  # a scale may also be a (depth, width, max_channels) triple
+        ok = isinstance(value, type(want)) or key == "scale" and isinstance(value, (list, tuple)) and len(value) == 3
     if not ok:
         raise SystemExit(f"{source}: key '{key}' expects {type(want).__name__} (default {want!r}), got {value!r}")
     return float(value) if isinstance(want, float) else list(value) if isinstance(value, tuple) else value
