@@ -47,7 +47,8 @@ def random_targets(B, n, nc=1, seed=0):
     g = torch.Generator().manual_seed(seed)
     xy = torch.rand(B * n, 2, generator=g) * 0.8 + 0.1
     wh = torch.rand(B * n, 2, generator=g) * 0.15 + 0.02
-    return {"batch_idx": torch.arange(B).repeat_interleave(n).float(), "cls": torch.randint(0, nc, (B * n, 1), generator=g).float(),
+    return {"batch_idx": torch.arange(B).repeat_interleave(n).float(),
+            "cls": torch.randint(0, nc, (B * n, 1), generator=g).float(),
             "bboxes": torch.cat((xy, wh), 1)}
 
 
@@ -91,17 +92,20 @@ def bench_loss(a):
     def step():
         loss, _ = crit(feats, t)
         loss.backward()
-    return {"what": "DetectionLoss + backward, 16 images x 50 boxes, 640 px (8400 anchors), nc 80", **timeit(step, a.repeats)}
+    return {"what": "DetectionLoss + backward, 16 images x 50 boxes, 640 px (8400 anchors), nc 80",
+            **timeit(step, a.repeats)}
 
 
 def bench_loader(a):
     """(d) training loader throughput, 512 px, augmentation on (image + mask), 1 and 2 workers: images/s as the
     median over whole epochs after a warm-up epoch. Data: a 512 px synthetic set made once in data/synthetic512."""
     import data
-    root = data.ensure_synthetic(data.DEFAULT_ROOT.with_name("synthetic512"), n=64, imgsz=512)
+    import synthetic
+    root = synthetic.ensure_synthetic(synthetic.DEFAULT_ROOT.with_name("synthetic512"), n=64, imgsz=512)
     out, epoch = {}, 0
     for w in (1, 2):
-        loader = data.build_loader(root, "angiography_segmentation", "train", 512, 8, augment=True, workers=w, seed=0, persistent=True)
+        loader = data.build_loader(root, "angiography_segmentation", "train", 512, 8, augment=True, workers=w, seed=0,
+                                   persistent=True)
         rates = []
         for r in range(min(a.repeats, 3) + 1):
             t, n = time.perf_counter(), 0
@@ -113,7 +117,8 @@ def bench_loader(a):
                 rates.append(n / (time.perf_counter() - t))
         out[f"img_s_{w}_workers"] = statistics.median(rates)
     ms = 1e3 / out["img_s_2_workers"]
-    return {"what": "loader, angiography_segmentation 512 px batch 8, augment on", "median_ms": ms, "min_ms": ms, "peak_mb": 0.0, **out}
+    return {"what": "loader, angiography_segmentation 512 px batch 8, augment on", "median_ms": ms, "min_ms": ms,
+            "peak_mb": 0.0, **out}
 
 
 def bench_iter(a):
@@ -178,8 +183,8 @@ def bench_export(a):
             for kind, fn in (("eager", model), ("fused", export.deployable(model)), ("pt2", prog)):
                 out[f"{name}_{kind}_ms"] = timeit(lambda: fn(x), a.repeats)["median_ms"]
     out["camtl_vs_yolov8_fused_pt2"] = out["camtl_pt2_ms"] / out["yolov8_pt2_ms"]
-    return {"what": f"CAMTL{a.scale} .pt2 inference, 1x3x512x512", "median_ms": out["camtl_pt2_ms"], "min_ms": out["camtl_pt2_ms"],
-            "peak_mb": 0.0, **out}
+    return {"what": f"CAMTL{a.scale} .pt2 inference, 1x3x512x512", "median_ms": out["camtl_pt2_ms"],
+            "min_ms": out["camtl_pt2_ms"], "peak_mb": 0.0, **out}
 
 
 def camtl_step(kind, size, batch=4, scale="n"):
@@ -188,7 +193,8 @@ def camtl_step(kind, size, batch=4, scale="n"):
     from losses import DetectionLoss
     from model import CAMTL, YOLOv8
     torch.manual_seed(0)
-    model = (CAMTL({"scale": scale, "nc": 1}, verbose=False) if kind == "camtl" else YOLOv8(1, scale, verbose=False)).train()
+    model = CAMTL({"scale": scale, "nc": 1}, verbose=False) if kind == "camtl" else YOLOv8(1, scale, verbose=False)
+    model.train()
     crit, x, t = DetectionLoss(nc=1), torch.rand(batch, 3, size, size), random_targets(batch, 3)
     mask = (torch.rand(batch, 1, size, size) > 0.9).float()
 
@@ -230,8 +236,8 @@ def bench_camtl(a):
         mem = {k: child("step_memory", a, "--model", k, "--size", str(size))["peak_mb"] for k in steps}
         out[f"yolov8_{size}_mb"], out[f"camtl_{size}_mb"] = mem["yolov8"], mem["camtl"]
         out[f"mem_x_{size}"] = mem["camtl"] / max(mem["yolov8"], 1e-9)
-    return {"what": f"CAMTL{a.scale} / YOLOv8{a.scale} train step, batch 4 (320/512/640 px)", "median_ms": out["camtl_512_ms"],
-            "min_ms": out["camtl_512_ms"], "peak_mb": out["camtl_512_mb"], **out}
+    return {"what": f"CAMTL{a.scale} / YOLOv8{a.scale} train step, batch 4 (320/512/640 px)",
+            "median_ms": out["camtl_512_ms"], "min_ms": out["camtl_512_ms"], "peak_mb": out["camtl_512_mb"], **out}
 
 
 def child(name, a, *extra):
@@ -261,7 +267,8 @@ def main():
     if a.child:  # run one section in this process and hand back JSON
         print(json.dumps({**SECTIONS, **HIDDEN}[a.child](a)))
         return
-    print(f"torch {torch.__version__}, {a.threads} threads, {os.cpu_count()} cpus, scale {a.scale}, median of {a.repeats}")
+    print(f"torch {torch.__version__}, {a.threads} threads, {os.cpu_count()} cpus, scale {a.scale}, "
+          f"median of {a.repeats}")
     for name in a.only.split(","):
         if name not in SECTIONS:
             sys.exit(f"--only: unknown section {name!r}; choose from {list(SECTIONS)}")
@@ -272,7 +279,8 @@ def main():
             continue
         extra = "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()
                           if k not in ("what", "median_ms", "min_ms", "peak_mb"))
-        print(f"{name:8s} {r['median_ms']:9.1f} ms median ({r['min_ms']:.1f} min)  peak +{r['peak_mb']:.0f} MB  {r['what']}  {extra}")
+        print(f"{name:8s} {r['median_ms']:9.1f} ms median ({r['min_ms']:.1f} min)  peak +{r['peak_mb']:.0f} MB  "
+              f"{r['what']}  {extra}")
 
 
 if __name__ == "__main__":

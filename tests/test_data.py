@@ -1,4 +1,5 @@
-"""data.py: layout, splits, bad inputs, letterbox/augmentation alignment, loaders, synthetic data, converters."""
+"""data.py and synthetic.py: layout, splits, bad inputs, letterbox/augmentation alignment, loaders, synthetic data,
+converters."""
 import json
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import torch
 from PIL import Image
 
 import data
+import synthetic
 
 DET, SEG, SRC = "angiography_detection", "angiography_segmentation", "retinography_segmentation"
 
@@ -15,7 +17,7 @@ DET, SEG, SRC = "angiography_detection", "angiography_segmentation", "retinograp
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     """A tiny synthetic set: 10 images per task at 64 px (7 train / 3 val)."""
-    return data.make_synthetic(tmp_path_factory.mktemp("synth"), n=10, imgsz=64, seed=0)
+    return synthetic.make_synthetic(tmp_path_factory.mktemp("synth"), n=10, imgsz=64, seed=0)
 
 
 def _png(path, arr):
@@ -196,18 +198,24 @@ def test_augmentation_keeps_boxes_and_masks_aligned(aug):
     assert kept >= 8
 
 
+def _canvas_xyxy(b, S):
+    """(n, 5) cls+xywh normalised to the canvas -> (n, 4) xyxy in canvas px."""
+    return np.stack([b[:, 1] - b[:, 3] / 2, b[:, 2] - b[:, 4] / 2, b[:, 1] + b[:, 3] / 2, b[:, 2] + b[:, 4] / 2], 1) * S
+
+
 def test_letterbox_round_trip():
     h0, w0 = 90, 150
     yy, xx = np.mgrid[:h0, :w0]
     mask = (xx - 60) ** 2 + (yy - 40) ** 2 < 30 ** 2
     img = np.repeat(mask[..., None], 3, 2).astype(np.float32)
     xyxy = np.array([[30.0, 10.0, 90.0, 70.0], [100.0, 50.0, 140.0, 88.0]])
-    boxes = np.concatenate([np.zeros((2, 1)), np.stack([(xyxy[:, 0] + xyxy[:, 2]) / 2 / w0, (xyxy[:, 1] + xyxy[:, 3]) / 2 / h0,
-                                                         (xyxy[:, 2] - xyxy[:, 0]) / w0, (xyxy[:, 3] - xyxy[:, 1]) / h0], 1)], 1)
+    cx, cy = (xyxy[:, 0] + xyxy[:, 2]) / 2 / w0, (xyxy[:, 1] + xyxy[:, 3]) / 2 / h0
+    bw, bh = (xyxy[:, 2] - xyxy[:, 0]) / w0, (xyxy[:, 3] - xyxy[:, 1]) / h0
+    boxes = np.concatenate([np.zeros((2, 1)), np.stack([cx, cy, bw, bh], 1)], 1)
     im, m, b, ratio, pad = data.transform(img, mask, boxes.astype(np.float32), 64)
     assert abs(ratio[0] - ratio[1]) < 1 / h0 and pad[0] == 0 and pad[1] > 0  # wide: padded top and bottom
     assert torch.allclose(im[:, 0, 0], torch.full((3,), 114 / 255))
-    canvas = np.stack([(b[:, 1] - b[:, 3] / 2), (b[:, 2] - b[:, 4] / 2), (b[:, 1] + b[:, 3] / 2), (b[:, 2] + b[:, 4] / 2)], 1) * 64
+    canvas = _canvas_xyxy(b, 64)
     back = data.unletterbox_boxes(canvas, ratio, pad, (h0, w0))
     assert torch.allclose(back, torch.tensor(xyxy, dtype=torch.float32), atol=1e-3)
     mb = data.unletterbox_mask(m[0], ratio, pad, (h0, w0)) > 0.5
@@ -218,8 +226,9 @@ def test_letterbox_round_trip():
     hyp = dict(data.AUG, scale=0.1, translate=0.02, fliplr=1, flipud=1)
     im, m, b, ratio, pad = data.transform(img, mask, boxes.astype(np.float32), 64, np.random.default_rng(0), hyp)
     assert ratio[0] < 0 and ratio[1] < 0
-    canvas = np.stack([(b[:, 1] - b[:, 3] / 2), (b[:, 2] - b[:, 4] / 2), (b[:, 1] + b[:, 3] / 2), (b[:, 2] + b[:, 4] / 2)], 1) * 64
-    assert torch.allclose(data.unletterbox_boxes(canvas, ratio, pad), torch.tensor(xyxy, dtype=torch.float32), atol=1e-3)
+    canvas = _canvas_xyxy(b, 64)
+    back = data.unletterbox_boxes(canvas, ratio, pad)
+    assert torch.allclose(back, torch.tensor(xyxy, dtype=torch.float32), atol=1e-3)
 
 
 # -----------------------------------------------------------------------------
@@ -261,7 +270,8 @@ def test_alternating_loader_ratio_length_determinism(synth):
     al.set_epoch(1)
     assert _paths(al) != first  # reshuffled per epoch
     al3 = make((1, 1, 1), src=True)
-    assert len(al3) == 12 and [(t, d) for t, d, _ in _paths(al3)][:3] == [("det", "target"), ("seg", "target"), ("seg", "source")]
+    first3 = [(t, d) for t, d, _ in _paths(al3)][:3]
+    assert len(al3) == 12 and first3 == [("det", "target"), ("seg", "target"), ("seg", "source")]
     with pytest.raises(ValueError):
         make((1, 2, 1))  # a source weight without a source loader
     with pytest.raises(ValueError):
@@ -279,21 +289,21 @@ def test_alternating_loader_ratio_length_determinism(synth):
 
 
 def test_synthetic_deterministic_and_cached(tmp_path):
-    a = data.ensure_synthetic(tmp_path / "a", n=3, imgsz=64, seed=1)
-    b = data.make_synthetic(tmp_path / "b", n=3, imgsz=64, seed=1)
-    c = data.make_synthetic(tmp_path / "c", n=3, imgsz=64, seed=2)
+    a = synthetic.ensure_synthetic(tmp_path / "a", n=3, imgsz=64, seed=1)
+    b = synthetic.make_synthetic(tmp_path / "b", n=3, imgsz=64, seed=1)
+    c = synthetic.make_synthetic(tmp_path / "c", n=3, imgsz=64, seed=2)
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert len(files) == 3 * 3 * 2 + 2  # images + masks/labels, splits.json, synthetic.json
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
     assert any((a / f).read_bytes() != (c / f).read_bytes() for f in files if f.suffix == ".png")
     stamp = (a / "splits.json").stat().st_mtime_ns
-    assert data.ensure_synthetic(a, n=3, imgsz=64, seed=1) == a and (a / "splits.json").stat().st_mtime_ns == stamp
-    data.ensure_synthetic(a, n=4, imgsz=64, seed=1)  # other params: regenerated
+    assert synthetic.ensure_synthetic(a, n=3, imgsz=64, seed=1) == a and (a / "splits.json").stat().st_mtime_ns == stamp
+    synthetic.ensure_synthetic(a, n=4, imgsz=64, seed=1)  # other params: regenerated
     assert len(list((a / "retinography/images").iterdir())) == 4
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "x.txt").write_text("mine")
     with pytest.raises(FileExistsError):
-        data.ensure_synthetic(tmp_path / "foreign", n=2, imgsz=64)
+        synthetic.ensure_synthetic(tmp_path / "foreign", n=2, imgsz=64)
     # the two domains look different: colour fundus vs gray angiogram
     fundus = data.read_image(next((a / "retinography/images").iterdir()))
     angio = data.read_image(next((a / "angiography/segment/images").iterdir()))
@@ -303,7 +313,7 @@ def test_synthetic_deterministic_and_cached(tmp_path):
 def test_synthetic_stenosis_boxes_lie_on_vessels():
     sizes = []
     for i in range(8):
-        img, mask, boxes = data.synth_angiogram(np.random.default_rng([5, i]), 256, 3)
+        img, mask, boxes = synthetic.synth_angiogram(np.random.default_rng([5, i]), 256, 3)
         assert img.shape == mask.shape == (256, 256) and img[mask].mean() < img[~mask].mean()
         for x1, y1, x2, y2 in boxes.round().astype(int):
             assert mask[y1:y2, x1:x2].mean() > 0.1  # a vessel runs through the box

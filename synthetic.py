@@ -1,0 +1,288 @@
+"""Synthetic data for nanoCAMTL, drawn from scratch: fundus photographs (source domain: colour retina,
+optic disc, vessel arcades + vessel masks) and coronary angiograms (target domain: gray X-ray-like images
+with contrast-filled vessel trees, + vessel masks, or + YOLO boxes around narrowed vessel segments, i.e.
+stenoses). Written in data.py's on-disk layout with a splits.json, deterministic in (n, imgsz, seed), and
+cached: a synthetic.json marker records the parameters, so ensure_synthetic regenerates only on a change.
+
+CLI:
+    python synthetic.py [--root R] [--n N] [--imgsz S] [--seed K]   generate (default root data/synthetic)
+    python synthetic.py grid [--root R] [--out PNG]                 picture of samples (assets/synthetic_grid.png)
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from data import TASKS, TaskDataset, _task_dir, _yolo_line, load_splits, log
+
+DEFAULT_ROOT = Path(__file__).resolve().parent / "data" / "synthetic"
+SYNTH = dict(n=300, imgsz=256, seed=0)  # the default synthetic set
+SYNTH_VERSION = 1  # bump when the generator changes, so cached sets are regenerated
+
+# -----------------------------------------------------------------------------
+# drawing: vessel trees, stenoses, the two kinds of image
+
+
+def _smooth_noise(rng, size, cells):
+    """Low-frequency noise in about [0, 1]: a cells x cells random grid, bicubically upsampled."""
+    g = Image.fromarray(rng.random((cells, cells)).astype(np.float32))
+    return np.asarray(g.resize((size, size), Image.BICUBIC))
+
+
+def _blur(a, sigma):
+    """Gaussian blur of a [0, 1] map (through an 8-bit PIL image: plenty for pictures)."""
+    im = Image.fromarray((a * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(sigma))
+    return np.asarray(im, np.float32) / 255
+
+
+def _grow(rng, p, ang, w, length, k, depth, out, bend=0.0, curl=0.012, thin=1.2):
+    """Grow one vessel (a smooth random curve, one point per k px, tapering) and, recursively, its
+    side branches. Appends dict(pts (n, 2) px, ws (n,) widths px) per vessel to out."""
+    n = max(int(length / k), 4)
+    g = np.exp(-0.5 * (np.arange(-45, 46) / 15) ** 2)  # smoothing over ~15 px: bends, not wiggles
+    wobble = np.convolve(rng.normal(0, 1, n + 90), g / np.sqrt((g ** 2).sum()), "valid")  # (n,), unit std
+    turn = k * (bend + curl * wobble)  # rad per step; curl 0.012: curvature radius mostly > 80 px
+    angs = ang + np.cumsum(turn)
+    pts = p + k * np.cumsum(np.stack([np.cos(angs), np.sin(angs)], 1), 0)  # (n, 2)
+    ws = np.linspace(w, w * rng.uniform(0.4, 0.6), n)
+    ws *= np.sqrt(np.clip((n - np.arange(n)) / (0.2 * n), 0, 1))  # the last 20% tapers to a tip
+    out.append(dict(pts=pts, ws=ws))
+    if depth == 0:
+        return
+    spots = np.arange(n // 6, 5 * n // 6)
+    for i in np.sort(rng.choice(spots, min(rng.integers(2, 5), len(spots)), replace=False)):
+        cw = ws[i] * rng.uniform(0.45, 0.75)
+        if cw >= thin * k:  # no twigs thinner than `thin` px at 256
+            side = rng.choice([-1, 1])
+            _grow(rng, pts[i], angs[i] + side * rng.uniform(0.5, 1.1), cw, (n - i) * k * rng.uniform(0.5, 0.9),
+                  k, depth - 1, out, curl=curl, thin=thin)
+
+
+def _draw(branches, size, ss=2):
+    """Rasterise vessels anti-aliased (drawn ss x larger, box-downsampled) -> density (size, size) in [0, 1]."""
+    im = Image.new("L", (size * ss, size * ss), 0)
+    d = ImageDraw.Draw(im)
+    lim = size * ss
+    for b in branches:
+        P, R = (b["pts"] * ss).tolist(), (b["ws"] * ss / 2).tolist()  # python floats: fast in the loop
+        for (x, y), r, (x2, y2) in zip(P[:-1], R[:-1], P[1:]):  # segments with round caps
+            if -r <= x <= lim + r and -r <= y <= lim + r:
+                d.line([(x, y), (x2, y2)], fill=255, width=max(round(2 * r), 1))
+                d.ellipse([x - r, y - r, x + r, y + r], fill=255)
+    return np.asarray(im.reduce(ss), np.float32) / 255
+
+
+def _add_stenoses(rng, branches, count, k, size):
+    """Narrow up to `count` spots of thick vessels (a Gaussian dip in width, severity 60-90%) where
+    no other vessel touches (a crossing or a branch would hide the narrowing) and away from the
+    border. Returns boxes (m, 4) xyxy px, tight around each narrowing."""
+    cands = []
+    for bi, b in enumerate(branches):
+        idx = np.arange(len(b["pts"]))
+        ok = (b["ws"] >= 6 * k) & (idx > 14) & (idx < len(idx) - 14)
+        ok &= ((b["pts"] > 0.08 * size) & (b["pts"] < 0.92 * size)).all(1)
+        cands += [(bi, i) for i in idx[ok]]
+    q = np.concatenate([b["pts"] for b in branches])  # every vessel point (Q, 2), its width, its vessel
+    wq = np.concatenate([b["ws"] for b in branches])
+    owner = np.concatenate([np.full(len(b["ws"]), j) for j, b in enumerate(branches)])
+    boxes, centres = [], []
+    for _ in range(count * 20):
+        if len(boxes) == count or not cands:
+            break
+        bi, i = cands[rng.integers(len(cands))]
+        b = branches[bi]
+        if any(np.hypot(*(b["pts"][i] - c)) < 32 * k for c in centres):  # keep stenoses apart
+            continue
+        sev, L = rng.uniform(0.6, 0.9), rng.uniform(2.5, 6) * k  # depth and Gaussian length (px)
+        s = (np.arange(len(b["pts"])) - i) * k  # arc length from the centre
+        near = np.abs(s) <= 2 * L
+        o = (owner != bi) & (np.abs(q - b["pts"][i]).max(1) < 2 * L + 30 * k)  # other vessels close by
+        gap = np.linalg.norm(b["pts"][near][:, None] - q[o][None], axis=2)  # (m, O) centre distances
+        if (gap < b["ws"][near][:, None] / 2 + wq[o][None] / 2 + 3 * k).any():
+            continue
+        w0 = b["ws"][i]
+        b["ws"] = b["ws"] * (1 - sev * np.exp(-0.5 * (s / L) ** 2))
+        half = max(w0 / 2 + k, 6 * k)  # the vessel's walls, and at least 12 px at 256
+        x1, y1 = b["pts"][near].min(0) - half
+        x2, y2 = b["pts"][near].max(0) + half
+        boxes.append(np.clip([x1, y1, x2, y2], 0, size))
+        centres.append(b["pts"][i])
+    return np.array(boxes, np.float32).reshape(-1, 4)
+
+
+def synth_angiogram(rng, size=256, stenoses=0):
+    """Angiogram-like image: noisy gray background, dark contrast-filled coronary trees.
+    -> (gray uint8 (size, size), vessel mask bool, stenosis boxes (m, 4) xyxy px)."""
+    k = size / 256
+    branches = []
+    for _ in range(rng.integers(2, 4)):  # 2-3 trees entering from the border
+        side = rng.integers(4)
+        t = rng.uniform(0.15, 0.85) * size
+        p = (np.array([(t, 0), (size, t), (t, size), (0, t)][side]) - size / 2) * 1.1 + size / 2  # root off-frame
+        ang = math.atan2(size / 2 - p[1], size / 2 - p[0]) + rng.uniform(-0.5, 0.5)
+        _grow(rng, p, ang, rng.uniform(8, 12) * k, rng.uniform(0.9, 1.3) * size, k, 3, branches)
+    boxes = _add_stenoses(rng, branches, stenoses, k, size)
+    dens = _draw(branches, size)  # (size, size)
+    bg = rng.uniform(0.5, 0.7) + 0.3 * (_smooth_noise(rng, size, 4) - 0.5) + 0.1 * (_smooth_noise(rng, size, 12) - 0.5)
+    img = bg * (1 - rng.uniform(0.45, 0.7) * _blur(dens, 0.7 * k))  # contrast agent absorbs X-rays
+    img += rng.uniform(0.015, 0.035) * rng.standard_normal((size, size), np.float32)  # quantum noise
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8), dens >= 0.5, boxes
+
+
+def synth_fundus(rng, size=256):
+    """Fundus-photo-like image: round field of view, orange-red retina, bright optic disc, darker
+    macula, thin dark-red vessel arcades leaving the disc. -> (RGB uint8 (size, size, 3), mask bool)."""
+    k = size / 256
+    yy, xx = (np.mgrid[:size, :size] + 0.5).astype(np.float32)
+    r = np.hypot(xx - size / 2, yy - size / 2) / (0.46 * size)
+    fov = r <= 1
+    s = rng.choice([-1, 1])  # optic disc right (+1) or left (-1) of the macula
+    disc = np.array([size / 2 + s * 0.27 * size, size / 2 + rng.uniform(-0.04, 0.04) * size])
+    t = math.pi if s == 1 else 0.0  # direction disc -> macula
+    branches = []
+    for ang, bend in ((t + s * 1.1, -s * 0.006), (t - s * 1.1, s * 0.006),  # temporal arcades curl round the macula
+                      (t + math.pi + 0.8, 0.0), (t + math.pi - 0.8, 0.0)):
+        _grow(rng, disc, ang + rng.uniform(-0.2, 0.2), rng.uniform(3.5, 4.5) * k, rng.uniform(0.55, 0.8) * size,
+              k, 3, branches, bend, thin=0.8)
+    dens = _draw(branches, size)
+    ves = _blur(dens, 0.5 * k)[..., None]
+    light = (1 - 0.45 * r ** 2) * (0.9 + 0.2 * _smooth_noise(rng, size, 5))
+    col = np.array([0.82, 0.34, 0.13], np.float32) * light[..., None]  # (size, size, 3)
+    mac = np.hypot(xx - size / 2 + s * 0.02 * size, yy - size / 2) / (0.07 * size)
+    col *= 1 - 0.35 * np.exp(-0.5 * mac ** 2)[..., None]
+    dr = rng.uniform(0.06, 0.08) * size
+    a = np.clip((dr - np.hypot(xx - disc[0], yy - disc[1])) / (0.3 * dr), 0, 1)[..., None]  # soft-edged disc
+    col = col * (1 - a) + np.array([1.0, 0.88, 0.58], np.float32) * a
+    col = col * (1 - 0.8 * ves) + np.array([0.42, 0.07, 0.04], np.float32) * 0.8 * ves
+    col += 0.01 * rng.standard_normal(col.shape, np.float32)
+    col[~fov] = 0.02
+    return (np.clip(col, 0, 1) * 255).astype(np.uint8), (dens >= 0.5) & fov
+
+
+def _synth_one(job):
+    """Generate and write one image (+ mask or labels); seeded by (seed, task, i) alone."""
+    root, key, i, size, seed = job
+    rng = np.random.default_rng([seed, list(TASKS).index(key), i])
+    d = Path(root) / TASKS[key][0]
+    name = {"retinography_segmentation": "fundus", "angiography_segmentation": "angio",
+            "angiography_detection": "sten"}[key] + f"_{i:04d}"
+    if key == "retinography_segmentation":
+        img, mask = synth_fundus(rng, size)
+    else:
+        img, mask, boxes = synth_angiogram(rng, size, rng.choice(4, p=[0.15, 0.4, 0.3, 0.15]))
+    Image.fromarray(img).save(d / "images" / f"{name}.png", compress_level=1)
+    if key == "angiography_detection":
+        (d / "labels" / f"{name}.txt").write_text("".join(_yolo_line(b, size, size) for b in boxes))
+    else:
+        Image.fromarray(mask.astype(np.uint8) * 255).save(d / "labels" / f"{name}.png", compress_level=1)
+
+
+def make_synthetic(root, n=SYNTH["n"], imgsz=SYNTH["imgsz"], seed=SYNTH["seed"], workers=None):
+    """Write n images per task key (deterministic in seed) in the layout, splits.json and a marker
+    (written first, marked done last, so an interrupted run is recognised and redone)."""
+    root, params = Path(root), dict(n=n, imgsz=imgsz, seed=seed, version=SYNTH_VERSION)
+    for key in TASKS:
+        _task_dir(root, key)
+    (root / "synthetic.json").write_text(json.dumps({**params, "done": False}))
+    jobs = [(str(root), key, i, imgsz, seed) for key in TASKS for i in range(n)]
+    if workers is None:  # process start-up costs more than a handful of images
+        workers = min(os.cpu_count() or 1, 8) if len(jobs) >= 64 else 1
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as ex:
+            list(ex.map(_synth_one, jobs, chunksize=16))
+    else:
+        for j in jobs:
+            _synth_one(j)
+    (root / "splits.json").unlink(missing_ok=True)
+    load_splits(root)
+    (root / "synthetic.json").write_text(json.dumps({**params, "done": True}))
+    return root
+
+
+def ensure_synthetic(root=None, **params):
+    """The synthetic set at root (default data/synthetic), generated unless one with these params
+    exists. Safe to call from every DDP rank of one machine: one generates, the others wait."""
+    import fcntl  # POSIX only, like torchrun
+
+    root = Path(root or DEFAULT_ROOT)
+    params = {**SYNTH, **params}
+    marker = root / "synthetic.json"
+    want = dict(n=params["n"], imgsz=params["imgsz"], seed=params["seed"], version=SYNTH_VERSION, done=True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.exists():
+            if json.loads(marker.read_text()) == want:
+                return root
+            for d in ("retinography", "angiography", "splits.json", "synthetic.json"):  # only what we wrote
+                p = root / d
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        elif root.exists() and any(root.iterdir()):
+            raise FileExistsError(f"{root} is not empty and holds no synthetic.json: not overwriting it")
+        log(f"generating synthetic data in {root} ({want})")
+        return make_synthetic(root, **params)
+
+# -----------------------------------------------------------------------------
+# a picture of the data, and the CLI
+
+
+def save_grid(root=None, out=None, cols=3, tile=192):
+    """Rows: fundus, angiogram (seg), angiogram (det), angiogram (det, augmented); for each sample
+    the letterboxed image and the same with its mask (green) and boxes (red) drawn on it."""
+    root = ensure_synthetic(root) if root is None else Path(root)
+    out = Path(out or Path(__file__).resolve().parent / "assets" / "synthetic_grid.png")
+    rows = [("retinography_segmentation", "val", False), ("angiography_segmentation", "val", False),
+            ("angiography_detection", "val", False), ("angiography_detection", "train", True)]
+    grid = Image.new("RGB", (2 * cols * tile, len(rows) * tile))
+    for r, (key, split, aug) in enumerate(rows):
+        ds = TaskDataset(root, key, split, tile, aug, verbose=False)
+        picks = [i for i in range(len(ds)) if TASKS[key][1] == "seg" or len(ds.items[i]["boxes"])][:cols]
+        for c, i in enumerate(picks):
+            s = ds[(i, 0, 0)]
+            raw = (s["img"].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+            ann = raw.astype(np.float32)
+            if s["mask"] is not None:
+                m = s["mask"][0].numpy()[..., None]
+                ann = ann * (1 - 0.45 * m) + np.array([0, 255, 0]) * 0.45 * m
+            ann = Image.fromarray(ann.astype(np.uint8))
+            draw = ImageDraw.Draw(ann)
+            for _, x, y, w, h in s["boxes"].tolist():
+                draw.rectangle([(x - w / 2) * tile, (y - h / 2) * tile, (x + w / 2) * tile, (y + h / 2) * tile],
+                               outline=(255, 0, 0), width=2)
+            grid.paste(Image.fromarray(raw), (2 * c * tile, r * tile))
+            grid.paste(ann, ((2 * c + 1) * tile, r * tile))
+        ImageDraw.Draw(grid).text((4, r * tile + 2), f"{key}/{split}" + (" aug" if aug else ""), fill=(255, 255, 0))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    log(f"wrote {out}")
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="nanoCAMTL synthetic data: generate it, or save a picture of it")
+    ap.add_argument("cmd", nargs="?", choices=("synth", "grid"), default="synth",
+                    help="synth (default): generate the set; grid: save a picture of samples")
+    ap.add_argument("--root", default=None, help=f"data root (default {DEFAULT_ROOT})")
+    for k, v in SYNTH.items():
+        ap.add_argument(f"--{k}", type=int, default=None, help=f"synth only (default {v})")
+    ap.add_argument("--out", default=None, help="grid only: the PNG to write (default assets/synthetic_grid.png)")
+    args = ap.parse_args(argv)
+    params = {k: getattr(args, k) for k in SYNTH if getattr(args, k) is not None}
+    if args.cmd == "synth":
+        if args.out is not None:
+            ap.error("--out is an option of grid")
+        ensure_synthetic(args.root, **params)
+    else:
+        if params:
+            ap.error(f"{', '.join('--' + k for k in params)}: options of synth, not grid")
+        save_grid(args.root, args.out)
+
+
+if __name__ == "__main__":
+    main()
