@@ -11,8 +11,6 @@ including its particular box-to-label matching rule and its F1-based choice of t
 
 import argparse
 import math
-import pickle
-import runpy
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +19,10 @@ import torch.nn.functional as F
 import torchvision
 
 import data
-from losses import xywh2xyxy
-from model import CAMTL, camtl_config
+import export
+import synthetic
+from losses import MultiTaskLoss, TermMeter, xywh2xyxy
+from model import load_checkpoint, load_weights
 
 # IoU thresholds 0.50:0.05:0.95. Built in float32 exactly like the reference so that an IoU sitting right on a
 # threshold (e.g. float32(0.55)) is judged the same way.
@@ -297,8 +297,7 @@ def validate(model, loaders, cfg, device, crit=None, plot_dir=None):
     No augmentation; each batch in its own domain. The detection head runs in its training graph (raw maps,
     BN running statistics) so the loss can be computed, and is decoded here."""
     model.eval()
-    det_meter, seg_meters = DetMeter(), {k: SegMeter() for k in ("p3", "p4", "p5", "full")}
-    loss_sum, n_img = torch.zeros(6), 0
+    det_meter, seg_meters, losses = DetMeter(), {k: SegMeter() for k in ("p3", "p4", "p5", "full")}, TermMeter()
     nms_kw = dict(conf=cfg["val_conf"], iou=cfg["val_iou"], max_det=cfg["max_det"], multi_label=True)
     for task, loader in loaders.items():
         for bi, batch in enumerate(loader):
@@ -310,10 +309,8 @@ def validate(model, loaders, cfg, device, crit=None, plot_dir=None):
                     det_out, seg_out = model(img, tasks=tasks)
             finally:
                 model.detect.training = False
-            bd = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            if crit is not None:
-                loss_sum += crit(det_out, seg_out, bd)[1].cpu() * img.shape[0]
-            n_img += img.shape[0]
+            if crit is not None:  # per-image means: each batch weighs by its image count
+                losses.update(crit(det_out, seg_out, data.to_device(batch, device))[1], img.shape[0])
             preds = None
             if task == "det":
                 h, w = img.shape[-2:]
@@ -325,8 +322,7 @@ def validate(model, loaders, cfg, device, crit=None, plot_dir=None):
             if plot_dir is not None and bi == 0:
                 save_overlays(batch, preds, seg_out["full"].cpu() if seg_out else None, Path(plot_dir) / f"val_{task}.png")
     m = {}
-    if crit is not None and n_img:
-        m.update({f"val/{n}": float(v) for n, v in zip(("det", "seg", "cons", "align", "l2sp", "total"), loss_sum / n_img)})
+    m.update({f"val/{k}": v for k, v in losses.means().items()})
     if "seg" in loaders:
         for k, meter in seg_meters.items():
             m[f"dice_{k}"], m[f"iou_{k}"] = (float(v) for v in meter.compute())
@@ -351,7 +347,8 @@ def results_table(m):
         if a in m:
             lines.append(f"  {name:18s} {m[a]:8.4f} {m[b]:8.4f}")
     if "val/total" in m:
-        lines.append("  loss [det seg cons align l2sp total] " + " ".join(f"{m['val/' + n]:.4f}" for n in ("det", "seg", "cons", "align", "l2sp", "total")))
+        names = MultiTaskLoss.NAMES
+        lines.append(f"  loss [{' '.join(names)}] " + " ".join(f"{m['val/' + n]:.4f}" for n in names))
     return "\n".join(lines)
 
 
@@ -432,42 +429,16 @@ def plot_results(csv_path, out_path, size=(260, 180)):
 # -----------------------------------------------------------------------------
 # the CLI: metrics of a checkpoint on a data split, or predictions on a folder of the user's own images
 
-ROOT = Path(__file__).resolve().parent
-
-
-def load_checkpoint_model(path, device="cpu"):
-    """One of our checkpoints (a run's last.pt / best.pt, or a stage's yolov8{S}-{stage}.pt) -> (CAMTL in eval
-    mode, its training config completed by configs/defaults.py). EMA weights when the file has them (they are
-    what validation scored); DualBN routed to the stage's domain (camtl: target = angiography)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError):  # e.g. an Ultralytics pickle of whole modules
-        raise ValueError(f"{path}: not a nanoCAMTL checkpoint (torch.load with weights_only=True cannot read it)") from None
-    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)):
-        raise ValueError(f"{path}: not a nanoCAMTL checkpoint (expected a dict with a 'model' state dict)")
-    cfg = {**runpy.run_path(str(ROOT / "configs" / "defaults.py"))["config"], **ckpt.get("config", {})}
-    cfg["stage"] = stage = ckpt.get("stage") or cfg.get("stage") or "camtl"
-    model = CAMTL.from_pretrained(camtl_config(cfg, stage), stage=stage, verbose=False)
-    which = "ema" if ckpt.get("ema") else "model"
-    model.load_state_dict(ckpt[which])  # strict: our own file must fit exactly, or we would score random weights
-    model.set_domain("target" if stage == "camtl" else "source")
-    print(f"{path}: {stage} checkpoint" + (f", epoch {ckpt['epoch'] + 1}" if "epoch" in ckpt else "") + f", {which} weights")
-    return model.to(device).eval(), cfg
-
-
 def load_predictor(weights, device="cpu", imgsz=None):
     """Our .pt checkpoint, an Ultralytics yolov8*.pt or an export.py .pt2 -> (run, imgsz). run(x (B, 3, S, S)) ->
     (detections (B, 4+nc, A), vessel logits (B, 1, S, S)) for CA-MTL, (detections,) for a plain detector:
     the eager model goes through the same fused wrapper that export.py traces, so both predict alike."""
-    import export  # export.py imports this module, so import it when needed rather than at the top
     if Path(weights).suffix == ".pt2":
         run, meta = export.load_program(weights, device)
         if imgsz and imgsz != meta["imgsz"]:
             raise SystemExit(f"--imgsz {imgsz}: {weights} was exported for {meta['imgsz']} px; re-export with --imgsz {imgsz}")
         return run, meta["imgsz"]
-    model, cfg = export.load_model(weights)
+    model, cfg = load_weights(weights)
     return export.deployable(model).to(device), imgsz or (cfg or {}).get("imgsz", 640)
 
 
@@ -526,18 +497,6 @@ def predict_folder(run, source, save_dir, imgsz, conf=0.25, iou=0.7, device="cpu
     return {"saved": saved, "skipped": skipped}
 
 
-def val_loaders(cfg, root, split="val", imgsz=512, batch=8, workers=0):
-    """The stage's evaluation loaders, as in training: stage 1 scores fundus vessels; camtl stenoses + angiogram vessels."""
-    keys = ({"seg": "retinography_segmentation"} if cfg["stage"] == "domainshift1"
-            else {"det": "angiography_detection", "seg": "angiography_segmentation"})
-    loaders = {t: data.build_loader(root, k, split, imgsz=imgsz, batch=batch, augment=False, shuffle=False, workers=workers,
-                                    nc=cfg["nc"]) for t, k in keys.items()}
-    loaders = {t: ld for t, ld in loaders.items() if len(ld.dataset)}  # e.g. an empty test split of one task
-    if not loaders:
-        raise SystemExit(f"{root}: no images in split '{split}' of {', '.join(keys.values())}")
-    return loaders
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description="nanoCAMTL: metrics of a checkpoint, or predictions on your images")
     ap.add_argument("--weights", required=True, help="our .pt (run last/best.pt, yolov8{S}-{stage}.pt), an export.py .pt2, "
@@ -563,18 +522,18 @@ def main(argv=None):
         return predict_folder(run, a.source, a.save_dir or "runs/predict", imgsz, a.conf, a.iou, device)
     if Path(a.weights).suffix == ".pt2":
         raise SystemExit(f"{a.weights}: an exported program only predicts (--source DIR); for metrics give the .pt it came from")
-    from losses import MultiTaskLoss
     try:
-        model, cfg = load_checkpoint_model(a.weights, device)
+        model, cfg = load_checkpoint(a.weights, device)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     # the synthetic set is looked up with the training parameters (other ones would regenerate it), whatever --imgsz
-    root = Path(a.data or cfg["data"] or data.ensure_synthetic(n=cfg["synthetic_n"], imgsz=cfg["imgsz"]))
+    root = Path(a.data or cfg["data"] or synthetic.ensure_synthetic(n=cfg["synthetic_n"], imgsz=cfg["imgsz"]))
     if not root.is_dir():
         raise SystemExit(f"data root {root} ({'--data' if a.data else 'from the checkpoint config'}) is not a directory; "
                          "pass --data ROOT")
     cfg["imgsz"] = a.imgsz or cfg["imgsz"]
-    loaders = val_loaders(cfg, root, a.split, cfg["imgsz"], a.batch or cfg["batch"], cfg["workers"] if a.workers is None else a.workers)
+    workers = cfg["workers"] if a.workers is None else a.workers
+    loaders = data.val_loaders(root, cfg["stage"], a.split, cfg["imgsz"], a.batch or cfg["batch"], workers, cfg["nc"])
     m = validate(model, loaders, cfg, device, MultiTaskLoss(cfg), plot_dir=a.save_dir)
     print(f"{a.weights} on {root} ({a.split}, {cfg['imgsz']} px):\n{results_table(m)}")
     return m

@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from evaluate import load_checkpoint_model
-from model import CAMTL, YOLOv8, check_imgsz, count_params, gflops
+from model import CAMTL, check_imgsz, count_params, gflops, load_weights
 
 META = "nanocamtl.json"  # stored inside the .pt2: input size, output names, classes, model config
 
@@ -47,22 +46,11 @@ def deployable(model):
     """A fused, auxiliary-stripped, eval-mode copy of model (the original is left as it was), wrapped in Deployed.
     A DualBatchNorm folds its target (angiography) branch: deployment sees angiograms."""
     m = copy.deepcopy(model).eval().requires_grad_(False)
-    if hasattr(m, "strip_aux"):  # training-only branches (the centre-keypoint auxiliary of DESIGN.md §8)
+    if hasattr(m, "strip_aux"):  # training-only branches (the centre-keypoint auxiliary)
         m.strip_aux()
     if hasattr(m, "set_domain"):
         m.set_domain("target")
     return Deployed(m.fuse())
-
-
-def load_model(path):
-    """Our checkpoint -> (CAMTL, its config); any other file is tried as an Ultralytics yolov8*.pt -> (YOLOv8, None)."""
-    try:
-        return load_checkpoint_model(path)
-    except ValueError as ours:
-        try:
-            return YOLOv8.from_ultralytics(path, verbose=False), None
-        except ValueError as theirs:
-            raise SystemExit(f"{path}: neither a nanoCAMTL checkpoint nor an Ultralytics one\n  {ours}\n  {theirs}") from None
 
 
 def export(model, imgsz, path, fmt="pt2", dynamic_batch=False, verbose=True):
@@ -130,7 +118,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if not Path(a.weights).is_file():
         raise SystemExit(f"--weights {a.weights}: no such file")
-    model, cfg = load_model(a.weights)
+    model, cfg = load_weights(a.weights)
     imgsz = a.imgsz or (cfg or {}).get("imgsz", 640)
     try:
         return export(model, imgsz, a.out or a.weights, a.format, a.dynamic_batch)

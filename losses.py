@@ -1,8 +1,11 @@
 """Losses: YOLOv8 detection (TaskAlignedAssigner, CIoU, DFL) and the CA-MTL multi-task terms.
 
-Detection numbers equal Ultralytics' v8DetectionLoss (tests/test_loss.py checks the fixture). The assigner
-works on candidate (GT, anchor) pairs only — anchors whose centre lies inside a GT — instead of dense
-(B, max_boxes, anchors) float tensors, which is what keeps it light at 50 boxes x 8400 anchors.
+Every loss returns `(total, terms)`: `total` is what backward() sees, `terms` a dict of detached per-image
+values by name (`terms["box"]`, `terms["seg"]`, ...), which is what the log, results.csv and validation print.
+Gains are looked up by the same names. Detection numbers equal Ultralytics' v8DetectionLoss
+(tests/test_yolo.py checks the reference fixture). The assigner works on candidate (GT, anchor) pairs only —
+anchors whose centre lies inside a GT — instead of dense (B, max_boxes, anchors) float tensors, which is what
+keeps it light at 50 boxes x 8400 anchors.
 """
 import math
 
@@ -10,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from modules import dist2bbox, make_anchors
+from modules import dfl_expectation, dist2bbox, make_anchors
 
 # -----------------------------------------------------------------------------
 # box helpers
@@ -37,13 +40,6 @@ def bbox_ciou(b1, b2, eps=1e-7):
     with torch.no_grad():
         alpha = v / (1 - iou + v + eps)
     return iou - (rho2 / c2 + v * alpha)
-
-
-def dfl_expectation(pred_dist, reg_max=16):
-    """(B, A, 4*reg_max) logits -> (B, A, 4) expected distances in grid units."""
-    b, a, _ = pred_dist.shape
-    proj = torch.arange(reg_max, device=pred_dist.device, dtype=pred_dist.dtype)
-    return pred_dist.view(b, a, 4, reg_max).softmax(3) @ proj
 
 
 def df_loss(pred_dist, target, reg_max=16):
@@ -176,15 +172,17 @@ def keypoint_loss(pred_xy, gt_xy, area, sigma=1.0):
 
 
 class DetectionLoss:
-    """YOLOv8 detection loss. `loss, items = crit(preds, batch)`: preds the three raw maps (B, 64+nc, H, W),
-    batch with batch_idx (N,), cls (N, 1), bboxes (N, 4) normalised xywh. items = detached (box, cls, dfl)
-    after gains; loss = items.sum() * B with gradient (Ultralytics' convention: per-image mean x batch).
-    Maps with 3 more channels carry the centre-keypoint auxiliary: items then are (box, cls, dfl, kpt, kobj)."""
+    """YOLOv8 detection loss. `loss, terms = crit(preds, batch)`.
+
+    preds: the three raw maps (B, 64+nc, H, W) (3 more channels when the centre-keypoint auxiliary trains);
+    batch: batch_idx (N,), cls (N, 1), bboxes (N, 4) normalised xywh.
+    terms: {"box", "cls", "dfl"} (+ {"kpt", "kobj"} with the auxiliary), detached 0-d tensors after gains;
+    loss = sum(terms) * B with gradient (Ultralytics' convention: per-image mean x batch size)."""
 
     def __init__(self, nc, strides=(8, 16, 32), reg_max=16, box=7.5, cls=0.5, dfl=1.5, topk=10, alpha=0.5, beta=6.0,
                  kpt=12.0, kobj=1.0):
         self.nc, self.strides, self.reg_max = nc, list(strides), reg_max
-        self.gains = (box, cls, dfl, kpt, kobj)
+        self.gains = {"box": box, "cls": cls, "dfl": dfl, "kpt": kpt, "kobj": kobj}
         self.topk, self.alpha, self.beta = topk, alpha, beta
         self.min_side = float(self.strides[1] if len(self.strides) > 1 else self.strides[0])
 
@@ -194,42 +192,51 @@ class DetectionLoss:
         flat = torch.cat([p.view(B, p.shape[1], -1) for p in preds], 2)  # (B, 64+nc(+3), A)
         n_kpt = flat.shape[1] - 4 * self.reg_max - self.nc
         if n_kpt not in (0, 3):
-            raise ValueError(f"DetectionLoss: maps have {flat.shape[1]} channels, expected {4 * self.reg_max + self.nc} "
-                             f"(64 + nc={self.nc}) or 3 more with the keypoint auxiliary")
-        pred_dist, pred_logits, pred_kpt = (t.transpose(1, 2) for t in flat.split((4 * self.reg_max, self.nc, n_kpt), 1))
+            raise ValueError(f"DetectionLoss: maps have {flat.shape[1]} channels, expected "
+                             f"{4 * self.reg_max + self.nc} (64 + nc={self.nc}) or 3 more with the keypoint auxiliary")
+        dist, logits, kpt = flat.split((4 * self.reg_max, self.nc, n_kpt), 1)  # (B, C, A) each
         anchors, stride = make_anchors(preds, self.strides)  # grid units (A, 2), (A, 1)
         imgsz = (preds[0].shape[2] * self.strides[0], preds[0].shape[3] * self.strides[0])
+        bins = torch.arange(self.reg_max, device=dev, dtype=dist.dtype)
+        pred_bboxes = dist2bbox(dfl_expectation(dist, bins).transpose(1, 2), anchors, xywh=False)  # (B, A, 4) grid
+        pred_dist, pred_logits = dist.transpose(1, 2), logits.transpose(1, 2)  # (B, A, 64), (B, A, nc)
 
         gt_labels, gt_bboxes = pad_targets(batch, B, imgsz, dev)
         mask_gt = gt_bboxes.sum(2, keepdim=True) > 0
-        pred_bboxes = dist2bbox(dfl_expectation(pred_dist, self.reg_max), anchors, xywh=False)  # (B, A, 4) grid units
-
-        _, target_bboxes, target_scores, fg, gt_idx = task_aligned_assign(
+        _, target_bboxes, target_scores, fg, _ = task_aligned_assign(
             pred_logits.detach().sigmoid(), pred_bboxes.detach() * stride, anchors * stride,
             gt_labels, gt_bboxes, mask_gt, self.topk, self.alpha, self.beta, self.min_side)
         score_sum = target_scores.sum().clamp(min=1)
 
-        loss_cls = F.binary_cross_entropy_with_logits(pred_logits, target_scores, reduction="sum") / score_sum
+        loss = {"cls": F.binary_cross_entropy_with_logits(pred_logits, target_scores, reduction="sum") / score_sum}
         # box terms over positives; with none they are exact zeros that still keep pred_dist in the graph
         weight = target_scores.sum(-1)[fg].unsqueeze(-1)  # (P, 1)
-        target_bboxes = target_bboxes / stride  # grid units
-        ciou = bbox_ciou(pred_bboxes[fg], target_bboxes[fg]).unsqueeze(-1)
-        loss_box = ((1.0 - ciou) * weight).sum() / score_sum
-        anchors_fg = anchors.expand(B, -1, -1)[fg]
-        target_ltrb = torch.cat((anchors_fg - target_bboxes[fg][:, :2], target_bboxes[fg][:, 2:] - anchors_fg), -1)
-        loss_dfl = (df_loss(pred_dist[fg].view(-1, 4, self.reg_max), target_ltrb, self.reg_max) * weight).sum() / score_sum
+        tb = (target_bboxes / stride)[fg]  # (P, 4) xyxy grid units
+        ciou = bbox_ciou(pred_bboxes[fg], tb).unsqueeze(-1)
+        loss["box"] = ((1.0 - ciou) * weight).sum() / score_sum
+        anchors_fg = anchors.expand(B, -1, -1)[fg]  # (P, 2)
+        target_ltrb = torch.cat((anchors_fg - tb[:, :2], tb[:, 2:] - anchors_fg), -1)
+        loss["dfl"] = (df_loss(pred_dist[fg].view(-1, 4, self.reg_max), target_ltrb, self.reg_max) * weight).sum()
+        loss["dfl"] = loss["dfl"] / score_sum
+        if n_kpt:
+            loss.update(self.keypoint_terms(kpt.transpose(1, 2), fg, anchors_fg, tb))
+        names = ("box", "cls", "dfl") + (("kpt", "kobj") if n_kpt else ())
+        terms = {k: loss[k] * self.gains[k] for k in names}
+        total = sum(terms.values()) * B
+        return total, {k: v.detach() for k, v in terms.items()}
 
-        items = [loss_box * self.gains[0], loss_cls * self.gains[1], loss_dfl * self.gains[2]]
-        if n_kpt:  # centre keypoint of the assigned GT, as the pose loss with one keypoint (sigma 1)
-            tb = target_bboxes[fg]  # (P, 4) xyxy grid units
-            raw = pred_kpt[fg]  # (P, 3)
-            pred_xy = raw[:, :2] * 2 + anchors_fg - 0.5  # YOLOv8-pose decoding, grid units
-            area = (tb[:, 2] - tb[:, 0]) * (tb[:, 3] - tb[:, 1])
-            kpt = keypoint_loss(pred_xy, (tb[:, :2] + tb[:, 2:]) / 2, area).mean() if len(raw) else pred_kpt.sum() * 0
-            kobj = F.binary_cross_entropy_with_logits(raw[:, 2], torch.ones_like(raw[:, 2])) if len(raw) else pred_kpt.sum() * 0
-            items += [kpt * self.gains[3], kobj * self.gains[4]]
-        items = torch.stack(items)
-        return items.sum() * B, items.detach()
+    @staticmethod
+    def keypoint_terms(pred_kpt, fg, anchors_fg, tb):
+        """The centre of the assigned GT as one keypoint, as YOLOv8's pose loss with one keypoint (sigma 1).
+        pred_kpt (B, A, 3) raw (x, y, visibility logit), fg (B, A), anchors_fg (P, 2), tb (P, 4) xyxy grid units."""
+        raw = pred_kpt[fg]  # (P, 3)
+        if not len(raw):  # exact zeros that keep the branch in the graph
+            return {"kpt": pred_kpt.sum() * 0, "kobj": pred_kpt.sum() * 0}
+        pred_xy = raw[:, :2] * 2 + anchors_fg - 0.5  # YOLOv8-pose decoding, grid units
+        area = (tb[:, 2] - tb[:, 0]) * (tb[:, 3] - tb[:, 1])
+        kpt = keypoint_loss(pred_xy, (tb[:, :2] + tb[:, 2:]) / 2, area).mean()
+        kobj = F.binary_cross_entropy_with_logits(raw[:, 2], torch.ones_like(raw[:, 2]))
+        return {"kpt": kpt, "kobj": kobj}
 
 
 # -----------------------------------------------------------------------------
@@ -305,34 +312,56 @@ def l2sp_loss(model, anchor):
 
 
 class MultiTaskLoss:
-    """The CA-MTL total. `total, vec = crit(det_out, seg_out, batch, model)`: total is what is optimised,
-    vec the detached 6-vector [det, seg, cons, align, l2sp, total] divided by the batch size, so it reads
-    like YOLOv8's per-image loss items; a term whose task is absent from the batch is 0."""
+    """The CA-MTL total. `total, terms = crit(det_out, seg_out, batch, model)`.
+
+    total: what is optimised, sum over the terms of lambda_{term} x term.
+    terms: detached per-image values (divided by the batch size, so they read like YOLOv8's loss items), by name:
+    the 6-vector NAMES = det, seg, cons, align, l2sp, total on every batch (a term that does not apply is 0), and
+    on detection batches the detection loss's own box, cls, dfl (+ kpt, kobj), already inside `det`."""
 
     NAMES = ("det", "seg", "cons", "align", "l2sp", "total")
 
     def __init__(self, cfg, anchor=None):
         self.cfg, self.anchor = cfg, anchor
-        self.det = DetectionLoss(cfg["nc"], box=cfg["box"], cls=cfg["cls"], dfl=cfg["dfl"], kpt=cfg.get("kpt", 12.0),
-                                 kobj=cfg.get("kobj", 1.0))
-        self.det_items = None  # (box, cls, dfl[, kpt, kobj]) of the last det batch, per image, for the progress line
+        self.weight = {k: cfg[f"lambda_{k}"] for k in self.NAMES[:-1]}
+        self.det = DetectionLoss(cfg["nc"], box=cfg["box"], cls=cfg["cls"], dfl=cfg["dfl"], kpt=cfg["kpt"],
+                                 kobj=cfg["kobj"])
         self.seg_w = (cfg["w_p3"], cfg["w_p4"], cfg["w_p5"], cfg["w_full"])
 
     def __call__(self, det_out, seg_out, batch, model=None):
-        c = self.cfg
+        c, w = self.cfg, self.weight
         ref = det_out[0] if det_out is not None else seg_out["full"]
-        zero = ref.new_zeros(()).float()
-        det = seg = cons = align = l2sp = zero
+        B = ref.shape[0]
+        raw, det_terms = {}, {}  # unweighted loss of each term that applies to this batch
         if batch["task"] == "det" and det_out is not None:
-            det, self.det_items = self.det(det_out, batch)
-            det = det * c["lambda_det"]
-            if seg_out is not None and c["lambda_cons"]:
-                cons = consistency_loss(seg_out["full"], batch, c["cons_mode"], c["cons_margin"]) * c["lambda_cons"]
+            raw["det"], det_terms = self.det(det_out, batch)
+            if seg_out is not None and w["cons"]:
+                raw["cons"] = consistency_loss(seg_out["full"], batch, c["cons_mode"], c["cons_margin"])
         if batch["task"] == "seg" and seg_out is not None:
-            seg = seg_loss(seg_out, batch, self.seg_w) * c["lambda_seg"]
-        if seg_out is not None and seg_out.get("attn") is not None and c["lambda_align"]:
-            align = align_loss(seg_out["attn"], seg_out["full"]) * c["lambda_align"]
-        if self.anchor and c["lambda_l2sp"] and model is not None:
-            l2sp = l2sp_loss(model, self.anchor) * c["lambda_l2sp"]
-        total = det + seg + cons + align + l2sp
-        return total, torch.stack([det, seg, cons, align, l2sp, total]).detach() / ref.shape[0]
+            raw["seg"] = seg_loss(seg_out, batch, self.seg_w)
+        if seg_out is not None and seg_out.get("attn") is not None and w["align"]:
+            raw["align"] = align_loss(seg_out["attn"], seg_out["full"])
+        if self.anchor and w["l2sp"] and model is not None:
+            raw["l2sp"] = l2sp_loss(model, self.anchor)
+        zero = ref.new_zeros(()).float()
+        weighted = {k: raw[k] * w[k] if k in raw else zero for k in self.NAMES[:-1]}
+        total = sum(weighted.values())
+        terms = {k: v.detach() / B for k, v in weighted.items()}
+        terms["total"] = total.detach() / B
+        return total, {**terms, **det_terms}
+
+
+class TermMeter:
+    """Running means of named loss terms, each over the batches that reported it (det's box/cls/dfl only over
+    detection batches); `weight` counts images for a per-image mean (validation) or 1 per batch (training)."""
+
+    def __init__(self):
+        self.sum, self.n = {}, {}
+
+    def update(self, terms, weight=1):
+        for k, v in terms.items():
+            self.sum[k] = self.sum.get(k, 0.0) + float(v) * weight
+            self.n[k] = self.n.get(k, 0) + weight
+
+    def means(self):
+        return {k: s / self.n[k] for k, s in self.sum.items()}

@@ -1,18 +1,20 @@
-"""YOLOv8 assembled from modules.py, and the import of Ultralytics checkpoints without Ultralytics.
+"""YOLOv8 assembled from modules.py, the import of Ultralytics checkpoints without Ultralytics, and CA-MTL.
 
 Read top to bottom: scales and helpers, the safe checkpoint reader, Backbone / PAN / YOLOv8, then CAMTL
-(the multi-task network of DESIGN.md §4) with its weight loading and stage setup.
+(the multi-task network; README: The CAMTL network) with its stage setup, and last the loading of any weights
+file a user hands us: our checkpoints (`load_checkpoint`) or an Ultralytics one (`load_weights`).
 """
 import contextlib
-import io
 import math
 import pickle
 import types
 import zipfile
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from config import DEFAULTS, STAGES
 from modules import (CSAM, CTAM, FPMA, C2f, Conv, Detect, DualBatchNorm2d, EMAttention, SegHeadMulti, SPPF,
                      to_dualbn, to_groupnorm)
 
@@ -316,7 +318,7 @@ def load_matching(model, sd, source="checkpoint", verbose=True):
 
 
 # -----------------------------------------------------------------------------
-# CA-MTL: YOLOv8 + a vessel-segmentation stream, cross-task and cross-scale attention (DESIGN.md §4)
+# CA-MTL: YOLOv8 + a vessel-segmentation stream, cross-task and cross-scale attention (docs/design.md)
 #
 #   backbone -> neck -> N3, N4, N5
 #   seg stream:  S5 = s5(N5);  S4 = fpma4(N4 <- S5);  S3 = fpma3(N3 <- S4);  seg_head(S3, S4, S5) -> p3, p4, p5, full
@@ -324,20 +326,11 @@ def load_matching(model, sd, source="checkpoint", verbose=True):
 #
 # Every attention branch is gated at zero, so with COCO weights CAMTL detects exactly as YOLOv8.
 
-CAMTL_DEFAULTS = dict(
-    scale="n",  # n/s/m/l/x or a (depth, width, max_channels) triple, as YOLOv8
-    nc=1,  # detection classes
-    attn_dim=64,  # width of queries/keys/values in every attention, split over the heads
-    attn_heads=4,
-    attn_tokens=256,  # keys/values of an attention are average-pooled to at most this many positions (all sources)
-    ema_attention=False,  # EMA attention inline after N3/N4/N5
-    gn_groups=32,  # GroupNorm of the seg stream and attention: first of 32, 16, ..., 1 dividing C, <= this
-    dual_bn=False,  # DualBatchNorm2d (source/target) in backbone, neck and Detect
-    imgsz=512,  # image size for the GFLOPs of the summary
-    kpt_aux=False,  # centre-keypoint auxiliary branch on Detect (DESIGN.md §8), training only
-)
+# the model's keys of a config, with their defaults and meaning in configs/defaults.py (imgsz: of the summary)
+MODEL_KEYS = ("scale", "nc", "attn_dim", "attn_heads", "attn_tokens", "ema_attention", "gn_groups", "dual_bn",
+              "imgsz", "kpt_aux")
+CAMTL_DEFAULTS = {k: DEFAULTS[k] for k in MODEL_KEYS}
 TASKS = ("det", "seg")
-STAGES = ("domainshift1", "camtl")
 GN_PARTS = ("s5", "fpma4", "fpma3", "ctam", "csam", "seg_head")  # GroupNorm in both stages
 DUALBN_PARTS = ("backbone", "neck", "detect")
 
@@ -423,7 +416,7 @@ class CAMTL(YOLOv8):
 
     def train(self, mode=True):
         super().train(mode)
-        for name in getattr(self, "frozen", ()):  # frozen parts keep their statistics (DESIGN.md §5)
+        for name in getattr(self, "frozen", ()):  # frozen parts keep their statistics
             for m in getattr(self, name).modules():
                 if isinstance(m, nn.BatchNorm2d):
                     m.eval()
@@ -493,20 +486,55 @@ def camtl_config(cfg, stage):
 
 
 def stage_setup(model, stage):
-    """Normalisation and freezing of a training stage (DESIGN.md §5), in place, idempotent; returns the model.
-    domainshift1: GroupNorm in the seg stream; Detect, CTAM, CSAM frozen (no gradients, BN statistics fixed).
-    camtl: GroupNorm in the seg stream; DualBatchNorm2d in backbone, neck, Detect (if cfg dual_bn); all trainable."""
+    """What a training stage trains, in place, idempotent; returns the model. The normalisation layout is the
+    constructor's (GroupNorm in the seg stream always; DualBatchNorm2d in backbone, neck and Detect with dual_bn).
+    domainshift1: Detect, CTAM, CSAM frozen (no gradients, BN statistics fixed). camtl: everything trainable."""
     if stage not in STAGES:
         raise ValueError(f"stage {stage!r}: expected one of {STAGES}")
-    for name in GN_PARTS:
-        to_groupnorm(getattr(model, name), model.cfg["gn_groups"])
-    if stage == "camtl" and model.cfg["dual_bn"]:
-        for name in DUALBN_PARTS:
-            to_dualbn(getattr(model, name))
-        model.set_domain(model.active_domain)
     model.requires_grad_(True)
     model.detect.dfl.requires_grad_(False)  # DFL's bins are constants
     model.frozen = ("detect", "ctam", "csam") if stage == "domainshift1" else ()
     for name in model.frozen:
         getattr(model, name).requires_grad_(False)
     return model.train(model.training)
+
+
+# -----------------------------------------------------------------------------
+# loading what a user hands us: our checkpoints, or an Ultralytics yolov8*.pt
+
+
+def load_checkpoint(path, device="cpu"):
+    """One of our checkpoints (a run's last.pt / best.pt, or a stage's yolov8{S}-{stage}.pt) -> (CAMTL in eval
+    mode, its training config completed by configs/defaults.py). EMA weights when the file has them (they are
+    what validation scored); DualBN routed to the stage's domain (camtl: target = angiography)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError):  # e.g. an Ultralytics pickle of modules
+        raise ValueError(f"{path}: not a nanoCAMTL checkpoint (torch.load with weights_only=True cannot read it)"
+                         ) from None
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)):
+        raise ValueError(f"{path}: not a nanoCAMTL checkpoint (expected a dict with a 'model' state dict)")
+    cfg = {**DEFAULTS, **ckpt.get("config", {})}
+    cfg["stage"] = stage = ckpt.get("stage") or cfg.get("stage") or "camtl"
+    model = CAMTL.from_pretrained(camtl_config(cfg, stage), stage=stage, verbose=False)
+    which = "ema" if ckpt.get("ema") else "model"
+    model.load_state_dict(ckpt[which])  # strict: our own file must fit exactly, or we would score random weights
+    model.set_domain("target" if stage == "camtl" else "source")
+    epoch = f", epoch {ckpt['epoch'] + 1}" if "epoch" in ckpt else ""
+    print(f"{path}: {stage} checkpoint{epoch}, {which} weights")
+    return model.to(device).eval(), cfg
+
+
+def load_weights(path, device="cpu"):
+    """Our checkpoint -> (CAMTL, its config); any other file is tried as an Ultralytics yolov8*.pt -> (YOLOv8,
+    None). Neither: SystemExit naming both reasons."""
+    try:
+        return load_checkpoint(path, device)
+    except ValueError as ours:
+        try:
+            return YOLOv8.from_ultralytics(path, verbose=False).to(device).eval(), None
+        except ValueError as theirs:
+            raise SystemExit(f"{path}: neither a nanoCAMTL checkpoint nor an Ultralytics one\n  {ours}\n  {theirs}"
+                             ) from None

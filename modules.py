@@ -38,6 +38,14 @@ def dist2bbox(dist, anchors, xywh=True, dim=-1):
     return torch.cat((x1y1, x2y2), dim)
 
 
+def dfl_expectation(x, bins):
+    """Distribution focal loss decoding, shared by Detect and the detection loss: (B, 4*n, A) logits over n bins
+    per side -> (B, 4, A) expected distances in grid units, bins (n,) the bin values 0, 1, ..., n-1."""
+    b, _, a = x.shape
+    p = x.view(b, 4, len(bins), a).transpose(2, 3).softmax(3)  # (B, 4, A, n)
+    return p @ bins.to(p.dtype)  # (B, 4, A)
+
+
 def fuse_conv_bn(conv, bn):
     """A Conv2d with bias that computes bn(conv(x)) with the BN's running statistics."""
     fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
@@ -136,9 +144,7 @@ class DFL(nn.Module):
         self.conv.weight.data[:] = torch.arange(c1, dtype=torch.float).view(1, c1, 1, 1)
 
     def forward(self, x):
-        b, _, a = x.shape  # (B, 4*c1, A)
-        p = x.view(b, 4, self.c1, a).softmax(2)  # (B, 4, c1, A)
-        return torch.einsum("bkca,c->bka", p, self.conv.weight.view(-1).to(p.dtype))  # (B, 4, A)
+        return dfl_expectation(x, self.conv.weight.view(-1))
 
 
 class Detect(nn.Module):
@@ -154,7 +160,7 @@ class Detect(nn.Module):
         self.cv2 = nn.ModuleList(nn.Sequential(Conv(c, c2, 3), Conv(c2, c2, 3), nn.Conv2d(c2, 4 * reg_max, 1)) for c in ch)
         self.cv3 = nn.ModuleList(nn.Sequential(Conv(c, c3, 3), Conv(c3, c3, 3), nn.Conv2d(c3, nc, 1)) for c in ch)
         self.dfl = DFL(reg_max)
-        # centre-keypoint auxiliary (DESIGN.md §8): per anchor the box centre (x, y, visibility logit). It trains
+        # centre-keypoint auxiliary: per anchor the box centre (x, y, visibility logit). It trains
         # the shared features towards centre distance, which is stabler than IoU for tiny boxes; inference
         # never computes it and strip_aux() deletes it.
         c4 = max(ch[0] // 4, 3)

@@ -2,4 +2,5 @@
 initialised from stage 1, DualBN on."""
 config = {
     "camtl_ratio": [1, 2],
+    "dual_bn": True,  # source/target BatchNorm branches in backbone, neck and Detect, both seeded from stage 1
 }

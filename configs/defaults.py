@@ -13,7 +13,7 @@ config = {
     "attn_tokens": 256,  # keys/values pooled to at most this many tokens: cost linear in image area
     "ema_attention": False,  # Efficient Multi-scale Attention after N3/N4/N5
     "gn_groups": 32,  # GroupNorm groups in the seg stream: the first of 32,16,...,1 dividing C, at most this
-    "dual_bn": True,  # camtl stage: separate BatchNorm statistics for source and target domains
+    "dual_bn": False,  # DualBatchNorm2d: separate BN statistics per domain; on in configs/camtl.py (camtl only)
     "kpt_aux": False,  # centre-keypoint auxiliary on Detect (training only; stripped at export). README ablation:
     # best with the seed recipe box=0.01 dfl=0.01, within seed spread of the plain detector
     # --- data

@@ -278,8 +278,7 @@ def test_stage_setup_domainshift1_freezes_detection_side():
 def test_stage_setup_camtl_dualbn_and_everything_trainable():
     m = stage_setup(stage_setup(camtl(dual_bn=False), "domainshift1"), "camtl")
     assert all(p.requires_grad for n, p in m.named_parameters() if not n.startswith("detect.dfl."))
-    m = camtl()
-    m.cfg["dual_bn"] = True  # a model built plain, switched to DualBN by the camtl stage
+    m = camtl(dual_bn=True)  # the norm layout is the constructor's; the stage only decides what trains
     stage_setup(m.set_domain("target"), "camtl")
     sd = m.state_dict()
     stage_setup(m, "camtl")

@@ -9,7 +9,7 @@ from PIL import Image
 
 import evaluate
 import export
-from model import CAMTL
+from model import CAMTL, load_checkpoint, load_weights
 
 FIX = Path(__file__).parent / "fixtures"
 TINY = {"scale": [0.33, 0.125, 1024], "dual_bn": True, "imgsz": 64}
@@ -43,7 +43,7 @@ def camtl_ckpt(tmp_path_factory):
 
 
 def test_yolov8_from_ultralytics_pt2_equals_eager(tmp_path):
-    model, cfg = export.load_model(FIX / "det.pt")  # an Ultralytics checkpoint: the YOLOv8 route
+    model, cfg = load_weights(FIX / "det.pt")  # an Ultralytics checkpoint: the YOLOv8 route
     assert cfg is None and model.nc == 3
     stripped = []
     model.strip_aux = lambda: stripped.append(True)  # export must strip training-only branches when a model has them
@@ -66,7 +66,7 @@ def test_yolov8_from_ultralytics_pt2_equals_eager(tmp_path):
 
 
 def test_camtl_fused_equals_unfused_in_target_domain(camtl_ckpt):
-    model, _ = evaluate.load_checkpoint_model(camtl_ckpt)
+    model, _ = load_checkpoint(camtl_ckpt)
     net = export.deployable(model)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
     x = torch.rand(2, 3, 64, 96)
@@ -86,7 +86,7 @@ def test_camtl_cli_dynamic_batch_pt2_equals_eager_and_predicts_alike(camtl_ckpt,
     out = tmp_path / "camtl.pt2"
     export.main(["--weights", str(camtl_ckpt), "--dynamic-batch", "--out", str(out)])  # imgsz 64 from the checkpoint
     run, imgsz = evaluate.load_predictor(out)  # the loader the predictor uses
-    model, _ = evaluate.load_checkpoint_model(camtl_ckpt)
+    model, _ = load_checkpoint(camtl_ckpt)
     eager = export.deployable(model)
     assert imgsz == 64
     for b in (1, 3):  # traced with 2 images

@@ -54,9 +54,9 @@ def test_detection_loss_with_keypoints_adds_two_items_and_leaves_the_others():
     plain = [m[:, :65].detach().clone().requires_grad_(True) for m in km]
     _, items_k = crit(km, batch())
     _, items_p = crit(plain, batch())
-    assert items_k.shape == (5,) and items_p.shape == (3,)
-    assert torch.allclose(items_k[:3], items_p)  # same assignment, same box/cls/dfl
-    assert items_k[3] > 0 and items_k[4] > 0
+    assert list(items_k) == ["box", "cls", "dfl", "kpt", "kobj"] and list(items_p) == ["box", "cls", "dfl"]
+    assert all(torch.allclose(items_k[k], items_p[k]) for k in items_p)  # same assignment, same box/cls/dfl
+    assert items_k["kpt"] > 0 and items_k["kobj"] > 0
 
 
 def test_perfect_centre_prediction_zeroes_the_keypoint_term():
@@ -72,7 +72,7 @@ def test_perfect_centre_prediction_zeroes_the_keypoint_term():
                 m[b, 66] = (cy / s - ys + 0.5) / 2
                 m[b, 67] = 20.0  # visible
     _, items = crit(km, batch())
-    assert items[3] < 1e-6 and items[4] < 1e-6
+    assert items["kpt"] < 1e-6 and items["kobj"] < 1e-6
 
 
 def test_empty_targets_with_keypoints():
@@ -80,7 +80,7 @@ def test_empty_targets_with_keypoints():
     km = maps(kpt=True)
     empty = {"batch_idx": torch.zeros(0), "cls": torch.zeros(0, 1), "bboxes": torch.zeros(0, 4)}
     loss, items = crit(km, empty)
-    assert items.shape == (5,) and items[0] == items[2] == items[3] == items[4] == 0
+    assert len(items) == 5 and items["box"] == items["dfl"] == items["kpt"] == items["kobj"] == 0
     loss.backward()
     assert km[0].grad is not None
 
@@ -103,4 +103,4 @@ def test_checkpoints_with_and_without_the_branch_load_into_either_model(capsys):
 def test_box_and_dfl_gains_stay_configurable(gains):
     _, items = DetectionLoss(nc=1, **gains)(maps(kpt=True), batch())
     ref = DetectionLoss(nc=1)(maps(kpt=True), batch())[1]
-    assert torch.allclose(items[0], ref[0] * gains["box"] / 7.5) and torch.allclose(items[3], ref[3])
+    assert torch.allclose(items["box"], ref["box"] * gains["box"] / 7.5) and torch.allclose(items["kpt"], ref["kpt"])

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from losses import MultiTaskLoss, align_loss, consistency_loss, dice_bce, l2sp_loss, seg_loss
 
-CFG = dict(nc=1, box=7.5, cls=0.5, dfl=1.5, w_p3=0.25, w_p4=0.25, w_p5=0.25, w_full=1.0, lambda_det=1.0,
+CFG = dict(nc=1, box=7.5, cls=0.5, dfl=1.5, kpt=12.0, kobj=1.0, w_p3=0.25, w_p4=0.25, w_p5=0.25, w_full=1.0, lambda_det=1.0,
            lambda_seg=1.0, lambda_cons=0.1, cons_mode="contain", cons_margin=0.3, lambda_align=0.05, lambda_l2sp=1e-3)
 B, S = 2, 64
 
@@ -35,8 +35,9 @@ def seg_batch(mask):
 
 def test_det_only_batch_has_no_seg_cons_align_terms():
     crit = MultiTaskLoss(CFG)
-    total, vec = crit(det_maps(), None, det_batch())
-    det, seg, cons, align, l2sp, tot = vec.tolist()
+    total, terms = crit(det_maps(), None, det_batch())
+    assert list(terms) == ["det", "seg", "cons", "align", "l2sp", "total", "box", "cls", "dfl"]
+    det, seg, cons, align, l2sp, tot = (float(terms[k]) for k in MultiTaskLoss.NAMES)
     assert det > 0 and seg == cons == align == l2sp == 0
     assert math.isclose(tot, det, rel_tol=1e-6) and math.isclose(total.item(), tot * B, rel_tol=1e-6)
 
@@ -45,9 +46,9 @@ def test_seg_only_batch_has_no_det_term_and_total_is_the_sum():
     mask = torch.zeros(B, 1, S, S)
     mask[:, :, 20:40, 10:50] = 1
     crit = MultiTaskLoss(CFG)
-    total, vec = crit(None, seg_maps(), seg_batch(mask))
-    assert vec[0] == 0 and vec[1] > 0 and vec[2] == vec[3] == 0
-    assert torch.isclose(vec[5], vec[:5].sum())
+    total, t = crit(None, seg_maps(), seg_batch(mask))
+    assert t["det"] == 0 and t["seg"] > 0 and t["cons"] == t["align"] == 0 and "box" not in t
+    assert torch.isclose(t["total"], t["det"] + t["seg"] + t["cons"] + t["align"] + t["l2sp"])
     total.backward()
 
 
@@ -115,8 +116,8 @@ def test_det_batch_with_seg_and_attention_reports_cons_and_align():
     seg["full"] = seg["full"].detach().clone()
     seg["full"][:, :, :, 36:40] = 5.0  # covers 25% of box 0 and none of box 1: below the 0.3 margin
     seg["full"].requires_grad_(True)
-    total, vec = crit(det_maps(), seg, det_batch())
-    assert vec[0] > 0 and vec[1] == 0 and vec[2] > 0 and vec[3] > 0
+    total, t = crit(det_maps(), seg, det_batch())
+    assert t["det"] > 0 and t["seg"] == 0 and t["cons"] > 0 and t["align"] > 0
     total.backward()
     assert seg["full"].grad.abs().sum() > 0
 
@@ -126,5 +127,5 @@ def test_l2sp_term_follows_its_lambda(lam):
     m = nn.Linear(2, 2)
     anchor = {k: p.detach().clone() + 1 for k, p in m.named_parameters()}
     crit = MultiTaskLoss({**CFG, "lambda_l2sp": lam}, anchor)
-    _, vec = crit(det_maps(), None, det_batch(), m)
-    assert (vec[4] > 0) == (lam > 0)
+    _, t = crit(det_maps(), None, det_batch(), m)
+    assert (t["l2sp"] > 0) == (lam > 0)

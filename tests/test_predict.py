@@ -10,6 +10,7 @@ from PIL import Image
 
 import data
 import evaluate
+import synthetic
 from model import CAMTL
 
 
@@ -71,7 +72,7 @@ def test_predict_cli_with_checkpoint_and_metrics_cli(tmp_path, capsys):
     assert Image.open(tmp_path / "out/masks/a.png").size == (90, 50)
     assert all(len(line.split()) == 6 for line in (tmp_path / "out/labels/a.txt").read_text().splitlines())
 
-    root = data.make_synthetic(tmp_path / "syn", n=6, imgsz=64)
+    root = synthetic.make_synthetic(tmp_path / "syn", n=6, imgsz=64)
     m = evaluate.main(["--weights", str(ck), "--data", str(root), "--workers", "0"])
     out = capsys.readouterr().out
     for key in ("Dice / IoU  full", "Dice / IoU  p3", "P / R", "mAP50 / mAP50-95", "loss [det seg cons align l2sp total]"):

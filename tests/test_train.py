@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import data
+import config
 import evaluate
+import synthetic
 import train
 from losses import MultiTaskLoss
 
@@ -29,7 +30,7 @@ def run(stage, tmp, *extra, resume=None):
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
-    data.make_synthetic(tmp / "synth", n=6, imgsz=64, seed=0)
+    synthetic.make_synthetic(tmp / "synth", n=6, imgsz=64, seed=0)
     return tmp
 
 
@@ -121,17 +122,17 @@ def test_resume_reproduces_the_uninterrupted_run(synth, monkeypatch):
 ])
 def test_config_errors_name_the_key(bad, msg):
     with pytest.raises(SystemExit, match=msg.replace("[", r"\[")):
-        train.load_config("camtl", None, bad)
+        config.load_config("camtl", None, bad)
 
 
 def test_config_layers_and_set_values():
-    cfg, defaults = train.load_config("camtl", None, ["camtl_ratio=[1,2,1]", "lr0=1", "cons_mode=bce", "scale=s"])
+    cfg, defaults = config.load_config("camtl", None, ["camtl_ratio=[1,2,1]", "lr0=1", "cons_mode=bce", "scale=s"]), config.DEFAULTS
     assert cfg["camtl_ratio"] == [1, 2, 1] and cfg["lr0"] == 1.0 and isinstance(cfg["lr0"], float)
     assert cfg["cons_mode"] == "bce" and cfg["scale"] == "s"
     assert cfg["imgsz"] == 256 and defaults["imgsz"] == 512  # configs/synthetic.py applies by default
-    assert train.load_config("domainshift1", None, [])[0]["lambda_det"] == 0.0  # configs/domainshift1.py
+    assert config.load_config("domainshift1", None, [])["lambda_det"] == 0.0  # configs/domainshift1.py
     with pytest.raises(SystemExit, match="no such file"):
-        train.load_config("camtl", "configs/nope.py", [])
+        config.load_config("camtl", "configs/nope.py", [])
 
 
 def test_non_finite_loss_is_skipped_and_repeated_ones_stop_the_run(synth, monkeypatch, capsys):

@@ -148,7 +148,9 @@ def case():
 def test_loss_matches_reference(case):
     crit = DetectionLoss(nc=case["nc"], strides=case["strides"], **case["hyp"])
     feats = [f.clone().requires_grad_(True) for f in case["feats"]]
-    loss, items = crit(feats, case["batch"])
+    loss, terms = crit(feats, case["batch"])
+    assert list(terms) == ["box", "cls", "dfl"]
+    items = torch.stack(list(terms.values()))
     rel = ((items - case["loss_items"]).abs() / case["loss_items"].abs()).max()
     assert rel < 1e-4
     assert torch.allclose(loss, case["loss_total"].sum(), rtol=1e-4)
@@ -161,8 +163,8 @@ def test_loss_with_empty_targets_has_only_negatives(case):
     crit = DetectionLoss(nc=case["nc"])
     feats = [f.clone().requires_grad_(True) for f in case["feats"]]
     empty = {"batch_idx": torch.zeros(0), "cls": torch.zeros(0, 1), "bboxes": torch.zeros(0, 4)}
-    loss, items = crit(feats, empty)
-    assert items[0] == 0 and items[2] == 0 and items[1] > 0
+    loss, terms = crit(feats, empty)
+    assert terms["box"] == 0 and terms["dfl"] == 0 and terms["cls"] > 0
     loss.backward()
     # cls BCE toward all-zero targets: gradient = sigmoid(logit) / 1 * gain * B
     g = feats[0].grad[:, 64:]
@@ -175,8 +177,8 @@ def test_one_image_without_boxes_gets_no_positives(case):
     has = set(case["batch"]["batch_idx"].long().tolist())
     assert len(has) < B  # the fixture has an image without targets
     crit = DetectionLoss(nc=case["nc"])
-    _, items = crit(case["feats"], case["batch"])
-    assert torch.isfinite(items).all()
+    _, terms = crit(case["feats"], case["batch"])
+    assert all(torch.isfinite(v) for v in terms.values())
 
 
 def test_assigner_small_box_widened_and_perfect_prediction():
