@@ -7,7 +7,7 @@ Layout, paths in splits.json relative to root (absolute accepted):
     root/angiography/detect/{images,labels}/    target domain, image + same-stem YOLO txt (cls xc yc w h)
     root/splits.json                            {task_key: {train: [...], val: [...], test: [...]}}
 
-Decisions where the brief is open:
+Decisions on inputs the layout leaves open (docs/design.md §8):
 - An empty label file is an image without stenoses (a valid negative). A *missing* label file is
   bad input (skipped): write an empty .txt to mark a negative, so a forgotten label never trains as one.
 - A label file with a malformed line, a non-finite value or a class id >= nc is skipped whole (its other
@@ -240,7 +240,8 @@ def _map_boxes(boxes, h0, w0, ratio, pad, S, augmented):
     c, x, y, w, h = boxes.T
     xs = ratio[0] * np.stack([x - w / 2, x + w / 2]) * w0 + pad[0]  # (2, n) canvas px
     ys = ratio[1] * np.stack([y - h / 2, y + h / 2]) * h0 + pad[1]
-    xs.sort(0), ys.sort(0)  # a flip swaps the corners
+    xs.sort(0)  # a flip swaps the corners
+    ys.sort(0)
     area = (xs[1] - xs[0]) * (ys[1] - ys[0])
     xs, ys = xs.clip(0, S), ys.clip(0, S)
     w, h = xs[1] - xs[0], ys[1] - ys[0]

@@ -6,7 +6,7 @@ including its particular box-to-label matching rule and its F1-based choice of t
 
     python evaluate.py --weights runs/camtl/exp/weights/best.pt [--data ROOT] [--split val]   # metrics
     python evaluate.py --weights best.pt --source my_images/ --save-dir runs/predict          # predict a folder
-    python evaluate.py --weights best.pt2 --source my_images/                                 # ... with an export.py program
+    python evaluate.py --weights best.pt2 --source my_images/                 # ... with an export.py program
 """
 
 import argparse
@@ -320,7 +320,8 @@ def validate(model, loaders, cfg, device, crit=None, plot_dir=None):
                 for k, meter in seg_meters.items():
                     meter.update(seg_out[k].float().cpu(), batch["mask"])
             if plot_dir is not None and bi == 0:
-                save_overlays(batch, preds, seg_out["full"].cpu() if seg_out else None, Path(plot_dir) / f"val_{task}.png")
+                full = seg_out["full"].cpu() if seg_out else None
+                save_overlays(batch, preds, full, Path(plot_dir) / f"val_{task}.png")
     m = {}
     m.update({f"val/{k}": v for k, v in losses.means().items()})
     if "seg" in loaders:
@@ -334,7 +335,9 @@ def validate(model, loaders, cfg, device, crit=None, plot_dir=None):
 
 
 def format_metrics(m, prefix="val"):
-    keys = [k for k in ("dice_full", "iou_full", "dice_p3", "dice_p4", "dice_p5", "precision", "recall", "map50", "map50_95", "val/total") if k in m]
+    keys = ("dice_full", "iou_full", "dice_p3", "dice_p4", "dice_p5", "precision", "recall", "map50", "map50_95",
+            "val/total")
+    keys = [k for k in keys if k in m]
     return f"{prefix}: " + "  ".join(f"{k} {m[k]:.4f}" for k in keys)
 
 
@@ -436,7 +439,8 @@ def load_predictor(weights, device="cpu", imgsz=None):
     if Path(weights).suffix == ".pt2":
         run, meta = export.load_program(weights, device)
         if imgsz and imgsz != meta["imgsz"]:
-            raise SystemExit(f"--imgsz {imgsz}: {weights} was exported for {meta['imgsz']} px; re-export with --imgsz {imgsz}")
+            raise SystemExit(f"--imgsz {imgsz}: {weights} was exported for {meta['imgsz']} px; "
+                             f"re-export with --imgsz {imgsz}")
         return run, meta["imgsz"]
     model, cfg = load_weights(weights)
     return export.deployable(model).to(device), imgsz or (cfg or {}).get("imgsz", 640)
@@ -461,8 +465,8 @@ def save_prediction(img, det, logits, save_dir, stem):
     from PIL import Image
     h0, w0 = img.shape[:2]
     (save_dir / "labels").mkdir(parents=True, exist_ok=True)
-    lines = [f"{int(c)} {(x1 + x2) / 2 / w0:.6f} {(y1 + y2) / 2 / h0:.6f} {(x2 - x1) / w0:.6f} {(y2 - y1) / h0:.6f} {p:.4f}\n"
-             for x1, y1, x2, y2, p, c in det.tolist()]
+    lines = [f"{int(c)} {(x1 + x2) / 2 / w0:.6f} {(y1 + y2) / 2 / h0:.6f} {(x2 - x1) / w0:.6f} {(y2 - y1) / h0:.6f} "
+             f"{p:.4f}\n" for x1, y1, x2, y2, p, c in det.tolist()]
     (save_dir / "labels" / f"{stem}.txt").write_text("".join(lines))
     prob = logits.sigmoid() if logits is not None else None
     if prob is not None:
@@ -477,7 +481,9 @@ def predict_folder(run, source, save_dir, imgsz, conf=0.25, iou=0.7, device="cpu
     source, save_dir = Path(source), Path(save_dir)
     if not source.exists():
         raise SystemExit(f"--source {source}: no such file or folder")
-    files = sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith(".")) if source.is_dir() else [source]
+    files = [source]
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith("."))
     save_dir.mkdir(parents=True, exist_ok=True)
     saved, skipped = [], []
     for p in files:
@@ -491,7 +497,8 @@ def predict_folder(run, source, save_dir, imgsz, conf=0.25, iou=0.7, device="cpu
         det, logits = predict_image(run, img, imgsz, conf, iou, device)
         save_prediction(img, det, logits, save_dir, stem)
         saved.append(stem)
-        print(f"{p}: {img.shape[1]}x{img.shape[0]}, {len(det)} boxes" + (f", max conf {det[0, 4]:.2f}" if len(det) else ""))
+        top = f", max conf {det[0, 4]:.2f}" if len(det) else ""
+        print(f"{p}: {img.shape[1]}x{img.shape[0]}, {len(det)} boxes{top}")
     print(f"{len(saved)} images predicted -> {save_dir} (overlays, labels/*.txt, CA-MTL vessel masks/*.png)"
           + (f"; {len(skipped)} unreadable files skipped: {', '.join(p.name for p in skipped)}" if skipped else ""))
     return {"saved": saved, "skipped": skipped}
@@ -499,8 +506,8 @@ def predict_folder(run, source, save_dir, imgsz, conf=0.25, iou=0.7, device="cpu
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="nanoCAMTL: metrics of a checkpoint, or predictions on your images")
-    ap.add_argument("--weights", required=True, help="our .pt (run last/best.pt, yolov8{S}-{stage}.pt), an export.py .pt2, "
-                    "or (to predict) an Ultralytics yolov8*.pt")
+    ap.add_argument("--weights", required=True, help="our .pt (run last/best.pt, yolov8{S}-{stage}.pt), "
+                    "an export.py .pt2, or (to predict) an Ultralytics yolov8*.pt")
     ap.add_argument("--data", help="processed data root (default: the checkpoint's, else the built-in synthetic set)")
     ap.add_argument("--split", default="val", choices=("train", "val", "test"))
     ap.add_argument("--imgsz", type=int, help="letterbox size (default: the checkpoint's training size)")
@@ -508,7 +515,8 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, help="data loader workers (default: the checkpoint's)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--source", help="a folder of images (or one image) to predict, instead of computing metrics")
-    ap.add_argument("--save-dir", help="where predictions go (default runs/predict); with metrics: the overlay of a batch")
+    ap.add_argument("--save-dir", help="where predictions go (default runs/predict); "
+                    "with metrics: the overlay of a batch")
     ap.add_argument("--conf", type=float, default=0.25, help="prediction: confidence threshold")
     ap.add_argument("--iou", type=float, default=0.7, help="prediction: NMS IoU threshold")
     a = ap.parse_args(argv)
@@ -521,7 +529,8 @@ def main(argv=None):
         run, imgsz = load_predictor(a.weights, device, a.imgsz)
         return predict_folder(run, a.source, a.save_dir or "runs/predict", imgsz, a.conf, a.iou, device)
     if Path(a.weights).suffix == ".pt2":
-        raise SystemExit(f"{a.weights}: an exported program only predicts (--source DIR); for metrics give the .pt it came from")
+        raise SystemExit(f"{a.weights}: an exported program only predicts (--source DIR); "
+                         "for metrics give the .pt it came from")
     try:
         model, cfg = load_checkpoint(a.weights, device)
     except ValueError as e:
@@ -529,8 +538,8 @@ def main(argv=None):
     # the synthetic set is looked up with the training parameters (other ones would regenerate it), whatever --imgsz
     root = Path(a.data or cfg["data"] or synthetic.ensure_synthetic(n=cfg["synthetic_n"], imgsz=cfg["imgsz"]))
     if not root.is_dir():
-        raise SystemExit(f"data root {root} ({'--data' if a.data else 'from the checkpoint config'}) is not a directory; "
-                         "pass --data ROOT")
+        where = "--data" if a.data else "from the checkpoint config"
+        raise SystemExit(f"data root {root} ({where}) is not a directory; pass --data ROOT")
     cfg["imgsz"] = a.imgsz or cfg["imgsz"]
     workers = cfg["workers"] if a.workers is None else a.workers
     loaders = data.val_loaders(root, cfg["stage"], a.split, cfg["imgsz"], a.batch or cfg["batch"], workers, cfg["nc"])

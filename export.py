@@ -78,16 +78,18 @@ def export(model, imgsz, path, fmt="pt2", dynamic_batch=False, verbose=True):
     written = [path]
     if verbose:
         b = "batch" if dynamic_batch else 1
-        print(f"{type(model).__name__} fused for export: {count_params(net):,} parameters, {gflops(net, imgsz):.3g} GFLOPs at {imgsz}\n"
-              f"  input  x {(b, 3, imgsz, imgsz)}\n" + "".join(f"  output {k} {v}\n" for k, v in meta["outputs"].items())
+        outs = "".join(f"  output {k} {v}\n" for k, v in meta["outputs"].items())
+        print(f"{type(model).__name__} fused for export: {count_params(net):,} parameters, "
+              f"{gflops(net, imgsz):.3g} GFLOPs at {imgsz}\n  input  x {(b, 3, imgsz, imgsz)}\n" + outs
               + f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB)")
     if fmt == "onnx":
         try:
             import onnx  # noqa: F401  (torch's ONNX exporter needs onnx and onnxscript; we do not)
             import onnxscript  # noqa: F401
         except ImportError:
-            raise ImportError(f"ONNX export needs the `onnx` and `onnxscript` packages (pip install onnx onnxscript); "
-                              f"they are not nanoCAMTL requirements. The torch.export program {path} was written.") from None
+            raise ImportError("ONNX export needs the `onnx` and `onnxscript` packages (pip install onnx onnxscript); "
+                              f"they are not nanoCAMTL requirements. The torch.export program {path} was written."
+                              ) from None
         onnx_path = path.with_suffix(".onnx")
         torch.onnx.export(prog, (x,), onnx_path, input_names=["x"], output_names=list(net.outputs), dynamo=True,
                           external_data=False)
@@ -111,7 +113,8 @@ def load_program(path, device="cpu"):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", required=True, help="our .pt checkpoint, or an Ultralytics yolov8*.pt")
-    ap.add_argument("--imgsz", type=int, help="input size, a multiple of 32 (default: the checkpoint's training size, else 640)")
+    ap.add_argument("--imgsz", type=int,
+                    help="input size, a multiple of 32 (default: the checkpoint's training size, else 640)")
     ap.add_argument("--format", choices=("pt2", "onnx"), default="pt2", help="onnx: the .pt2 plus an .onnx")
     ap.add_argument("--dynamic-batch", action="store_true", help="accept any batch size (default: batch 1)")
     ap.add_argument("--out", help="output path (default: the weights path with suffix .pt2)")

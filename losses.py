@@ -118,10 +118,12 @@ def task_aligned_assign(pd_scores, pd_bboxes, anchors, gt_labels, gt_bboxes, mas
 
     # 3. one GT per anchor: several claimants -> the GT of highest overlap (first on ties)
     anchor_key = b * A + a
-    claims = torch.zeros(B * A, dtype=torch.long, device=dev).index_add_(0, anchor_key[keep], torch.ones_like(anchor_key[keep]))
+    claims = torch.zeros(B * A, dtype=torch.long, device=dev)
+    claims.index_add_(0, anchor_key[keep], torch.ones_like(anchor_key[keep]))
     best_ovl = torch.zeros(B * A, dtype=ovl.dtype, device=dev).scatter_reduce_(0, anchor_key, ovl, "amax")
     is_best = ovl == best_ovl[anchor_key]
-    best_m = torch.full((B * A,), M, dtype=torch.long, device=dev).scatter_reduce_(0, anchor_key[is_best], m[is_best], "amin")
+    best_m = torch.full((B * A,), M, dtype=torch.long, device=dev)
+    best_m.scatter_reduce_(0, anchor_key[is_best], m[is_best], "amin")
     multi = claims[anchor_key] > 1
     pos = torch.where(multi, m == best_m[anchor_key], keep)
     b, m, a, labels, ovl, metric = b[pos], m[pos], a[pos], labels[pos], ovl[pos], metric[pos]
@@ -284,7 +286,8 @@ def consistency_loss(full_logits, batch, mode="contain", margin=0.3):
         return full_logits.sum() * 0.0
     if mode == "bce":
         pseudo = inside.any(1, keepdim=True).float()
-        return F.binary_cross_entropy_with_logits(full_logits.float(), pseudo, reduction="none").flatten(1).mean(1).sum()
+        bce = F.binary_cross_entropy_with_logits(full_logits.float(), pseudo, reduction="none")
+        return bce.flatten(1).mean(1).sum()
     p = full_logits.float().sigmoid()  # (B, 1, h, w)
     cover = (p * inside).flatten(2).sum(2) / inside.flatten(2).sum(2).clamp(min=1)  # (B, N)
     per_box = F.relu(margin - cover) * valid

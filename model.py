@@ -32,7 +32,8 @@ STRIDES = (8, 16, 32)
 def scale_triple(scale):
     if isinstance(scale, str):
         if scale not in SCALES:
-            raise ValueError(f"scale {scale!r}: expected one of {list(SCALES)} or a (depth, width, max_channels) triple")
+            raise ValueError(f"scale {scale!r}: expected one of {list(SCALES)} "
+                             "or a (depth, width, max_channels) triple")
         return SCALES[scale]
     d, w, mc = scale
     return float(d), float(w), int(mc)
@@ -55,7 +56,8 @@ def gflops(model, imgsz=640, forward=None):
     included: the counter knows SDPA's GPU kernels but not the CPU one, so we tell it the same formula."""
     from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-    cpu_sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: sdpa_flop_count(q, k, v)}
+    cpu_sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+                lambda q, k, v, *a, **kw: sdpa_flop_count(q, k, v)}
 
     h, w = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
     p = next(model.parameters())
@@ -85,7 +87,8 @@ _SAFE_GLOBALS = {
     ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
     ("collections", "OrderedDict"): __import__("collections").OrderedDict,
     ("torch", "Size"): torch.Size,
-    **{(b, n): getattr(__import__("builtins"), n) for b in ("builtins", "__builtin__") for n in ("set", "frozenset", "slice")},
+    **{(b, n): getattr(__import__("builtins"), n)
+       for b in ("builtins", "__builtin__") for n in ("set", "frozenset", "slice")},
 }
 _RECORD_MODULES = ("ultralytics.", "models.", "torch.nn.modules.", "torch.nn.parameter", "numpy", "argparse",
                    "types", "pathlib", "datetime")
@@ -265,7 +268,9 @@ class YOLOv8(nn.Module):
     def summary(self, imgsz=640):
         # convs scale exactly with area at multiples of 32, so count FLOPs at 64 px and scale up (fast for x)
         g = gflops(self, 64) * (imgsz / 64) ** 2
-        return f"{type(self).__name__} scale ({self.scale[0]:.2f}, {self.scale[1]:.3g}, {self.scale[2]}), nc {self.nc}: {count_params(self):,} parameters, {g:.1f} GFLOPs at {imgsz}"
+        d, w, mc = self.scale
+        return (f"{type(self).__name__} scale ({d:.2f}, {w:.3g}, {mc}), nc {self.nc}: "
+                f"{count_params(self):,} parameters, {g:.1f} GFLOPs at {imgsz}")
 
     def features(self, x):
         """Neck outputs [N3, N4, N5]."""
@@ -303,7 +308,8 @@ class YOLOv8(nn.Module):
 def load_matching(model, sd, source="checkpoint", verbose=True):
     """Load every tensor whose name and shape match; fail loudly on shape clashes, report what stayed fresh."""
     own = model.state_dict()
-    bad = [f"{k}: {tuple(v.shape)} vs ours {tuple(own[k].shape)}" for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    bad = [f"{k}: {tuple(v.shape)} vs ours {tuple(own[k].shape)}"
+           for k, v in sd.items() if k in own and own[k].shape != v.shape]
     if bad:
         raise ValueError(f"{source}: {len(bad)} tensors do not fit this model (wrong scale?): " + "; ".join(bad[:3]))
     missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -312,7 +318,8 @@ def load_matching(model, sd, source="checkpoint", verbose=True):
         return f"{len(names)} modules ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})" if names else ""
     if verbose:
         fresh, dropped = parts(missing), parts(unexpected)
-        print(f"loaded {len(sd) - len(unexpected)} tensors from {source}" + (f"; kept fresh init for {fresh}" if fresh else "")
+        print(f"loaded {len(sd) - len(unexpected)} tensors from {source}"
+              + (f"; kept fresh init for {fresh}" if fresh else "")
               + (f"; dropped {len(unexpected)} tensors this model has no place for: {dropped}" if dropped else ""))
     return missing, unexpected
 
@@ -349,7 +356,8 @@ class CAMTL(YOLOv8):
                 raise ValueError(f"CAMTL config: unknown key {k!r} (known: {', '.join(CAMTL_DEFAULTS)})")
         cfg = {**CAMTL_DEFAULTS, **cfg}
         if cfg["attn_dim"] % cfg["attn_heads"]:
-            raise ValueError(f"CAMTL config: attn_dim {cfg['attn_dim']} is not divisible by attn_heads {cfg['attn_heads']}")
+            raise ValueError(f"CAMTL config: attn_dim {cfg['attn_dim']} is not divisible by "
+                             f"attn_heads {cfg['attn_heads']}")
         super().__init__(nc=cfg["nc"], scale=cfg["scale"], ema_attention=cfg["ema_attention"], kpt_aux=cfg["kpt_aux"],
                          verbose=False)
         self.cfg = cfg
@@ -442,7 +450,8 @@ class CAMTL(YOLOv8):
         all from one `yolov8*.pt` / `yolov8*-seg.pt`; cfg holds any other CAMTL keys."""
         sd = read_ultralytics(path)
         ck_nc = map_ultralytics(sd)[1]
-        return cls.from_pretrained({"scale": infer_scale(sd), "nc": nc or ck_nc or 80, **cfg}, det=path, verbose=verbose)
+        cfg = {"scale": infer_scale(sd), "nc": nc or ck_nc or 80, **cfg}
+        return cls.from_pretrained(cfg, det=path, verbose=verbose)
 
     @classmethod
     def from_pretrained(cls, cfg=None, det=None, seg=None, stage_ckpt=None, stage=None, verbose=True):
@@ -457,15 +466,18 @@ class CAMTL(YOLOv8):
         model = cls({**base, **(cfg or {})}, verbose=False)
         coco = {p: map_ultralytics(read_ultralytics(p), model.nc) for p in {det, seg} if p}
         said = []
-        for path, prefixes, what in ((seg or det, ("backbone.", "neck."), "backbone+neck"), (det or seg, ("detect.",), "Detect")):
+        sources = ((seg or det, ("backbone.", "neck."), "backbone+neck"), (det or seg, ("detect.",), "Detect"))
+        for path, prefixes, what in sources:
             if path:
                 sd, ck_nc = coco[path]
                 load_matching(model, {k: v for k, v in sd.items() if k.startswith(prefixes)}, path, verbose=False)
-                skip = f" (class branch fresh: nc {model.nc} vs {ck_nc})" if what == "Detect" and ck_nc != model.nc else ""
+                fresh_cls = what == "Detect" and ck_nc != model.nc
+                skip = f" (class branch fresh: nc {model.nc} vs {ck_nc})" if fresh_cls else ""
                 said.append(f"{what} <- {path}{skip}")
             else:
                 said.append(f"{what} random")
-        said.append("random: seg stream, CTAM, CSAM, seg head" + (", EMA attention" if model.cfg["ema_attention"] else ""))
+        ema = ", EMA attention" if model.cfg["ema_attention"] else ""
+        said.append("random: seg stream, CTAM, CSAM, seg head" + ema)
         if verbose and (coco or ckpt is None):
             print("CAMTL weights: " + "; ".join(said))
         if stage:

@@ -157,14 +157,17 @@ class Detect(nn.Module):
         self.no = nc + 4 * reg_max
         c2 = max(16, ch[0] // 4, reg_max * 4)
         c3 = max(ch[0], min(nc, 100))
-        self.cv2 = nn.ModuleList(nn.Sequential(Conv(c, c2, 3), Conv(c2, c2, 3), nn.Conv2d(c2, 4 * reg_max, 1)) for c in ch)
+        self.cv2 = nn.ModuleList(nn.Sequential(Conv(c, c2, 3), Conv(c2, c2, 3), nn.Conv2d(c2, 4 * reg_max, 1))
+                                 for c in ch)
         self.cv3 = nn.ModuleList(nn.Sequential(Conv(c, c3, 3), Conv(c3, c3, 3), nn.Conv2d(c3, nc, 1)) for c in ch)
         self.dfl = DFL(reg_max)
         # centre-keypoint auxiliary: per anchor the box centre (x, y, visibility logit). It trains
         # the shared features towards centre distance, which is stabler than IoU for tiny boxes; inference
         # never computes it and strip_aux() deletes it.
         c4 = max(ch[0] // 4, 3)
-        self.cv4 = nn.ModuleList(nn.Sequential(Conv(c, c4, 3), Conv(c4, c4, 3), nn.Conv2d(c4, 3, 1)) for c in ch) if kpt_aux else None
+        self.cv4 = None
+        if kpt_aux:
+            self.cv4 = nn.ModuleList(nn.Sequential(Conv(c, c4, 3), Conv(c4, c4, 3), nn.Conv2d(c4, 3, 1)) for c in ch)
         self.strides = tuple(float(s) for s in strides)  # plain floats: a tensor would be data to torch.export
         self.bias_init()
 
@@ -273,7 +276,8 @@ class CrossAttention(nn.Module):
 
     def split_heads(self, t):
         # SDPA's fast CPU kernel needs unit stride on the head dim, hence the copy
-        return t.flatten(2).unflatten(1, (self.heads, -1)).transpose(2, 3).contiguous()  # (B, D, h, w) -> (B, heads, hw, d)
+        # (B, D, h, w) -> (B, heads, hw, d)
+        return t.flatten(2).unflatten(1, (self.heads, -1)).transpose(2, 3).contiguous()
 
     def forward(self, x, sources, need_attn=False):
         b, _, h, w = x.shape

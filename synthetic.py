@@ -222,7 +222,10 @@ def ensure_synthetic(root=None, **params):
                 return root
             for d in ("retinography", "angiography", "splits.json", "synthetic.json"):  # only what we wrote
                 p = root / d
-                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink(missing_ok=True)
         elif root.exists() and any(root.iterdir()):
             raise FileExistsError(f"{root} is not empty and holds no synthetic.json: not overwriting it")
         log(f"generating synthetic data in {root} ({want})")
