@@ -125,9 +125,10 @@ def bench_iter(a):
     """(e) one CA-MTL camtl-stage iteration on the synthetic data (256 px, batch 8, ratio [2, 1], DualBN, all loss
     terms) split into data, forward, loss, backward, optimizer + EMA; medians over iterations after warm-up."""
     import train
+    from config import load_config
     from losses import MultiTaskLoss
-    cfg, _ = train.load_config("camtl", None, [f"scale={a.scale}", "workers=2"])
-    _, loader, _ = train.build_data(cfg, "camtl", 0, 1)
+    cfg = load_config("camtl", None, [f"scale={a.scale}", "workers=2"])
+    _, loader, _ = train.build_data(cfg, 0, 1)
     model, _ = train.build_model(cfg, "camtl", lambda *x: None, verbose=False)
     model.train()
     anchor = {k: p.detach().clone() for k, p in model.named_parameters() if k.startswith(("backbone.", "neck."))}

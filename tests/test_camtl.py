@@ -52,7 +52,8 @@ def test_output_shapes_every_scale(scale):
             det, seg = m(torch.rand(1, 3, h, w))
         assert det.shape == (1, 4 + 2, sum((h // s) * (w // s) for s in (8, 16, 32)))
         assert {k: tuple(v.shape) for k, v in seg.items()} == {
-            "p3": (1, 1, h // 8, w // 8), "p4": (1, 1, h // 16, w // 16), "p5": (1, 1, h // 32, w // 32), "full": (1, 1, h, w)}
+            "p3": (1, 1, h // 8, w // 8), "p4": (1, 1, h // 16, w // 16), "p5": (1, 1, h // 32, w // 32),
+            "full": (1, 1, h, w)}
 
 
 def test_train_mode_shapes_at_320x256_and_bad_size_rejected():
@@ -208,7 +209,8 @@ def test_dualbn_keeps_separate_running_stats_per_domain():
     m = camtl(dual_bn=True).train()
     bn = m.backbone[0].bn
     assert isinstance(bn, DualBatchNorm2d)
-    assert all(isinstance(p, DualBatchNorm2d) for p in m.backbone.modules() for x in p.children() if isinstance(x, nn.BatchNorm2d))
+    assert all(isinstance(p, DualBatchNorm2d)
+               for p in m.backbone.modules() for x in p.children() if isinstance(x, nn.BatchNorm2d))
     with m.domain("target"):
         assert bn.domain == "target"
         m(torch.rand(2, 3, 64, 64) * 0.2 + 0.8)
@@ -242,7 +244,8 @@ def test_plain_bn_checkpoint_seeds_both_dualbn_branches(tmp_path):
     m = CAMTL.from_pretrained({"dual_bn": True}, stage_ckpt=str(path), stage="camtl", verbose=False)
     bn, ref = m.neck.n3.cv1.bn, ds1.neck.n3.cv1.bn
     for k in ("weight", "bias", "running_mean", "running_var"):
-        assert torch.equal(getattr(bn.source, k), getattr(ref, k)) and torch.equal(getattr(bn.target, k), getattr(ref, k))
+        assert (torch.equal(getattr(bn.source, k), getattr(ref, k))
+                and torch.equal(getattr(bn.target, k), getattr(ref, k)))
 
 
 def test_fuse_folds_the_active_dualbn_branch():

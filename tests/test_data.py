@@ -43,7 +43,10 @@ def test_read_image_formats(tmp_path):
         "bit.png": Image.fromarray(ramp8 > 100),
     }
     for name, im in cases.items():
-        im.save(tmp_path / name, quality=100) if name.endswith("jpg") else im.save(tmp_path / name)
+        if name.endswith("jpg"):
+            im.save(tmp_path / name, quality=100)
+        else:
+            im.save(tmp_path / name)
         a = data.read_image(tmp_path / name)
         assert a.shape == (2, 3, 3) and a.dtype == np.float32, name
         assert a.min() >= 0 and a.max() <= 1, name

@@ -25,7 +25,8 @@ def randomise(model, seed=0):
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
-                for t, lo, hi in ((m.running_mean, -0.2, 0.2), (m.running_var, 0.5, 1.5), (m.weight, 0.7, 1.3), (m.bias, -0.2, 0.2)):
+                for t, lo, hi in ((m.running_mean, -0.2, 0.2), (m.running_var, 0.5, 1.5),
+                                  (m.weight, 0.7, 1.3), (m.bias, -0.2, 0.2)):
                     t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
         for name, p in model.named_parameters():
             if name.split(".")[-1] == "gate":
@@ -62,7 +63,8 @@ def test_yolov8_from_ultralytics_pt2_equals_eager(tmp_path):
     with torch.no_grad():
         (got,), (fused,), ref = run(x), export.deployable(model)(x), model.eval()(x)
     assert (got - fused).abs().max() < 1e-4
-    assert (got - ref).abs().max() < 1e-3 and (got[:, 4:] - ref[:, 4:]).abs().max() < 1e-5  # folding: float rounding only
+    # folding: float rounding only
+    assert (got - ref).abs().max() < 1e-3 and (got[:, 4:] - ref[:, 4:]).abs().max() < 1e-5
 
 
 def test_camtl_fused_equals_unfused_in_target_domain(camtl_ckpt):

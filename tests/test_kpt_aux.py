@@ -1,4 +1,4 @@
-"""Centre-keypoint auxiliary (DESIGN.md §8): sizes, stripping, loss behaviour, checkpoints with/without it."""
+"""Centre-keypoint auxiliary (docs/design.md): sizes, stripping, loss behaviour, checkpoints with/without it."""
 import pytest
 import torch
 

@@ -7,8 +7,9 @@ import torch.nn as nn
 
 from losses import MultiTaskLoss, align_loss, consistency_loss, dice_bce, l2sp_loss, seg_loss
 
-CFG = dict(nc=1, box=7.5, cls=0.5, dfl=1.5, kpt=12.0, kobj=1.0, w_p3=0.25, w_p4=0.25, w_p5=0.25, w_full=1.0, lambda_det=1.0,
-           lambda_seg=1.0, lambda_cons=0.1, cons_mode="contain", cons_margin=0.3, lambda_align=0.05, lambda_l2sp=1e-3)
+CFG = dict(nc=1, box=7.5, cls=0.5, dfl=1.5, kpt=12.0, kobj=1.0, w_p3=0.25, w_p4=0.25, w_p5=0.25, w_full=1.0,
+           lambda_det=1.0, lambda_seg=1.0, lambda_cons=0.1, cons_mode="contain", cons_margin=0.3, lambda_align=0.05,
+           lambda_l2sp=1e-3)
 B, S = 2, 64
 
 
@@ -18,7 +19,8 @@ def det_maps(seed=0):
 
 
 def seg_maps(fill=0.0):
-    return {k: torch.full((B, 1, S // s, S // s), fill).requires_grad_(True) for k, s in (("p3", 8), ("p4", 16), ("p5", 32), ("full", 1))}
+    return {k: torch.full((B, 1, S // s, S // s), fill).requires_grad_(True)
+            for k, s in (("p3", 8), ("p4", 16), ("p5", 32), ("full", 1))}
 
 
 def det_batch():

@@ -66,7 +66,8 @@ def test_predict_cli_with_checkpoint_and_metrics_cli(tmp_path, capsys):
     src.mkdir()
     Image.fromarray((np.random.default_rng(0).random((50, 90, 3)) * 255).astype(np.uint8)).save(src / "a.jpg")
     (src / "b.png").write_bytes(b"")
-    res = evaluate.main(["--weights", str(ck), "--source", str(src), "--save-dir", str(tmp_path / "out"), "--conf", "0.001"])
+    res = evaluate.main(["--weights", str(ck), "--source", str(src), "--save-dir", str(tmp_path / "out"),
+                         "--conf", "0.001"])
     assert res["saved"] == ["a"] and [p.name for p in res["skipped"]] == ["b.png"]
     assert "b.png" in capsys.readouterr().out
     assert Image.open(tmp_path / "out/masks/a.png").size == (90, 50)
@@ -75,6 +76,7 @@ def test_predict_cli_with_checkpoint_and_metrics_cli(tmp_path, capsys):
     root = synthetic.make_synthetic(tmp_path / "syn", n=6, imgsz=64)
     m = evaluate.main(["--weights", str(ck), "--data", str(root), "--workers", "0"])
     out = capsys.readouterr().out
-    for key in ("Dice / IoU  full", "Dice / IoU  p3", "P / R", "mAP50 / mAP50-95", "loss [det seg cons align l2sp total]"):
+    for key in ("Dice / IoU  full", "Dice / IoU  p3", "P / R", "mAP50 / mAP50-95",
+                "loss [det seg cons align l2sp total]"):
         assert key in out
     assert {"dice_full", "dice_p5", "map50_95", "val/total"} <= set(m)

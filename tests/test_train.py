@@ -44,7 +44,8 @@ def stages(synth):
 def test_each_stage_writes_every_artefact(stages):
     ds1_dir, camtl_dir, ds1_m, camtl_m = stages
     for d, stage in ((ds1_dir, "domainshift1"), (camtl_dir, "camtl")):
-        for f in ("results.csv", "results.png", "val_seg.png", "weights/last.pt", "weights/best.pt", f"weights/yolov8c-{stage}.pt"):
+        for f in ("results.csv", "results.png", "val_seg.png", "weights/last.pt", "weights/best.pt",
+                  f"weights/yolov8c-{stage}.pt"):
             assert (d / f).is_file() and (d / f).stat().st_size > 0, f"{d / f} missing"
         assert not list(d.glob("weights/*.tmp")), "a temp checkpoint was left behind"
         last = torch.load(d / "weights" / "last.pt", weights_only=True)  # plain tensors and containers only
@@ -61,7 +62,8 @@ def test_each_stage_writes_every_artefact(stages):
 def test_camtl_starts_from_the_domainshift1_checkpoint(stages):
     ds1_dir, camtl_dir, _, _ = stages
     ds1 = torch.load(ds1_dir / "weights" / "yolov8c-domainshift1.pt", weights_only=True)
-    model, found = train.build_model(torch.load(camtl_dir / "weights" / "last.pt", weights_only=True)["config"], "camtl", print)
+    last_cfg = torch.load(camtl_dir / "weights" / "last.pt", weights_only=True)["config"]
+    model, found = train.build_model(last_cfg, "camtl", print)
     assert found == ds1_dir / "weights" / "yolov8c-domainshift1.pt"
     sd = model.state_dict()
     # a stage-1 BatchNorm loads into both DualBN branches; the seg stream keeps its GroupNorm weights
@@ -126,7 +128,8 @@ def test_config_errors_name_the_key(bad, msg):
 
 
 def test_config_layers_and_set_values():
-    cfg, defaults = config.load_config("camtl", None, ["camtl_ratio=[1,2,1]", "lr0=1", "cons_mode=bce", "scale=s"]), config.DEFAULTS
+    cfg = config.load_config("camtl", None, ["camtl_ratio=[1,2,1]", "lr0=1", "cons_mode=bce", "scale=s"])
+    defaults = config.DEFAULTS
     assert cfg["camtl_ratio"] == [1, 2, 1] and cfg["lr0"] == 1.0 and isinstance(cfg["lr0"], float)
     assert cfg["cons_mode"] == "bce" and cfg["scale"] == "s"
     assert cfg["imgsz"] == 256 and defaults["imgsz"] == 512  # configs/synthetic.py applies by default
@@ -150,7 +153,8 @@ def test_non_finite_loss_is_skipped_and_repeated_ones_stop_the_run(synth, monkey
     last = torch.load(run_dir / "weights" / "last.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
 
-    monkeypatch.setattr(MultiTaskLoss, "__call__", lambda self, *a, **k: (lambda t, v: (t * float("nan"), v))(*real(self, *a, **k)))
+    monkeypatch.setattr(MultiTaskLoss, "__call__",
+                        lambda self, *a, **k: (lambda t, v: (t * float("nan"), v))(*real(self, *a, **k)))
     with pytest.raises(SystemExit, match="non-finite losses in a row"):
         run("domainshift1", synth, "name=nan2", "max_nan_steps=2")
 
@@ -159,9 +163,9 @@ def test_non_finite_loss_is_skipped_and_repeated_ones_stop_the_run(synth, monkey
                     reason="gloo backend not built")
 def test_ddp_two_gloo_processes_keep_identical_weights(synth):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", str(ROOT / "train.py"),
-           "--stage", "domainshift1", "--set", *TINY, f"data={synth / 'synth'}", f"project={synth / 'runs_ddp'}",
-           f"weights_dir={synth / 'weights'}", "epochs=2", "--device", "cpu"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+           str(ROOT / "train.py"), "--stage", "domainshift1", "--set", *TINY, f"data={synth / 'synth'}",
+           f"project={synth / 'runs_ddp'}", f"weights_dir={synth / 'weights'}", "epochs=2", "--device", "cpu"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=synth)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "max weight difference across 2 ranks 0" in out.stdout

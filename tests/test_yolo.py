@@ -76,7 +76,8 @@ def test_nc_change_skips_class_branch_only():
     assert torch.allclose(m.detect.cv3[0][-1].bias, prior)  # fresh prior-bias init
 
 
-@pytest.mark.parametrize("scale,want", [("n", 3157200), ("s", 11166560), ("m", 25902640), ("l", 43691520), ("x", 68229648)])
+@pytest.mark.parametrize("scale,want",
+                         [("n", 3157200), ("s", 11166560), ("m", 25902640), ("l", 43691520), ("x", 68229648)])
 def test_param_counts_equal_reference(scale, want):
     assert sum(p.numel() for p in YOLOv8(nc=80, scale=scale, verbose=False).parameters()) == want
 
@@ -84,7 +85,8 @@ def test_param_counts_equal_reference(scale, want):
 def test_ema_attention_param_count_and_shapes():
     m = YOLOv8(nc=80, scale="n", ema_attention=True, verbose=False)
     assert sum(p.numel() for p in m.parameters()) == 3170864
-    assert [sum(p.numel() for p in e.parameters()) for e in (m.neck.ema3, m.neck.ema4, m.neck.ema5)] == [672, 2624, 10368]
+    ema_sizes = [sum(p.numel() for p in e.parameters()) for e in (m.neck.ema3, m.neck.ema4, m.neck.ema5)]
+    assert ema_sizes == [672, 2624, 10368]
     out = m.train()(torch.rand(2, 3, 64, 96))
     assert [tuple(o.shape) for o in out] == [(2, 144, 8, 12), (2, 144, 4, 6), (2, 144, 2, 3)]
 
@@ -183,11 +185,13 @@ def test_one_image_without_boxes_gets_no_positives(case):
 
 def test_assigner_small_box_widened_and_perfect_prediction():
     # one 4x4 px GT at the centre of a 64 px image: without widening to 16 px no stride-8 centre is inside
-    anchors = torch.stack(torch.meshgrid(torch.arange(8) * 8 + 4.0, torch.arange(8) * 8 + 4.0, indexing="xy"), -1).view(-1, 2)
+    grid = torch.arange(8) * 8 + 4.0
+    anchors = torch.stack(torch.meshgrid(grid, grid, indexing="xy"), -1).view(-1, 2)
     gt = torch.tensor([[[30.0, 30.0, 34.0, 34.0]]])
     pd_boxes = gt.expand(1, 64, 4).clone()
     scores = torch.full((1, 64, 1), 0.5)
-    labels, boxes, tscores, fg, idx = task_aligned_assign(scores, pd_boxes, anchors, torch.zeros(1, 1, 1), gt, torch.ones(1, 1, 1, dtype=torch.bool))
+    labels, boxes, tscores, fg, idx = task_aligned_assign(scores, pd_boxes, anchors, torch.zeros(1, 1, 1), gt,
+                                                          torch.ones(1, 1, 1, dtype=torch.bool))
     assert fg.sum() == 4  # the 4 anchors at 28 and 36 around the centre
     assert torch.allclose(tscores.max(), bbox_ciou(gt[0, 0], gt[0, 0]))  # best anchor gets the GT's best CIoU (1)
 
