@@ -17,8 +17,16 @@ Decisions on inputs the layout leaves open (docs/design.md §8):
   exact and tight. Its randomness is a function of (seed, epoch, image index), handed over by the
   sampler, so batches do not depend on the number of workers or on persistent workers.
 - A det batch has no vessel mask: its mask keys are None.
+- Images deeper than 8 bits are scaled by their real bit depth (`full_scale`): a 16-bit file holding 12-bit
+  values (<= 4095, angiograms exported from DICOM) is divided by 4095, not 65535.
+- A mask with 0 and one other value (or a palette mask) is vessel wherever it is > 0. Any other mask (JPEG-compressed,
+  antialiased, soft) is vessel above half its largest value, and the scan reports it once ("thresholded").
+- A directory where a file should be is a bad file (named and skipped). splits.json of the wrong shape stops the
+  run naming it; images in the folders that it does not list get one warning (`python data.py split` rewrites it).
+- Too little data for a stage (a task missing, fewer training images than one batch, too few batches for one
+  camtl_ratio cycle) stops the run before any loader is built: `check_stage_data`.
 
-CLI: python data.py arcade|folder|split|check ...  (python data.py -h)
+CLI: python data.py arcade|folder|split|check ...  (python data.py -h); check changes nothing on disk
 Synthetic data (generator, cached default set, picture of samples): synthetic.py, python synthetic.py -h
 """
 import argparse
@@ -68,8 +76,8 @@ def _pil_to_float(im, keep_gray=False):
     a = np.asarray(im)
     if a.dtype == np.uint8:
         a = a.astype(np.float32) / 255
-    elif a.dtype.kind in "ui":
-        a = a.astype(np.float32) / 65535  # 16-bit, whether PIL calls it I;16 or I
+    elif a.dtype.kind in "ui":  # 16-bit, whether PIL calls it I;16 or I
+        a = a.astype(np.float32) / full_scale(a)
     else:
         a = a.astype(np.float32)  # float images are taken to be in [0, 1] already
     if a.ndim == 2:
@@ -78,9 +86,22 @@ def _pil_to_float(im, keep_gray=False):
     return np.ascontiguousarray(np.repeat(a, 3, 2) if a.shape[2] == 1 and not keep_gray else a)
 
 
+def full_scale(a):
+    """The value that is white in an integer image deeper than 8 bits: 2^b - 1 for the smallest even bit depth
+    b >= 8 that holds its largest value. A 16-bit file whose values stay <= 4095 (12-bit angiograms exported from
+    DICOM) is read as 12-bit (/ 4095), not as near-black 16-bit; <= 1023 as 10-bit, <= 255 as 8-bit, above 16383
+    as 16-bit (/ 65535). The rule looks at each image on its own: a very dark true 16-bit image comes out brighter."""
+    top, b = int(a.max()) if a.size else 0, 8
+    while top > 2**b - 1:
+        b += 2
+    return 2**b - 1
+
+
 def read_image(path, keep_gray=False):
     """Any png/jpg/tif/bmp, 8/16-bit, gray/RGB/RGBA -> float32 (H, W, 3) in [0, 1]; ValueError if
-    unreadable. keep_gray: a gray image stays (H, W, 1), a third of the work until the very end."""
+    unreadable. keep_gray: a gray image stays (H, W, 1), a third of the work until the very end.
+    8-bit values are divided by 255; deeper integer images by their real bit depth's full scale (`full_scale`:
+    12-bit data in a 16-bit file by 4095); float images are taken to be in [0, 1]."""
     try:
         with Image.open(path) as im:
             im.load()  # decode now: truncated files fail here, not later
@@ -89,17 +110,37 @@ def read_image(path, keep_gray=False):
         raise ValueError(f"cannot read image {path}: {e}") from e
 
 
-def read_mask(path):
-    """Mask image -> bool (H, W), vessel = any colour channel > 0 (palette masks: index > 0)."""
+def _mask_levels(path):
+    """A mask file -> ((H, W) array of its values: the largest colour channel, or a palette mask's index, palette?)."""
     try:
         with Image.open(path) as im:
             im.load()
-            a = np.asarray(im)
+            a, palette = np.asarray(im), im.mode in ("P", "PA")
     except Exception as e:
         raise ValueError(f"cannot read mask {path}: {e}") from e
+    if a.dtype == bool:
+        a = a.astype(np.uint8)
     if a.ndim == 3:
         a = a[..., :3].max(-1) if a.shape[2] >= 3 else a[..., 0]
-    return a > 0
+    return a, palette
+
+
+def mask_threshold(a, palette=False):
+    """-> (t, two-valued?): a mask pixel is vessel when its value > t. A two-valued mask (0 and one other value, or
+    a single value) or a palette mask (indices are labels): t = 0, so 0/1, 0/255 and palette masks all work.
+    Anything else (JPEG-compressed, antialiased or soft masks): t = half the mask's largest value (127.5 for a
+    0/255 JPEG), and the scan reports the file once as "thresholded"."""
+    top = a.max() if a.size else 0
+    if palette or not ((a > 0) & (a < top)).any():
+        return 0, True
+    return float(top) / 2, False
+
+
+def read_mask(path):
+    """Mask image -> bool (H, W), vessel = value > mask_threshold (two-valued and palette masks: any value > 0;
+    the largest colour channel counts)."""
+    a, palette = _mask_levels(path)
+    return a > mask_threshold(a, palette)[0]
 
 
 def _image_size(path):
@@ -189,18 +230,85 @@ def make_splits(root, ratios=(0.7, 0.3, 0.0), seed=42, group_regex=None):
 
 def write_splits(root, splits):
     p = Path(root) / "splits.json"
+    p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(f".json.{os.getpid()}.tmp")  # per process: DDP ranks may all write
     tmp.write_text(json.dumps(splits, indent=1))
     tmp.replace(p)  # atomic: a reader never sees half a file
 
 
-def load_splits(root, group_regex=None):
-    """Read root/splits.json; when missing, write one (70/30/0, seed 42, optionally grouped) first."""
+SPLITS = ("train", "val", "test")
+SPLITS_SHAPE = '{task_key: {"train": [...], "val": [...], "test": [...]}}'
+_warned_unlisted = set()  # roots already warned about in this process
+
+
+def _splits_error(p, why):
+    return SystemExit(f"{p}: {why}; expected {SPLITS_SHAPE}, task keys {', '.join(TASKS)}, each entry "
+                      '{"image": path, "label": path (detection) or "mask": path (segmentation)}. Rewrite it with '
+                      f"`python data.py split --root {p.parent}` (70/30/0; or re-run the converter that wrote it)")
+
+
+def read_splits(root):
+    """root/splits.json, checked -> {task_key: {split: [entries]}} (a missing task or split is empty), or None
+    when there is none. Unreadable or of the wrong shape: SystemExit naming the file and its expected shape."""
     p = Path(root) / "splits.json"
-    if p.exists():
+    if not p.exists():
+        return None
+    try:
+        splits = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise _splits_error(p, f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise _splits_error(p, f"unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(splits, dict):
+        raise _splits_error(p, f"a JSON {type(splits).__name__}, not an object of task keys")
+    for key, per in splits.items():
+        if key not in TASKS:
+            raise _splits_error(p, f"unknown task key {key!r}")
+        if not isinstance(per, dict) or set(per) - set(SPLITS):
+            what = f"split names {sorted(set(per) - set(SPLITS))}" if isinstance(per, dict) else type(per).__name__
+            raise _splits_error(p, f"{key} holds {what}; splits are train, val, test")
+        need = "label" if TASKS[key][1] == "det" else "mask"
+        for split, entries in per.items():
+            if not isinstance(entries, list):
+                raise _splits_error(p, f"{key}/{split} is a JSON {type(entries).__name__}, not a list of entries")
+            for e in entries:
+                if not (isinstance(e, dict) and isinstance(e.get("image"), str) and isinstance(e.get(need), str)):
+                    raise _splits_error(p, f"{key}/{split} has an entry without 'image' and '{need}' paths: "
+                                           f"{json.dumps(e)[:80]}")
+    return splits
+
+
+def _warn_unlisted(root, splits):
+    """Images in a task's folder that splits.json does not list (added after it was written) are never used: say so
+    once per root, with the count and the command that rewrites it."""
+    root = Path(root)
+    if root.resolve() in _warned_unlisted:
+        return
+    _warned_unlisted.add(root.resolve())
+    for key, (folder, _, _) in TASKS.items():
+        d = root / folder / "images"
+        if not d.is_dir():
+            continue
+        listed = {os.path.normpath(root / e["image"]) for per in splits.get(key, {}).values() for e in per}
+        on_disk = [p for p in sorted(d.iterdir()) if p.suffix.lower() in IMG_EXTS]
+        extra = [p for p in on_disk if os.path.normpath(p) not in listed]
+        if extra:
+            log(f"WARNING {root / 'splits.json'} does not list {len(extra)} of the {len(on_disk)} images in {d} "
+                f"(e.g. {extra[0].name}): they are not used. `python data.py split --root {root}` rewrites it "
+                "(a new 70/30/0 split; --group REGEX keeps a patient's images together)")
+
+
+def load_splits(root, group_regex=None):
+    """Read root/splits.json (checked: read_splits; images it does not list: a warning); when missing, write one
+    (70/30/0, seed 42, optionally grouped) first."""
+    p = Path(root) / "splits.json"
+    splits = read_splits(root)
+    if splits is not None:
         if group_regex:
-            log(f"{p} exists, group_regex ignored (delete it or run `python data.py split` to re-split)")
-        return json.loads(p.read_text())
+            log(f"{p} exists, group_regex ignored (delete it or run `python data.py split --root {root} --group "
+                "REGEX` to re-split)")
+        _warn_unlisted(root, splits)
+        return splits
     splits = make_splits(root, group_regex=group_regex)
     write_splits(root, splits)
     log(f"wrote {p}: " + ", ".join(f"{k} {len(v['train'])}/{len(v['val'])}" for k, v in splits.items()))
@@ -326,6 +434,8 @@ def unletterbox_mask(mask, ratio, pad, orig_shape, mode="bilinear"):
 def _check(root, e, task, nc):
     """Scan one splits entry -> (item or None, problem or None); problem = (path, kind, detail, action)."""
     img = Path(root) / e["image"]
+    if img.is_dir():
+        return None, (img, "a directory, not an image file", "", "skipped")
     try:
         shape = _image_size(img)
     except Exception as ex:
@@ -334,23 +444,33 @@ def _check(root, e, task, nc):
     item = dict(image=img, shape=shape, boxes=np.zeros((0, 5), np.float32), mask=None)
     if task == "seg":
         m = Path(root) / e["mask"]
+        if m.is_dir():
+            return None, (m, "a directory, not a mask file", "", "skipped")
         if not m.exists():
             return None, (m, "missing mask", "", "skipped")
         try:
-            ms = _image_size(m)
-        except Exception as ex:
-            return None, (m, "unreadable mask", str(ex), "skipped")
-        if ms != shape:
-            return None, (m, "mask size mismatch", f"mask {ms} vs image {shape}", "skipped")
+            levels, palette = _mask_levels(m)
+        except ValueError as ex:
+            return None, (m, "unreadable mask", str(ex.__cause__ or ex), "skipped")
+        if levels.shape != shape:
+            return None, (m, "mask size mismatch", f"mask {levels.shape} vs image {shape}", "skipped")
         item["mask"] = m
+        t, two_valued = mask_threshold(levels, palette)
+        if not two_valued:  # e.g. a JPEG-compressed 0/255 mask
+            return item, (m, "mask not two-valued", f"{len(np.unique(levels))} levels, e.g. JPEG-compressed; "
+                                                    f"vessel = value > {t:g}", "thresholded")
         return item, None
     lab = Path(root) / e["label"]
+    if lab.is_dir():
+        return None, (lab, "a directory, not a label file", "", "skipped")
     if not lab.exists():
         return None, (lab, "missing label file", "an empty file marks a negative", "skipped")
     try:
         item["boxes"], clipped = parse_labels(lab.read_text(errors="replace"), nc)
     except ValueError as ex:
         return None, (lab, *ex.args, "skipped")
+    except OSError as ex:
+        return None, (lab, "unreadable label file", str(ex), "skipped")
     return item, (lab, "box outside the image", "", "clipped") if clipped else None
 
 
@@ -358,17 +478,18 @@ class TaskDataset(Dataset):
     """One task key's split: letterboxed (optionally augmented) samples with boxes and masks.
 
     Every file is checked once here; bad ones are reported and skipped (strict=True: raised).
-    __getitem__ takes an index or (index, seed, epoch) from SeededSampler, which seeds augmentation."""
+    __getitem__ takes an index or (index, seed, epoch) from SeededSampler, which seeds augmentation.
+    splits: the {task_key: {split: entries}} to use instead of reading (or writing) root/splits.json."""
 
     def __init__(self, root, task_key, split="train", imgsz=256, augment=False, nc=1, strict=False,
-                 hyp=None, verbose=True):
+                 hyp=None, verbose=True, splits=None):
         assert imgsz % 32 == 0, f"imgsz must be a multiple of 32 (the P5 stride), got {imgsz}"
         if task_key not in TASKS:
             raise KeyError(f"unknown task key {task_key!r}, expected one of {list(TASKS)}")
         self.root, self.key, self.split, self.imgsz, self.augment = Path(root), task_key, split, imgsz, augment
         _, self.task, self.domain = TASKS[task_key]
         self.hyp = {**AUG, **(hyp or {})}
-        entries = load_splits(root).get(task_key, {}).get(split, [])
+        entries = (load_splits(root) if splits is None else splits).get(task_key, {}).get(split, [])
         with ThreadPoolExecutor(8) as ex:  # decoding every file once; PIL releases the GIL
             results = list(ex.map(lambda e: _check(root, e, self.task, nc), entries))
         self.items = [it for it, _ in results if it is not None]
@@ -465,19 +586,23 @@ def build_loader(root, task_key, split="train", imgsz=256, batch=16, augment=Non
 
 class AlternatingLoader:
     """Interleaves task loaders for the camtl stage: per cycle ratio[0] det batches, ratio[1] seg
-    batches and ratio[2] source (retinography) batches. The epoch ends with the shortest stream
-    (in cycles), identically on every rank; each stream is reshuffled by set_epoch."""
+    batches and ratio[2] source (retinography) replay batches. The target-domain streams (det, seg) define
+    the epoch: it ends with the shorter of them (in cycles), identically on every rank. The replay stream
+    only cycles: when it runs out it starts over, reshuffled, so a small fundus set never shortens the
+    epoch. Each stream is reshuffled by set_epoch."""
 
     def __init__(self, det_loader, seg_loader, src_loader=None, ratio=(1, 2)):
         ratio = [int(r) for r in ratio]
-        if len(ratio) not in (2, 3) or min(ratio) < 0 or sum(ratio) == 0:
-            raise ValueError(f"ratio must be [det, seg] or [det, seg, source] of counts >= 0, got {ratio}")
+        if len(ratio) not in (2, 3) or min(ratio) < 0 or ratio[0] + ratio[1] == 0:
+            raise ValueError(f"ratio must be [det, seg] or [det, seg, source] of counts >= 0 with det or seg > 0, "
+                             f"got {ratio}")
         if (len(ratio) == 3 and ratio[2] > 0) != (src_loader is not None):
             raise ValueError("a source loader needs a third ratio entry > 0, and vice versa")
         self.streams = [(ld, r) for ld, r in zip((det_loader, seg_loader, src_loader), ratio) if r > 0]
-        self.pattern = [j for j, (_, r) in enumerate(self.streams) for _ in range(r)]  # e.g. [0, 1, 1]
-        self.cycles = min(len(ld) // r for ld, r in self.streams)
-        if self.cycles == 0:
+        self.replay = len(self.streams) - 1 if src_loader is not None else None  # index of the cycling stream
+        self.pattern = [j for j, (_, r) in enumerate(self.streams) for _ in range(r)]  # e.g. [0, 1, 1, 2]
+        self.cycles = min(len(ld) // r for j, (ld, r) in enumerate(self.streams) if j != self.replay)
+        if self.cycles == 0 or src_loader is not None and len(src_loader) == 0:
             sizes = [len(ld) for ld, _ in self.streams]
             raise ValueError(f"streams of {sizes} batches can't fill one cycle of {ratio}")
         self.epoch = 0
@@ -492,10 +617,17 @@ class AlternatingLoader:
 
     def __iter__(self):
         its = [iter(ld) for ld, _ in self.streams]
+        restarts = 0
         for _ in range(self.cycles):
             for j in self.pattern:
-                yield next(its[j])
-
+                try:
+                    yield next(its[j])
+                except StopIteration:  # only the replay stream can run out: start it over, reshuffled
+                    restarts += 1
+                    ld = self.streams[j][0]
+                    ld.sampler.set_epoch(self.epoch * 1000 + restarts)  # a new order, the same on every rank
+                    its[j] = iter(ld)
+                    yield next(its[j])
 
 def val_loaders(root, stage, split="val", imgsz=512, batch=8, workers=0, nc=1):
     """{task: loader} of what a stage is scored on (STAGE_TASKS), without augmentation: stage 1 fundus vessels,
@@ -503,10 +635,81 @@ def val_loaders(root, stage, split="val", imgsz=512, batch=8, workers=0, nc=1):
     keys = STAGE_TASKS[stage]
     loaders = {t: build_loader(root, k, split, imgsz=imgsz, batch=batch, augment=False, shuffle=False,
                                workers=workers, nc=nc) for t, k in keys.items()}
-    loaders = {t: ld for t, ld in loaders.items() if len(ld.dataset)}  # e.g. an empty test split of one task
-    if not loaders:
+    empty = [t for t, ld in loaders.items() if not len(ld.dataset)]  # e.g. an empty test split of one task
+    if len(empty) == len(loaders):
         raise SystemExit(f"{root}: no images in split '{split}' of {', '.join(keys.values())}")
-    return loaders
+    for t in empty:
+        log(f"{keys[t]}/{split}: no images, so its {'detection' if t == 'det' else 'segmentation'} metrics are "
+            "absent (not 0)")
+    return {t: ld for t, ld in loaders.items() if t not in empty}
+
+
+def split_counts(splits):
+    """{task_key: {split: images listed}} of a splits dict, every task and split present."""
+    return {k: {s: len(splits.get(k, {}).get(s, [])) for s in SPLITS} for k in TASKS}
+
+
+def check_stage_data(root, stage, batch, camtl_ratio=(1, 2), world_size=1, counts=None):
+    """Does root hold enough data to train this stage? Call before building loaders. Each task the stage trains on
+    needs at least one full batch of training images per rank (batch x world_size images); in camtl the det and
+    seg streams need as many batches per epoch as one cycle of camtl_ratio takes from them; the stage's validation
+    tasks need at least one val image between them. Otherwise SystemExit with one line: what is short, the image
+    counts per task and split, and what to change (batch, camtl_ratio, the folder). counts {task_key: {split: n}}
+    defaults to what splits.json lists (or would list: nothing is written); pass the datasets' sizes to check what
+    is left after bad files were skipped."""
+    root = Path(root)
+    if counts is None:
+        splits = read_splits(root)
+        counts = split_counts(splits if splits is not None else make_splits(root))
+    counts = {k: {s: (counts.get(k) or {}).get(s, 0) for s in SPLITS} for k in TASKS}  # any left out: 0
+    ratio = list(camtl_ratio)
+    if stage == "domainshift1":
+        streams = [("retinography_segmentation", 1)]  # (task key, batches it must give per epoch)
+    else:
+        streams = [(STAGE_TASKS[stage]["det"], ratio[0]), (STAGE_TASKS[stage]["seg"], ratio[1])]
+        if len(ratio) == 3 and ratio[2] > 0:
+            streams.append(("retinography_segmentation", 1))  # the replay stream starts over when it runs out
+    streams = [(k, nb) for k, nb in streams if nb > 0]
+
+    def short(b):  # what is wrong with batch size b, one phrase per task
+        out = []
+        for key, nb in streams:
+            n = counts[key]["train"]
+            per_rank = math.ceil(n / world_size)
+            ranks = f" per rank ({world_size} ranks)" if world_size > 1 else ""
+            if n == 0:
+                out.append(f"{key} has no training images (folder {root / TASKS[key][0] / 'images'})")
+            elif per_rank < b:
+                out.append(f"{key} has {n} training images, fewer than one batch of {b}{ranks}")
+            elif math.ceil(per_rank / b) < nb:
+                k = math.ceil(per_rank / b)
+                out.append(f"{key} gives {k} batch{'es' if k > 1 else ''} of {b}{ranks} per epoch but camtl_ratio "
+                           f"{ratio} takes {nb} per cycle")
+        return out
+
+    problems = short(batch)
+    if not sum(counts[k]["val"] for k in STAGE_TASKS[stage].values()):
+        problems.append(f"no validation images in {' or '.join(STAGE_TASKS[stage].values())}")
+    if not problems:
+        return
+    table = ", ".join(f"{k} {c['train']}/{c['val']}/{c['test']}" for k, c in counts.items())
+    fixes = []
+    if any(counts[k]["train"] == 0 for k, _ in streams):
+        fixes.append("put the missing task's images and labels in its folder (README: data layout; `python data.py "
+                     f"arcade|folder` convert them), then `python data.py split --root {root}`")
+    fit = next((b for b in range(batch - 1, 0, -1) if not short(b)), None)
+    if fit:
+        fixes.append(f"lower batch (--set batch={fit})")
+    if any("camtl_ratio" in p for p in problems):  # as many batches per cycle as each stream gives per epoch
+        gives = {k: math.ceil(math.ceil(counts[k]["train"] / world_size) / batch) for k, _ in streams}
+        keys = (STAGE_TASKS[stage]["det"], STAGE_TASKS[stage]["seg"])
+        fit_ratio = [min(r, gives.get(k, r)) for k, r in zip(keys, ratio)] + ratio[2:]
+        if fit_ratio[0] + fit_ratio[1] > 0:
+            fixes.append(f"take fewer batches per cycle (--set camtl_ratio={str(fit_ratio).replace(' ', '')})")
+    if any(p.startswith("no validation") for p in problems) and not fixes:
+        fixes.append(f"give val images: `python data.py split --root {root}` (70/30/0)")
+    raise SystemExit(f"data {root}: not enough to train {stage}: {'; '.join(problems)}. Images per task "
+                     f"(train/val/test): {table}. To fix: {'; or '.join(fixes) or 'add images'}")
 
 # -----------------------------------------------------------------------------
 # converters: ARCADE (COCO-style JSON) and plain folders of images + masks
@@ -622,11 +825,28 @@ def main(argv=None):
     a = sub.add_parser("split", help="(re)write splits.json, optionally grouped by a file-name regex")
     a.add_argument("--root", required=True)
     a.add_argument("--group", default=None)
-    a = sub.add_parser("check", help="scan every split for bad inputs (exit status 1 if any file is skipped)")
+    a = sub.add_parser("check", help="scan every split for bad inputs (exit status 1 if any file is skipped); "
+                                     "changes nothing on disk")
     a.add_argument("--root", required=True)
     a.add_argument("--nc", type=int, default=1)
+    a.add_argument("--write-splits", action="store_true",
+                   help="without splits.json: write the one it checked (default: check it in memory only)")
     args = ap.parse_args(argv)
+    for flag in ("src", "images", "masks") + (("root",) if args.cmd in ("split", "check") else ()):
+        path = getattr(args, flag, None)
+        if path is not None and not Path(path).is_dir():
+            name = flag if flag in ("src", "images", "masks") else "--root"
+            raise SystemExit(f"{args.cmd}: {name} {path} is not a directory"
+                             + ("; give the processed data root (README: data layout)" if name == "--root" else ""))
+    if getattr(args, "group", None):
+        try:
+            re.compile(args.group)
+        except re.error as e:
+            raise SystemExit(f"--group {args.group!r}: not a valid regular expression ({e})") from None
     if args.cmd == "arcade":
+        if not any(any((Path(args.src) / s / "annotations").glob("*.json")) for s in SPLITS):
+            raise SystemExit(f"arcade: no {args.src}/{{train,val,test}}/annotations/*.json; expected an ARCADE "
+                             "release folder (its syntax/ or stenosis/ part)")
         convert_arcade(args.src, args.root, args.task)
     elif args.cmd == "folder":
         convert_folder(args.images, args.masks, args.root, args.task, args.group)
@@ -634,14 +854,32 @@ def main(argv=None):
         (Path(args.root) / "splits.json").unlink(missing_ok=True)
         load_splits(args.root, args.group)
     elif args.cmd == "check":
-        skipped = 0
+        if args.nc < 1:
+            raise SystemExit(f"--nc {args.nc}: must be >= 1")
+        splits = read_splits(args.root)
+        if splits is None:
+            splits = make_splits(args.root)
+            if args.write_splits:
+                write_splits(args.root, splits)
+                log(f"wrote {Path(args.root) / 'splits.json'}")
+            else:
+                log(f"no {Path(args.root) / 'splits.json'}: checking the 70/30/0 split training would write "
+                    "(not written; --write-splits writes it)")
+        else:
+            _warn_unlisted(args.root, splits)
+        skipped, total = 0, 0
         for key in TASKS:
-            for s in ("train", "val", "test"):
-                ds = TaskDataset(args.root, key, s, nc=args.nc)
+            for s in SPLITS:
+                ds = TaskDataset(args.root, key, s, nc=args.nc, splits=splits)
                 skipped += sum(act == "skipped" for *_, act in ds.problems)
-        if skipped:
-            log(f"check: {skipped} bad files skipped")
+                total += len(ds) + sum(act == "skipped" for *_, act in ds.problems)
+        if not total:
+            log(f"check: no images in any task folder of {args.root} (README: data layout)")
             return 1
+        if skipped:
+            log(f"check: {skipped} of {total} files skipped as bad (listed above)")
+            return 1
+        log(f"check: all {total} images usable")
     return 0
 
 

@@ -11,6 +11,7 @@ including its particular box-to-label matching rule and its F1-based choice of t
 
 import argparse
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,9 @@ import torchvision
 
 import data
 import export
+import plots
 import synthetic
+from config import check_device
 from losses import MultiTaskLoss, TermMeter, xywh2xyxy
 from model import load_checkpoint, load_weights
 
@@ -89,7 +92,8 @@ def _rows(x, ncol):
 def match_predictions(iou, thresholds=IOU_THRESHOLDS):
     """
     iou: (M labels, N detections), already zeroed where classes differ. Returns correct (N, T) bool.
-    The classic YOLOv8 validator rule (not COCO's greedy-by-confidence): per threshold take all pairs with IoU >= t,
+    The IoU-sorted rule of the older YOLOv8 releases (8.0-8.3; DetMeter(greedy=False), kept to compare with numbers
+    they produced; the default is match_greedy): per threshold take all pairs with IoU >= t,
     sort them by IoU (highest first, ties -> lower label then lower detection index), keep each detection's first
     pair, then, walking those in ascending detection index, keep each label's first pair. A detection whose best
     label is taken by an earlier detection is a false positive even if another label was free.
@@ -110,9 +114,12 @@ def match_predictions(iou, thresholds=IOU_THRESHOLDS):
 
 def match_greedy(iou, thresholds=IOU_THRESHOLDS):
     """
-    Same inputs/output as match_predictions; the COCO-style rule of the Ultralytics 8.4.190 reference: detections,
-    in the given (confidence) order, each claim their highest-IoU label still unclaimed at that threshold (ties ->
-    lower label index).
+    Same inputs/output as match_predictions; the COCO-style rule of the Ultralytics 8.4.190 reference and the default
+    of DetMeter/detection_metrics: detections, in the given order (which must be descending confidence, as NMS
+    delivers them), each claim their highest-IoU label still unclaimed at that threshold (ties -> lower label
+    index) and are correct if that IoU >= t. Unlike match_predictions, a detection whose best label is already
+    taken falls back to the next free one; thresholds are independent (a label too far for an earlier detection at
+    a high t stays free for a later one).
     """
     correct = np.zeros((iou.shape[1], len(thresholds)), dtype=bool)
     free = np.ones((iou.shape[0], len(thresholds)), dtype=bool)  # labels still unclaimed, per threshold
@@ -125,15 +132,21 @@ def match_greedy(iou, thresholds=IOU_THRESHOLDS):
     return correct
 
 
+def precision_envelope(recall, precision):
+    """Recall with sentinels (0 first; recall[-1], 1 last) and the monotone precision envelope over it: at each
+    recall, the best precision at that recall or beyond. What compute_ap integrates and PR_curve.png draws."""
+    mrec = np.concatenate(([0.0], recall, [recall[-1] if len(recall) else 1.0], [1.0]))
+    mpre = np.concatenate(([1.0], precision, [0.0], [0.0]))
+    return mrec, np.flip(np.maximum.accumulate(np.flip(mpre)))
+
+
 def compute_ap(recall, precision):
     """
     AP = area under the monotone precision envelope, sampled at 101 recall points (COCO), trapezoid rule.
     Quirk kept for parity: the (recall[-1], 0) sentinel makes np.interp return 0 at recall 1.0, so a flawless class
     scores 0.995, not 1 (the familiar "mAP50 0.995" of Ultralytics logs).
     """
-    mrec = np.concatenate(([0.0], recall, [recall[-1] if len(recall) else 1.0], [1.0]))
-    mpre = np.concatenate(([1.0], precision, [0.0], [0.0]))
-    mpre = np.flip(np.maximum.accumulate(np.flip(mpre)))  # envelope: best precision at this recall or beyond
+    mrec, mpre = precision_envelope(recall, precision)
     x = np.linspace(0, 1, 101)
     y = np.interp(x, mrec, mpre)
     return float(np.sum((y[1:] + y[:-1]) * np.diff(x)) / 2)  # == np.trapezoid(y, x)
@@ -158,6 +171,7 @@ def ap_per_class(tp, conf, pred_cls, target_cls, eps=1e-16):
     grid = np.linspace(0, 1, 1000)  # confidence grid for the P/R/F1 curves
     ap = np.zeros((len(classes), tp.shape[1]))
     p_curve, r_curve = np.zeros((len(classes), 1000)), np.zeros((len(classes), 1000))
+    pr_precision = np.zeros((len(classes), 1000))  # the IoU-0.5 precision envelope on a recall grid
     for ci, c in enumerate(classes):
         i = pred_cls == c
         if not i.any():
@@ -169,28 +183,33 @@ def ap_per_class(tp, conf, pred_cls, target_cls, eps=1e-16):
         # np.interp needs increasing x, and conf decreases along the list: negate both
         r_curve[ci] = np.interp(-grid, -conf[i], recall[:, 0], left=0)
         p_curve[ci] = np.interp(-grid, -conf[i], precision[:, 0], left=1)
+        pr_precision[ci] = np.interp(grid, *precision_envelope(recall[:, 0], precision[:, 0]))
         ap[ci] = [compute_ap(recall[:, j], precision[:, j]) for j in range(tp.shape[1])]
     f1_curve = 2 * p_curve * r_curve / (p_curve + r_curve + eps)
     best = smooth(f1_curve.mean(0), 0.1).argmax() if len(classes) else 0  # one operating point for all classes
     return dict(classes=classes.astype(int), n_labels=n_labels, p=p_curve[:, best], r=r_curve[:, best],
-                f1=f1_curve[:, best], ap_per_iou=ap, ap50=ap[:, 0], ap=ap.mean(1), conf_best=float(grid[best]))
+                f1=f1_curve[:, best], ap_per_iou=ap, ap50=ap[:, 0], ap=ap.mean(1), conf_best=float(grid[best]),
+                px=grid, p_curve=p_curve, r_curve=r_curve, f1_curve=f1_curve, pr_precision=pr_precision)
 
 
 class DetMeter:
     """
     Accumulates per-image match statistics (not boxes); compute() runs the dataset-level AP.
-    greedy=False: classic YOLOv8 matching (match_predictions); greedy=True: Ultralytics 8.4.190's (match_greedy).
+    greedy=True (default): the current reference's rule, Ultralytics 8.4.190 / COCO greedy-by-confidence
+    (match_greedy); greedy=False: the IoU-sorted rule of older releases (match_predictions), to compare with numbers
+    they produced. The two agree on sparse scenes and differ around the second decimal of mAP50-95 on crowded ones.
     """
 
-    def __init__(self, greedy=False):
+    def __init__(self, greedy=True):
         self.match = match_greedy if greedy else match_predictions
         self.tp, self.conf, self.pred_cls, self.target_cls = [], [], [], []
 
     def update(self, preds, targets):
         """preds: per image (N, 6) x1,y1,x2,y2,conf,cls; targets: per image (M, 5) cls,x1,y1,x2,y2.
-        Detections are matched in the order given (NMS output is already sorted by confidence)."""
+        Detections are matched in descending confidence (a stable sort: NMS output keeps its order)."""
         for p, t in zip(preds, targets):
             p, t = _rows(p, 6), _rows(t, 5)
+            p = p[np.argsort(-p[:, 4], kind="stable")]
             correct = np.zeros((len(p), len(IOU_THRESHOLDS)), dtype=bool)
             if len(p) and len(t):
                 iou = box_iou(torch.from_numpy(t[:, 1:]), torch.from_numpy(p[:, :4])).numpy()
@@ -216,8 +235,9 @@ class DetMeter:
                     maps=maps, **s)
 
 
-def detection_metrics(preds, targets, nc, greedy=False):
-    """One-shot DetMeter over lists of per-image predictions and targets (see DetMeter.update for formats)."""
+def detection_metrics(preds, targets, nc, greedy=True):
+    """One-shot DetMeter over lists of per-image predictions and targets (see DetMeter.update for formats);
+    greedy as in DetMeter (default the 8.4 greedy rule, False the older IoU-sorted one)."""
     meter = DetMeter(greedy)
     meter.update(preds, targets)
     return meter.compute(nc)
@@ -291,47 +311,123 @@ def targets_xyxy(batch, i, h, w):
     return torch.cat((batch["cls"][sel].view(-1, 1), xywh2xyxy(b)), 1)
 
 
+def class_names(nc):
+    """Detection class names: the one class of the angiography sets is a stenosis."""
+    return ["stenosis"] if nc == 1 else [f"class{i}" for i in range(nc)]
+
+
 @torch.no_grad()
-def validate(model, loaders, cfg, device, crit=None, plot_dir=None):
-    """Loss 6-vector, Dice/IoU per scale and detection P/R/mAP on the val loaders {"det": ..., "seg": ...}.
+def validate(model, loaders, cfg, device, crit=None, plot_dir=None, log=None):
+    """Loss terms, Dice/IoU per scale and detection P/R/mAP on the val loaders {"det": ..., "seg": ...}.
     No augmentation; each batch in its own domain. The detection head runs in its training graph (raw maps,
-    BN running statistics) so the loss can be computed, and is decoded here."""
+    BN running statistics) so the loss can be computed, and is decoded here. Loss terms are per-image means over
+    the images of the batches that report them (val/det over detection images, val/seg over segmentation images),
+    computed as in training, the alignment term included; L2-SP, a property of the weights, is not a val term.
+    plot_dir: also write the validation pictures (PR/F1/P/R curves, confusion matrix, first batches).
+    log: also print the per-class table and the speed per image, as YOLOv8's validator does."""
     model.eval()
     det_meter, seg_meters, losses = DetMeter(), {k: SegMeter() for k in ("p3", "p4", "p5", "full")}, TermMeter()
     nms_kw = dict(conf=cfg["val_conf"], iou=cfg["val_iou"], max_det=cfg["max_det"], multi_label=True)
+    names, nc = class_names(cfg["nc"]), cfg["nc"]
+    cm, images, ms = np.zeros((nc + 1, nc + 1), np.int64), {"det": 0, "seg": 0}, dict.fromkeys(SPEED, 0.0)
+    per_class_images = np.zeros(nc, np.int64)
     for task, loader in loaders.items():
-        for bi, batch in enumerate(loader):
+        for bi, batch in enumerate(progress(loader, f"val {task}", log)):
+            t0 = time.perf_counter()
             img = batch["img"].to(device)
             tasks = ("det", "seg") if task == "det" else ("seg",)
+            need_attn = crit is not None and bool(cfg["lambda_align"])
+            t1 = time.perf_counter()
             model.detect.training = True  # raw maps out of the head, every BN still in eval
             try:
                 with model.domain(batch["domain"]):
-                    det_out, seg_out = model(img, tasks=tasks)
+                    det_out, seg_out = model(img, tasks=tasks, need_attn=need_attn)
             finally:
                 model.detect.training = False
+            t2 = time.perf_counter()
             if crit is not None:  # per-image means: each batch weighs by its image count
                 losses.update(crit(det_out, seg_out, data.to_device(batch, device))[1], img.shape[0])
-            preds = None
+            t3 = time.perf_counter()
+            images[task] += img.shape[0]
             if task == "det":
                 h, w = img.shape[-2:]
-                preds = nms(model.detect.decode(det_out), **nms_kw)
-                det_meter.update([p.cpu() for p in preds], [targets_xyxy(batch, i, h, w) for i in range(len(preds))])
+                preds = [p.cpu() for p in nms(model.detect.decode(det_out), **nms_kw)]
+                targets = [targets_xyxy(batch, i, h, w) for i in range(len(preds))]
+                det_meter.update(preds, targets)
+                for t in targets:
+                    per_class_images[np.unique(t[:, 0].long().numpy())] += 1
+                if plot_dir is not None:
+                    cm += plots.confusion_matrix(preds, targets, nc)
+                    if bi == 0:
+                        plot_det_batch(batch, preds, seg_out, Path(plot_dir), names)
             else:
                 for k, meter in seg_meters.items():
                     meter.update(seg_out[k].float().cpu(), batch["mask"])
-            if plot_dir is not None and bi == 0:
-                full = seg_out["full"].cpu() if seg_out else None
-                save_overlays(batch, preds, full, Path(plot_dir) / f"val_{task}.png")
-    m = {}
-    m.update({f"val/{k}": v for k, v in losses.means().items()})
+                if plot_dir is not None and bi == 0:
+                    plots.plot_seg_batch(batch["img"], batch["mask"], seg_out["full"].float().cpu(), batch["paths"],
+                                         Path(plot_dir) / "val_seg_batch0.png")
+            for k, dt in zip(SPEED, (t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)):
+                ms[k] += dt * 1e3
+    m = {f"val/{k}": v for k, v in losses.means().items()}
     if "seg" in loaders:
         for k, meter in seg_meters.items():
             m[f"dice_{k}"], m[f"iou_{k}"] = (float(v) for v in meter.compute())
+    r = None
     if "det" in loaders:
-        r = det_meter.compute(cfg["nc"])
+        r = det_meter.compute(nc)
         m.update({k: float(r[k]) for k in ("precision", "recall", "map50", "map50_95")})
+        if plot_dir is not None:
+            plots.plot_confusion_matrix(cm, names, Path(plot_dir) / "confusion_matrix.png")
+            plot_det_curves(r, Path(plot_dir), names)
     m["fitness"] = fitness(m)
+    if log is not None:
+        log(per_class_table(m, r, images, per_class_images, names))
+        n = max(sum(images.values()), 1)
+        log("Speed: " + ", ".join(f"{v / n:.1f} ms {k}" for k, v in ms.items()) + " per image")
     return m
+
+
+SPEED = ("preprocess", "inference", "loss", "postprocess")  # postprocess: decoding, NMS, matching, Dice counts
+
+
+def progress(loader, desc, log):
+    """Iterate a val loader; with a log (a final or CLI validation), show the progress line."""
+    bar = plots.Progress(len(loader), desc, every=max(len(loader) // 4, 1), enabled=log is not None)
+    for i, batch in enumerate(loader):
+        yield batch
+        bar.update(i + 1, items=batch["img"].shape[0])
+
+
+def plot_det_batch(batch, preds, seg_out, out, names):
+    """val_batch0_labels.png (ground truth) and val_batch0_pred.png (predictions, predicted vessels)."""
+    args = (batch["img"], batch["batch_idx"], batch["cls"], batch["bboxes"])
+    plots.plot_batch(*args, batch["mask"], batch["paths"], out / "val_batch0_labels.png", names=names)
+    vessels = seg_out["full"].float().sigmoid().cpu() if seg_out is not None else None
+    plots.plot_batch(*args, vessels, batch["paths"], out / "val_batch0_pred.png", preds=preds, names=names)
+
+
+def plot_det_curves(r, out, names):
+    """PR_curve.png, F1_curve.png, P_curve.png, R_curve.png from DetMeter.compute's curves."""
+    present = [names[c] for c in r["classes"]]
+    plots.plot_curves(out, r["px"], r["p_curve"], r["r_curve"], r["f1_curve"], r["px"], r["pr_precision"],
+                      r["ap50"], present)
+
+
+def per_class_table(m, r, images, per_class_images, names):
+    """The validator's table: images, instances, P, R, mAP50, mAP50-95 for all classes and each; Dice/IoU."""
+    head = f"{'Class':>22}{'Images':>11}{'Instances':>11}{'P':>11}{'R':>11}{'mAP50':>11}{'mAP50-95':>11}"
+    lines = []
+    if r is not None:
+        lines += [head, f"{'all':>22}{images['det']:>11}{int(r['n_labels'].sum()):>11}{m['precision']:>11.3g}"
+                        f"{m['recall']:>11.3g}{m['map50']:>11.3g}{m['map50_95']:>11.3g}"]
+        if len(names) > 1:
+            for i, c in enumerate(r["classes"]):
+                lines.append(f"{names[c]:>22}{per_class_images[c]:>11}{int(r['n_labels'][i]):>11}{r['p'][i]:>11.3g}"
+                             f"{r['r'][i]:>11.3g}{r['ap50'][i]:>11.3g}{r['ap'][i]:>11.3g}")
+    if "dice_full" in m:
+        lines.append(f"{'vessels':>22}{images['seg']:>11}{'':>11}" + "".join(
+            f"{f'{k} {m[k]:.3g}':>14}" for k in ("dice_full", "iou_full", "dice_p3")))
+    return "\n".join(lines)
 
 
 def format_metrics(m, prefix="val"):
@@ -349,14 +445,14 @@ def results_table(m):
     for name, a, b in rows:
         if a in m:
             lines.append(f"  {name:18s} {m[a]:8.4f} {m[b]:8.4f}")
-    if "val/total" in m:
-        names = MultiTaskLoss.NAMES
-        lines.append(f"  loss [{' '.join(names)}] " + " ".join(f"{m['val/' + n]:.4f}" for n in names))
+    names = [n for n in MultiTaskLoss.NAMES if f"val/{n}" in m]
+    if names:  # the terms validation computed (per image of their task)
+        lines.append("  val loss  " + "  ".join(f"{n} {m['val/' + n]:.4f}" for n in names))
     return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------
-# pictures: prediction overlays and training curves, drawn with PIL
+# a prediction overlay for the CLI's folder prediction, drawn with PIL (the run's pictures: plots.py)
 
 
 def overlay(img, boxes=None, gt=None, prob=None, thr=0.5):
@@ -376,59 +472,6 @@ def overlay(img, boxes=None, gt=None, prob=None, thr=0.5):
     return im
 
 
-def save_overlays(batch, preds, full_logits, path, n=8, conf=0.25):
-    from PIL import Image
-    imgs = batch["img"][:n]
-    h, w = imgs.shape[-2:]
-    tiles = []
-    for i in range(len(imgs)):
-        prob = full_logits[i, 0].sigmoid() if full_logits is not None else None
-        p = preds[i][preds[i][:, 4] > conf] if preds is not None else None
-        gt = targets_xyxy(batch, i, h, w) if len(batch["bboxes"]) else None
-        tiles.append(overlay(imgs[i], p, gt, prob))
-    cols = min(4, len(tiles))
-    rows = math.ceil(len(tiles) / cols)
-    grid = Image.new("RGB", (cols * w, rows * h))
-    for k, t in enumerate(tiles):
-        grid.paste(t, ((k % cols) * w, (k // cols) * h))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-
-
-def plot_results(csv_path, out_path, size=(260, 180)):
-    """Every numeric column of results.csv against epoch, one small chart each, in a grid PNG."""
-    import csv as _csv
-    from PIL import Image, ImageDraw
-    with open(csv_path) as f:
-        rows = list(_csv.DictReader(f))
-    if not rows:
-        return
-    keys = [k for k in rows[0] if k != "epoch"]
-    x = [float(r["epoch"]) for r in rows]
-    cols = 4
-    W, H = size
-    img = Image.new("RGB", (cols * W, math.ceil(len(keys) / cols) * H), "white")
-    d = ImageDraw.Draw(img)
-    for k, key in enumerate(keys):
-        ox, oy = (k % cols) * W, (k // cols) * H
-        y = [float(r[key]) if r.get(key) not in (None, "") else float("nan") for r in rows]
-        ok = [(a, b) for a, b in zip(x, y) if math.isfinite(b)]
-        d.text((ox + 8, oy + 4), key, fill="black")
-        if not ok:
-            continue
-        lo, hi = min(b for _, b in ok), max(b for _, b in ok)
-        x0, x1 = min(x), max(max(x), min(x) + 1)
-        span = hi - lo or 1.0
-        pts = [(ox + 30 + (a - x0) / (x1 - x0) * (W - 45), oy + H - 20 - (b - lo) / span * (H - 45)) for a, b in ok]
-        d.rectangle([ox + 30, oy + 22, ox + W - 15, oy + H - 20], outline=(200, 200, 200))
-        if len(pts) > 1:
-            d.line(pts, fill=(30, 90, 200), width=2)
-        for p in pts:
-            d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=(30, 90, 200))
-        d.text((ox + 32, oy + H - 18), f"{lo:.3g} .. {hi:.3g}", fill=(90, 90, 90))
-    img.save(out_path)
-
-
 # -----------------------------------------------------------------------------
 # the CLI: metrics of a checkpoint on a data split, or predictions on a folder of the user's own images
 
@@ -437,7 +480,10 @@ def load_predictor(weights, device="cpu", imgsz=None):
     (detections (B, 4+nc, A), vessel logits (B, 1, S, S)) for CA-MTL, (detections,) for a plain detector:
     the eager model goes through the same fused wrapper that export.py traces, so both predict alike."""
     if Path(weights).suffix == ".pt2":
-        run, meta = export.load_program(weights, device)
+        try:
+            run, meta = export.load_program(weights, device)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
         if imgsz and imgsz != meta["imgsz"]:
             raise SystemExit(f"--imgsz {imgsz}: {weights} was exported for {meta['imgsz']} px; "
                              f"re-export with --imgsz {imgsz}")
@@ -513,18 +559,36 @@ def main(argv=None):
     ap.add_argument("--imgsz", type=int, help="letterbox size (default: the checkpoint's training size)")
     ap.add_argument("--batch", type=int, help="default: the checkpoint's")
     ap.add_argument("--workers", type=int, help="data loader workers (default: the checkpoint's)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:N or N")
     ap.add_argument("--source", help="a folder of images (or one image) to predict, instead of computing metrics")
     ap.add_argument("--save-dir", help="where predictions go (default runs/predict); "
                     "with metrics: the overlay of a batch")
     ap.add_argument("--conf", type=float, default=0.25, help="prediction: confidence threshold")
     ap.add_argument("--iou", type=float, default=0.7, help="prediction: NMS IoU threshold")
     a = ap.parse_args(argv)
-    device = torch.device(a.device)
+    if "," in a.device:
+        raise SystemExit(f"--device {a.device}: evaluate.py runs on one device; pick one, e.g. --device cuda:0")
+    want = check_device(a.device, "--device")  # cpu, cuda, cuda:N; a bare GPU index N means cuda:N
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {a.device}: CUDA is not available here (no GPU, or a CPU-only torch); "
+                         "use --device cpu")
+    if want.startswith("cuda:") and int(want[5:]) >= torch.cuda.device_count():
+        raise SystemExit(f"--device {a.device}: this machine has {torch.cuda.device_count()} GPU(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    device = torch.device(want)
     if not Path(a.weights).is_file():
-        raise SystemExit(f"--weights {a.weights}: no such file")
+        what = "a directory, not a file" if Path(a.weights).is_dir() else "no such file"
+        raise SystemExit(f"--weights {a.weights}: {what}; expected a .pt checkpoint (or a .pt2 to predict)")
     if a.imgsz is not None and (a.imgsz <= 0 or a.imgsz % 32):
         raise SystemExit(f"--imgsz {a.imgsz}: must be a positive multiple of 32")
+    for flag, v, ok, allowed in (("--batch", a.batch, a.batch is None or a.batch >= 1, ">= 1"),
+                                 ("--workers", a.workers, a.workers is None or a.workers >= 0, ">= 0"),
+                                 ("--conf", a.conf, 0 <= a.conf <= 1, "in [0, 1]"),
+                                 ("--iou", a.iou, 0 <= a.iou <= 1, "in [0, 1]")):
+        if not ok:
+            raise SystemExit(f"{flag} {v}: must be {allowed}")
     if a.source:
         run, imgsz = load_predictor(a.weights, device, a.imgsz)
         return predict_folder(run, a.source, a.save_dir or "runs/predict", imgsz, a.conf, a.iou, device)

@@ -17,6 +17,8 @@ torch.export always writes the .pt2; ONNX needs the `onnx` and `onnxscript` pack
 import argparse
 import copy
 import json
+import logging
+import zipfile
 from pathlib import Path
 
 import torch
@@ -100,11 +102,32 @@ def export(model, imgsz, path, fmt="pt2", dynamic_batch=False, verbose=True):
 
 
 def load_program(path, device="cpu"):
-    """An export.py .pt2 -> (callable module, metadata: model, imgsz, dynamic_batch, nc, outputs, config)."""
-    extra = {META: ""}
-    prog = torch.export.load(path, extra_files=extra)
-    if not extra[META]:
+    """An export.py .pt2 -> (callable module, metadata: model, imgsz, dynamic_batch, nc, outputs, config).
+    ValueError, one line naming the path, for anything else: missing, truncated, text, a .pt renamed .pt2."""
+    again = "expected a .pt2 written by export.py (run `python export.py --weights W.pt` again)"
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such file; {again}")
+    try:  # look before torch.export.load, which logs a whole traceback before it raises
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ValueError(f"{path}: not a complete zip archive ({e}; truncated, or not a .pt2 at all?); {again}"
+                         ) from None
+    if not any(n.endswith("/archive_format") for n in names):
+        kind = "a PyTorch checkpoint (.pt)" if any(n.endswith("/data.pkl") for n in names) else "a zip archive"
+        raise ValueError(f"{path}: {kind}, not a torch.export program; {again}")
+    if not any(n.endswith(f"/extra/{META}") for n in names):
         raise ValueError(f"{path}: a torch.export program, but not one written by export.py (no {META} inside)")
+    log = logging.getLogger("torch.export")
+    extra, level = {META: ""}, log.level
+    log.setLevel(logging.ERROR)
+    try:
+        prog = torch.export.load(path, extra_files=extra)
+    except Exception as e:  # a damaged member: torch raises many kinds
+        msg = (str(e).strip().splitlines() or [""])[0][:120]
+        raise ValueError(f"{path}: torch.export cannot load it ({type(e).__name__}: {msg}); {again}") from None
+    finally:
+        log.setLevel(level)
     if torch.device(device).type != "cpu":  # traced on the CPU: constants made inside the graph move too
         prog = torch.export.passes.move_to_device_pass(prog, device)
     return prog.module(), json.loads(extra[META])
@@ -120,7 +143,14 @@ def main(argv=None):
     ap.add_argument("--out", help="output path (default: the weights path with suffix .pt2)")
     a = ap.parse_args(argv)
     if not Path(a.weights).is_file():
-        raise SystemExit(f"--weights {a.weights}: no such file")
+        what = "a directory, not a file" if Path(a.weights).is_dir() else "no such file"
+        raise SystemExit(f"--weights {a.weights}: {what}; expected a .pt checkpoint (ours or an Ultralytics "
+                         "yolov8*.pt)")
+    if Path(a.weights).suffix == ".pt2":
+        raise SystemExit(f"--weights {a.weights}: already an exported program; export the .pt checkpoint it came from")
+    if a.imgsz is not None and (a.imgsz <= 0 or a.imgsz % 32):
+        raise SystemExit(f"--imgsz {a.imgsz}: must be a positive multiple of 32, "
+                         f"e.g. {max(round(a.imgsz / 32), 1) * 32}")
     model, cfg = load_weights(a.weights)
     imgsz = a.imgsz or (cfg or {}).get("imgsz", 640)
     try:

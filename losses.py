@@ -279,15 +279,16 @@ def consistency_loss(full_logits, batch, mode="contain", margin=0.3):
     """Boxes -> mask consistency on detection images, which carry no vessel mask: a stenosis sits on a
     vessel, so the predicted vessel probability inside each GT box should be high.
     contain: mean over boxes of ReLU(margin - mean vessel probability in the box);
-    bce: BCE of the full logits against the union of box rectangles as a pseudo-mask (the original's variant)."""
+    bce: BCE of the full logits against the union of box rectangles as a pseudo-mask (the original's variant).
+    An image without boxes says nothing about vessels: it adds nothing, and no gradient, in either mode."""
     B, _, h, w = full_logits.shape
     inside, valid = box_masks(batch, B, h, w, full_logits.device)  # (B, N, h, w)
     if not valid.any():
         return full_logits.sum() * 0.0
     if mode == "bce":
         pseudo = inside.any(1, keepdim=True).float()
-        bce = F.binary_cross_entropy_with_logits(full_logits.float(), pseudo, reduction="none")
-        return bce.flatten(1).mean(1).sum()
+        bce = F.binary_cross_entropy_with_logits(full_logits.float(), pseudo, reduction="none").flatten(1).mean(1)
+        return (bce * valid.any(1)).sum()  # (B,) per image, images without boxes masked out
     p = full_logits.float().sigmoid()  # (B, 1, h, w)
     cover = (p * inside).flatten(2).sum(2) / inside.flatten(2).sum(2).clamp(min=1)  # (B, N)
     per_box = F.relu(margin - cover) * valid
@@ -315,12 +316,15 @@ def l2sp_loss(model, anchor):
 
 
 class MultiTaskLoss:
-    """The CA-MTL total. `total, terms = crit(det_out, seg_out, batch, model)`.
+    """The CA-MTL objective. `total, terms = crit(det_out, seg_out, batch, model)`.
 
-    total: what is optimised, sum over the terms of lambda_{term} x term.
-    terms: detached per-image values (divided by the batch size, so they read like YOLOv8's loss items), by name:
-    the 6-vector NAMES = det, seg, cons, align, l2sp, total on every batch (a term that does not apply is 0), and
-    on detection batches the detection loss's own box, cls, dfl (+ kpt, kobj), already inside `det`."""
+    total: the data loss of this batch, lambda-weighted sum of the terms that apply to it (det and cons on detection
+    batches, seg on segmentation batches, align wherever CTAM's attention maps were computed); backward() it.
+    terms: detached per-image values (divided by the batch size, so they read like YOLOv8's loss items) of exactly
+    those terms, by name, with `total`; on detection batches also the detection loss's own box, cls, dfl (+ kpt,
+    kobj), already inside `det`; and `l2sp` when an anchor is set. L2-SP is a pull on the weights, not a data term:
+    it is logged apart, left out of `total`, and enters the optimisation through add_l2sp_grad_ at the optimizer
+    step (outside autograd, so under DDP no rank ever sees a gradient for a parameter its forward did not use)."""
 
     NAMES = ("det", "seg", "cons", "align", "l2sp", "total")
 
@@ -344,14 +348,29 @@ class MultiTaskLoss:
             raw["seg"] = seg_loss(seg_out, batch, self.seg_w)
         if seg_out is not None and seg_out.get("attn") is not None and w["align"]:
             raw["align"] = align_loss(seg_out["attn"], seg_out["full"])
-        if self.anchor and w["l2sp"] and model is not None:
-            raw["l2sp"] = l2sp_loss(model, self.anchor)
-        zero = ref.new_zeros(()).float()
-        weighted = {k: raw[k] * w[k] if k in raw else zero for k in self.NAMES[:-1]}
-        total = sum(weighted.values())
+        weighted = {k: raw[k] * w[k] for k in self.NAMES if k in raw}
+        total = sum(weighted.values(), ref.new_zeros(()).float())
         terms = {k: v.detach() / B for k, v in weighted.items()}
+        if self.anchor and w["l2sp"] and model is not None:
+            with torch.no_grad():
+                terms["l2sp"] = l2sp_loss(model, self.anchor) * w["l2sp"] / B
         terms["total"] = total.detach() / B
         return total, {**terms, **det_terms}
+
+    @torch.no_grad()
+    def add_l2sp_grad_(self, model, n=1):
+        """Add n x the gradient of lambda_l2sp * l2sp, i.e. 2 lambda (w - w0), to the anchored parameters' .grad:
+        what n micro-batches with the term in their loss would have accumulated."""
+        if not (self.anchor and self.weight["l2sp"] and n):
+            return
+        named = dict(model.named_parameters())
+        for k, w0 in self.anchor.items():
+            p = named[k]
+            g = (p - w0) * (2 * self.weight["l2sp"] * n)
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g)
 
 
 class TermMeter:

@@ -2,15 +2,19 @@
 
 Read top to bottom: scales and helpers, the safe checkpoint reader, Backbone / PAN / YOLOv8, then CAMTL
 (the multi-task network; README: The CAMTL network) with its stage setup, and last the loading of any weights
-file a user hands us: our checkpoints (`load_checkpoint`) or an Ultralytics one (`load_weights`).
+file a user hands us: our checkpoints (`load_checkpoint`; `read_checkpoint` for the raw dict, e.g. to resume) or an
+Ultralytics one (`load_weights`). A file that is not what was asked for is answered with one line naming it.
 """
 import contextlib
 import math
 import pickle
+import re
 import types
+import warnings
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -80,6 +84,37 @@ def gflops(model, imgsz=640, forward=None):
 # classes from the module trees a checkpoint legitimately names (ultralytics, torch.nn, numpy scalars,
 # namespaces) become inert records that only store their state; every other global (os.system, eval,
 # getattr, subprocess, ...) raises before it can be called.
+#
+# Pickles of protocol 2 (what torch.save writes by default, and what older Ultralytics releases hold) store a
+# numpy scalar (a float64 best_fitness, a metric) as numpy's `scalar(dtype, bytes)`, its bytes as
+# `_codecs.encode(text, "latin1")`. Both are allowed in a narrowed form that can only make data: the encode
+# turns a str into bytes with latin-1 and nothing else; the scalar is rebuilt from the dtype's inert record
+# for plain numeric dtypes (bool, int, uint, float, complex) from exactly its item size of bytes.
+
+_LATIN1 = ("latin1", "latin-1", "latin_1", "iso-8859-1", "iso8859-1", "l1")
+
+
+def _latin1_bytes(text, encoding="utf-8", errors="strict"):
+    """`_codecs.encode` as protocol-2 pickles use it, to store bytes: a str -> its latin-1 bytes, and only that."""
+    if not isinstance(text, str) or not isinstance(encoding, str) or encoding.lower() not in _LATIN1:
+        raise pickle.UnpicklingError(f"refusing _codecs.encode({type(text).__name__}, {encoding!r}): a weights file "
+                                     "only uses it to store bytes as latin-1 text; nothing from it was run")
+    return text.encode("latin-1")
+
+
+def _numpy_scalar(dtype, data=None):
+    """numpy's `scalar(dtype, bytes)` -> the numpy scalar, for plain numeric dtypes; `dtype` is the inert record
+    of `numpy.dtype(code, ...)` with its pickled state (3, byte order, ...)."""
+    code = (getattr(dtype, "_args", None) or (None,))[0]
+    state = getattr(dtype, "_state", None)
+    order = state[1] if isinstance(state, tuple) and len(state) > 1 and state[1] in ("<", ">", "|", "=") else "="
+    if not (isinstance(code, str) and re.fullmatch(r"[biufc]\d{1,2}", code) and isinstance(data, bytes)):
+        raise pickle.UnpicklingError(f"refusing numpy scalar of dtype {code!r}: only plain numbers are rebuilt")
+    dt = np.dtype(order + code)
+    if len(data) != dt.itemsize:
+        raise pickle.UnpicklingError(f"numpy scalar of dtype {code!r}: {len(data)} bytes, expected {dt.itemsize}")
+    return np.frombuffer(data, dt)[0]
+
 
 _SAFE_GLOBALS = {
     ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
@@ -89,6 +124,8 @@ _SAFE_GLOBALS = {
     ("torch", "Size"): torch.Size,
     **{(b, n): getattr(__import__("builtins"), n)
        for b in ("builtins", "__builtin__") for n in ("set", "frozenset", "slice")},
+    ("_codecs", "encode"): _latin1_bytes,
+    **{(m, "scalar"): _numpy_scalar for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
 }
 _RECORD_MODULES = ("ultralytics.", "models.", "torch.nn.modules.", "torch.nn.parameter", "numpy", "argparse",
                    "types", "pathlib", "datetime")
@@ -105,6 +142,8 @@ class _Record:
             state = {**(state[0] or {}), **(state[1] or {})}
         if isinstance(state, dict):
             self.__dict__.update(state)
+        else:  # e.g. numpy.dtype's (3, byte order, ...): kept as data
+            self.__dict__["_state"] = state
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -139,15 +178,54 @@ def _module_tensors(obj, prefix, out):
     return out
 
 
+def _not_a_file(path):
+    """Why path cannot be a weights file, from its first bytes (missing, a directory, empty, text), else None.
+    torch.save writes a zip archive ("PK") or, before torch 1.6, a pickle (protocol 2+: byte 0x80)."""
+    p = Path(path)
+    if not p.exists():
+        return "no such file"
+    if not p.is_file():
+        return "a directory, not a file" if p.is_dir() else "not a regular file"
+    with open(p, "rb") as f:
+        head = f.read(32)
+    if not head:
+        return "an empty file (0 bytes)"
+    if head.startswith((b"PK", b"\x80")):
+        return None
+    text = head.decode("utf-8", "replace")
+    if text.isprintable() or text.replace("\n", "").replace("\t", "").replace("\r", "").isprintable():
+        return f"a text file, not a PyTorch checkpoint (it starts {text.strip()[:24]!r})"
+    return f"not a PyTorch checkpoint (it starts with bytes {head[:4].hex(' ')}, not a zip archive or a pickle)"
+
+
+def _unreadable(e):
+    """One line about a torch.load failure on a file that is no (complete) PyTorch checkpoint."""
+    msg = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:100]
+    return f"not a readable PyTorch checkpoint ({type(e).__name__}: {msg}); truncated, or not a checkpoint at all?"
+
+
+# what torch.load raises on a text file, a truncated archive, a raw pickle of something else
+_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError,
+                KeyError, TypeError, AttributeError, UnicodeDecodeError, MemoryError)
+
+
 def read_ultralytics(path):
-    """Ultralytics checkpoint -> float32 state dict named `model.{i}.…` (EMA weights when present)."""
+    """Ultralytics checkpoint -> float32 state dict named `model.{i}.…` (EMA weights when present). ValueError
+    naming the path for anything else: a missing, empty, text or truncated file, a foreign pickle, a refused
+    global (nothing from the file is run)."""
+    why = _not_a_file(path)
+    if why:
+        raise ValueError(f"{path}: {why}")
     try:
-        ckpt = torch.load(path, map_location="cpu", pickle_module=_safe_pickle, weights_only=False)
+        with warnings.catch_warnings():  # files of torch < 1.6 keep module source; torch warns when it cannot compare
+            warnings.filterwarnings("ignore", message="Couldn't retrieve source code")
+            ckpt = torch.load(path, map_location="cpu", pickle_module=_safe_pickle, weights_only=False)
     except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: {e}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError) as e:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e}); is the file "
-                         "complete? re-download or re-save it") from None
+        if str(e).startswith(("refusing", "numpy scalar")):
+            raise ValueError(f"{path}: {e}") from None
+        raise ValueError(f"{path}: {_unreadable(e)}") from None
+    except _LOAD_ERRORS as e:
+        raise ValueError(f"{path}: {_unreadable(e)}") from None
     if isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         sd = ckpt  # already a plain state dict
     else:
@@ -346,8 +424,9 @@ class CAMTL(YOLOv8):
     """Multi-task CA-MTL network. forward(x, tasks=("det", "seg"), need_attn=False) -> (det_out, seg_out):
     det_out as YOLOv8's (train: 3 raw maps; eval: (B, 4+nc, A)) or None; seg_out {p3, p4, p5, full} logits
     (B, 1, H/s, W/s) and (B, 1, H, W), or None. A task not asked for is not computed: "seg" alone runs no
-    CTAM/CSAM/Detect; "det" alone runs the seg stream (CTAM's keys) but not the seg head. With need_attn
-    (both tasks), seg_out["attn"] = CTAM's key-attention maps, 3 x (B, h', w'), each summing to 1."""
+    CTAM/CSAM/Detect; "det" alone runs the seg stream (CTAM's keys) but not the seg head. With need_attn (tasks
+    including "seg"), seg_out["attn"] = CTAM's key-attention maps, 3 x (B, h', w'), each summing to 1; with "seg"
+    alone they come from CTAM's queries and keys only, without running CTAM's output, CSAM or Detect."""
 
     def __init__(self, cfg=None, verbose=True):
         cfg = dict(cfg or {})
@@ -385,19 +464,21 @@ class CAMTL(YOLOv8):
         tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
         if not tasks or any(t not in TASKS for t in tasks):
             raise ValueError(f"tasks {tasks!r}: expected a non-empty subset of {TASKS}")
-        if need_attn and not set(TASKS) <= set(tasks):
-            raise ValueError("need_attn needs both tasks: the attention maps are compared with the predicted vessels")
+        if need_attn and "seg" not in tasks:
+            raise ValueError("need_attn needs the seg task: the attention maps are compared with the predicted vessels")
         n3, n4, n5 = self.features(x)
         s5 = self.s5(n5)  # (B, 256w, H/32, W/32)
         s4 = self.fpma4(n4, s5)  # (B, C4, H/16, W/16)
         s3 = self.fpma3(n3, s4)  # (B, C3, H/8, W/8)
         seg_out = self.seg_head([s3, s4, s5], x.shape[-2:]) if "seg" in tasks else None
-        det_out = None
+        det_out, pairs = None, list(zip(self.ctam, (n3, n4, n5), (s3, s4, s5)))
         if "det" in tasks:
-            d, maps = zip(*(m(n, [s], need_attn) for m, n, s in zip(self.ctam, (n3, n4, n5), (s3, s4, s5))))
+            d, maps = zip(*(m(n, [s], need_attn) for m, n, s in pairs))
             det_out = self.detect(self.csam(list(d)))
-            if need_attn:
-                seg_out["attn"] = [m[0] for m in maps]  # (B, h', w') per scale over S_k's pooled grid
+        elif need_attn:  # a seg batch's alignment term: CTAM's maps only, no CSAM/Detect (nor their BN statistics)
+            maps = [m.attention_maps(n, [s]) for m, n, s in pairs]
+        if need_attn:
+            seg_out["attn"] = [m[0] for m in maps]  # (B, h', w') per scale over S_k's pooled grid
         return det_out, seg_out
 
     # ---- domain switch for DualBatchNorm2d
@@ -458,19 +539,23 @@ class CAMTL(YOLOv8):
         """Build, then load in order: COCO checkpoints (backbone+neck from `seg`, else `det`; Detect from `det`,
         else `seg`; class branch skipped when nc differs), stage_setup(stage), our stage checkpoint
         ({"model": state dict, "config": dict}; plain BN loads into both DualBN branches). Model keys of the
-        checkpoint's config fill what cfg leaves unset."""
-        ckpt = torch.load(stage_ckpt, map_location="cpu", weights_only=True) if stage_ckpt else None
-        if ckpt is not None and not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)):
-            raise ValueError(f"{stage_ckpt}: not a nanoCAMTL checkpoint (expected a dict with a 'model' state dict)")
+        checkpoint's config fill what cfg leaves unset. A file that is not what it should be: SystemExit naming it."""
+        ckpt = None
+        if stage_ckpt:
+            ckpt = read_checkpoint(stage_ckpt, "the stage checkpoint yolov8{S}-{stage}.pt that train.py writes; "
+                                               "replace or delete it, or train that stage again")
         base = {k: v for k, v in (ckpt or {}).get("config", {}).items() if k in CAMTL_DEFAULTS}
         model = cls({**base, **(cfg or {})}, verbose=False)
-        coco = {p: map_ultralytics(read_ultralytics(p), model.nc) for p in {det, seg} if p}
+        coco = {p: map_ultralytics(read_coco(p), model.nc) for p in {det, seg} if p}
         said = []
         sources = ((seg or det, ("backbone.", "neck."), "backbone+neck"), (det or seg, ("detect.",), "Detect"))
         for path, prefixes, what in sources:
             if path:
                 sd, ck_nc = coco[path]
-                load_matching(model, {k: v for k, v in sd.items() if k.startswith(prefixes)}, path, verbose=False)
+                try:
+                    load_matching(model, {k: v for k, v in sd.items() if k.startswith(prefixes)}, path, verbose=False)
+                except ValueError as e:  # e.g. a yolov8s.pt renamed yolov8n.pt
+                    raise SystemExit(f"{e}; expected COCO weights of this model's scale {model.scale}") from None
                 fresh_cls = what == "Detect" and ck_nc != model.nc
                 skip = f" (class branch fresh: nc {model.nc} vs {ck_nc})" if fresh_cls else ""
                 said.append(f"{what} <- {path}{skip}")
@@ -483,7 +568,10 @@ class CAMTL(YOLOv8):
         if stage:
             stage_setup(model, stage)
         if ckpt is not None:  # after stage_setup, so its GroupNorm/DualBN layout receives the tensors
-            load_matching(model, ckpt["model"], stage_ckpt, verbose=verbose)
+            try:
+                load_matching(model, ckpt["model"], stage_ckpt, verbose=verbose)
+            except ValueError as e:
+                raise SystemExit(f"{e}; expected a stage checkpoint of this model's scale and config") from None
         if verbose:
             print(model.summary())
         return model
@@ -515,24 +603,73 @@ def stage_setup(model, stage):
 # loading what a user hands us: our checkpoints, or an Ultralytics yolov8*.pt
 
 
+def _read_ours(path, need=("model",)):
+    """torch.load(weights_only=True) of one of our files -> its dict; ValueError(reason, without the path) for a
+    missing, empty, text or truncated file, a pickle of classes (Ultralytics' or a foreign one), anything but a
+    dict, or a dict without the keys in need ('model' and 'config' must be dicts)."""
+    why = _not_a_file(path)
+    if why:
+        raise ValueError(why)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        named = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if named:  # it names a class or function: not our plain dict
+            raise ValueError(f"a pickle that names {named.group(1)}, which our checkpoints (tensors, dicts, numbers) "
+                             "never do (an Ultralytics or foreign file?); nothing from it was run") from None
+        raise ValueError(_unreadable(e)) from None
+    except _LOAD_ERRORS as e:
+        raise ValueError(_unreadable(e)) from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"holds a {type(ckpt).__name__}, not a checkpoint dict")
+    missing = [k for k in need if k not in ckpt]
+    if missing:
+        raise ValueError(f"a dict without {', '.join(repr(k) for k in missing)} (it has {', '.join(map(repr, ckpt))})"
+                         [:300])
+    for k in ("model", "config"):
+        if k in ckpt and not isinstance(ckpt[k], dict):
+            raise ValueError(f"its {k!r} is a {type(ckpt[k]).__name__}, not a dict")
+    return ckpt
+
+
+def read_checkpoint(path, what="a nanoCAMTL checkpoint (a run's last.pt / best.pt or a yolov8{S}-{stage}.pt)",
+                    need=("model",)):
+    """One of our checkpoint files -> its dict, or SystemExit with one line naming the path, what is wrong with it
+    and what was expected (`what`). For `train.py --resume`:
+    read_checkpoint(last, "the last.pt of a run to resume", need=("model", "optimizer", "epoch", "config"))."""
+    try:
+        return _read_ours(path, need)
+    except ValueError as e:
+        raise SystemExit(f"{path}: {e}; expected {what}") from None
+
+
+def read_coco(path):
+    """read_ultralytics for the COCO weights found in weights_dir: SystemExit naming the file when it is not one."""
+    try:
+        return read_ultralytics(path)
+    except ValueError as e:
+        raise SystemExit(f"{e}; expected an official Ultralytics yolov8*.pt / yolov8*-seg.pt (re-download, or remove "
+                         "it for random init)") from None
+
+
 def load_checkpoint(path, device="cpu"):
     """One of our checkpoints (a run's last.pt / best.pt, or a stage's yolov8{S}-{stage}.pt) -> (CAMTL in eval
     mode, its training config completed by configs/defaults.py). EMA weights when the file has them (they are
-    what validation scored); DualBN routed to the stage's domain (camtl: target = angiography)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+    what validation scored); DualBN routed to the stage's domain (camtl: target = angiography). ValueError
+    naming the path for any file that is not one."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError):  # e.g. an Ultralytics pickle of modules
-        raise ValueError(f"{path}: not a nanoCAMTL checkpoint (torch.load with weights_only=True cannot read it)"
-                         ) from None
-    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)):
-        raise ValueError(f"{path}: not a nanoCAMTL checkpoint (expected a dict with a 'model' state dict)")
+        ckpt = _read_ours(path)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}; expected a nanoCAMTL checkpoint") from None
     cfg = {**DEFAULTS, **ckpt.get("config", {})}
     cfg["stage"] = stage = ckpt.get("stage") or cfg.get("stage") or "camtl"
     model = CAMTL.from_pretrained(camtl_config(cfg, stage), stage=stage, verbose=False)
     which = "ema" if ckpt.get("ema") else "model"
-    model.load_state_dict(ckpt[which])  # strict: our own file must fit exactly, or we would score random weights
+    try:  # strict: our own file must fit exactly, or we would score random weights
+        model.load_state_dict(ckpt[which])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: its {which} weights do not fit the model its config describes "
+                         f"({str(e).strip().splitlines()[0][:150]})") from None
     model.set_domain("target" if stage == "camtl" else "source")
     epoch = f", epoch {ckpt['epoch'] + 1}" if "epoch" in ckpt else ""
     print(f"{path}: {stage} checkpoint{epoch}, {which} weights")
@@ -541,12 +678,15 @@ def load_checkpoint(path, device="cpu"):
 
 def load_weights(path, device="cpu"):
     """Our checkpoint -> (CAMTL, its config); any other file is tried as an Ultralytics yolov8*.pt -> (YOLOv8,
-    None). Neither: SystemExit naming both reasons."""
+    None). Neither: SystemExit, one line naming the path and both reasons (one when they are the same)."""
     try:
         return load_checkpoint(path, device)
-    except ValueError as ours:
-        try:
-            return YOLOv8.from_ultralytics(path, verbose=False).to(device).eval(), None
-        except ValueError as theirs:
-            raise SystemExit(f"{path}: neither a nanoCAMTL checkpoint nor an Ultralytics one\n  {ours}\n  {theirs}"
-                             ) from None
+    except ValueError as e:
+        ours = str(e).removeprefix(f"{path}: ").removesuffix("; expected a nanoCAMTL checkpoint")
+    try:
+        return YOLOv8.from_ultralytics(path, verbose=False).to(device).eval(), None
+    except ValueError as e:
+        theirs = str(e).removeprefix(f"{path}: ")
+    why = ours if ours == theirs else f"as a nanoCAMTL checkpoint: {ours}; as an Ultralytics one: {theirs}"
+    raise SystemExit(f"{path}: {why}; expected a nanoCAMTL checkpoint (.pt from train.py) or an Ultralytics "
+                     "yolov8*.pt") from None

@@ -279,21 +279,34 @@ class CrossAttention(nn.Module):
         # (B, D, h, w) -> (B, heads, hw, d)
         return t.flatten(2).unflatten(1, (self.heads, -1)).transpose(2, 3).contiguous()
 
-    def forward(self, x, sources, need_attn=False):
-        b, _, h, w = x.shape
-        n = self.tokens // len(sources)  # the token budget is shared by all sources
+    def keys_values(self, sources):
+        """Sources pooled to the token budget (shared evenly) -> keys, values (B, heads, N, d) and the pooled maps."""
+        n = self.tokens // len(sources)
         pooled = [pool_tokens(s, n) for s in sources]  # pool before the 1x1 conv: same result, cheaper
         k, v = torch.cat([f(s).flatten(2) for f, s in zip(self.kv, pooled)], 2).chunk(2, 1)  # 2 x (B, D, N)
-        q, k, v = self.split_heads(self.q(x)), self.split_heads(k), self.split_heads(v)  # (B, heads, L, d)
+        return self.split_heads(k), self.split_heads(v), pooled
+
+    def forward(self, x, sources, need_attn=False):
+        b, _, h, w = x.shape
+        k, v, pooled = self.keys_values(sources)
+        q = self.split_heads(self.q(x))  # (B, heads, HW, d)
         o = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, d)
         o = o.transpose(2, 3).reshape(b, -1, h, w)  # (B, D, H, W)
         y = x + self.gate.view(1, -1, 1, 1) * self.proj(o)
-        if not need_attn:
-            return y, None
+        return y, (self.key_attention(x, k, pooled) if need_attn else None)
+
+    def attention_maps(self, x, sources):
+        """Only the key-attention maps of forward(x, sources, need_attn=True): no values, no output branch."""
+        k, _, pooled = self.keys_values(sources)
+        return self.key_attention(x, k, pooled)
+
+    def key_attention(self, x, k, pooled):
+        """Per source (B, h', w'): attention over the pooled keys, averaged over heads and (pooled) queries."""
+        b = x.shape[0]
         qp = self.split_heads(self.q(pool_tokens(x, self.tokens)))  # (B, heads, Lq <= tokens, d)
         a = (qp @ k.transpose(2, 3) * qp.shape[-1] ** -0.5).softmax(-1).mean((1, 2))  # (B, N)
         sizes = [s.shape[-2] * s.shape[-1] for s in pooled]
-        return y, [m.view(b, *s.shape[-2:]) for m, s in zip(a.split(sizes, 1), pooled)]
+        return [m.view(b, *s.shape[-2:]) for m, s in zip(a.split(sizes, 1), pooled)]
 
 
 class FPMA(CrossAttention):

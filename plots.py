@@ -10,6 +10,8 @@ YOLOv8 user finds their way in a run folder:
     train_batch0.png, val_batch0_*.png   plot_batch              mosaic: boxes, vessel mask, file names
     val_seg_batch0.png                   plot_seg_batch          image / ground-truth mask / predicted mask
 
+and, last, `Progress`: the self-updating progress line of an epoch or a validation.
+
 Every picture function takes plain arrays, tensors, lists and paths, writes one PNG (folders created) and returns
 its path. Nothing here imports the rest of nanoCAMTL.
 """
@@ -17,6 +19,8 @@ its path. Nothing here imports the rest of nanoCAMTL.
 import csv
 import functools
 import math
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -579,3 +583,38 @@ def plot_seg_batch(imgs, masks, logits, paths, out_path, max_images=8):
             text(ImageDraw.Draw(tile), (4, 4), caption, 12, WHITE, bg=(0, 0, 0))
             canvas.paste(tile, ((i % g) * (3 * t + 12) + j * (t + 2), (i // g) * (t + 2)))
     return save(canvas, out_path)
+
+
+# -----------------------------------------------------------------------------
+# the progress line (not a picture, but the other thing a user watches; hand-written, no tqdm)
+
+
+class Progress:
+    """One phase's progress (an epoch, a validation). On a terminal: one self-updating line with a bar, the count,
+    the caller's text (losses), items/s and ETA. When stdout is a file or a pipe: plain lines every `every` steps
+    and at the end, with no control characters, flushed at once (tail -f, tee and nohup see them as they come)."""
+
+    def __init__(self, total, desc, every=10, unit="img", file=None, enabled=True):
+        self.total, self.desc, self.every, self.unit, self.enabled = total, desc, max(1, every), unit, enabled
+        self.file = file or sys.stdout
+        self.tty = self.file.isatty()
+        self.t0, self.items, self.last = time.time(), 0, ""
+
+    def update(self, i, text="", items=0):
+        """Step i (1-based) done; items processed in it (for the rate); text: e.g. the running losses."""
+        self.items += items
+        if not self.enabled or not (self.tty or i % self.every == 0 or i == self.total):
+            return
+        dt = max(time.time() - self.t0, 1e-9)
+        eta = dt / i * (self.total - i)
+        rate = f"  {self.items / dt:.1f} {self.unit}/s" if self.items else ""
+        line = f"{self.desc} {i:>{len(str(self.total))}}/{self.total} {text}{rate}  ETA {eta / 60:.1f} min"
+        if self.tty:
+            width = 20
+            done = round(width * i / max(self.total, 1))
+            bar = "█" * done + "·" * (width - done)
+            pad = " " * max(len(self.last) - len(line) - width - 1, 0)
+            self.last = f"{bar} {line}"
+            print(f"\r{self.last}{pad}", end="" if i < self.total else "\n", file=self.file, flush=True)
+        else:
+            print(line, file=self.file, flush=True)

@@ -218,7 +218,11 @@ def ensure_synthetic(root=None, **params):
     with open(root.parent / f".{root.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if marker.exists():
-            if json.loads(marker.read_text()) == want:
+            try:
+                have = json.loads(marker.read_text())
+            except (ValueError, OSError):  # a marker broken by hand or by a full disk: regenerate
+                have = None
+            if have == want:
                 return root
             for d in ("retinography", "angiography", "splits.json", "synthetic.json"):  # only what we wrote
                 p = root / d
@@ -277,10 +281,16 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="grid only: the PNG to write (default assets/synthetic_grid.png)")
     args = ap.parse_args(argv)
     params = {k: getattr(args, k) for k in SYNTH if getattr(args, k) is not None}
+    for k, lo in (("n", 1), ("imgsz", 32)):
+        if params.get(k, lo) < lo:
+            ap.error(f"--{k} {params[k]}: must be >= {lo}")
     if args.cmd == "synth":
         if args.out is not None:
             ap.error("--out is an option of grid")
-        ensure_synthetic(args.root, **params)
+        try:
+            ensure_synthetic(args.root, **params)
+        except FileExistsError as e:
+            raise SystemExit(f"{e}; give an empty or new folder with --root") from None
     else:
         if params:
             ap.error(f"{', '.join('--' + k for k in params)}: options of synth, not grid")

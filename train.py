@@ -14,7 +14,9 @@ import argparse
 import csv
 import math
 import os
+import pprint
 import random
+import sys
 import time
 from contextlib import nullcontext
 from copy import deepcopy
@@ -28,10 +30,11 @@ import torch.nn as nn
 
 import data
 import evaluate
+import plots
 import synthetic
-from config import STAGES, format_config, load_config, parse_set
+from config import STAGES, check_device, format_config, load_config, parse_set
 from losses import MultiTaskLoss, TermMeter
-from model import CAMTL, camtl_config, count_params
+from model import CAMTL, camtl_config, count_params, read_checkpoint
 
 # -----------------------------------------------------------------------------
 # pieces of the loop: checkpoints, EMA, optimizer, schedule
@@ -48,14 +51,29 @@ def save_atomic(obj, path):
 
 def rng_state():
     np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
             "numpy_pos": int(np_state[2]), "python": list(random.getstate()[1])}
 
 
 def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"], 0, 0.0))
+    """RNG states are CPU byte tensors whatever the run's device (torch wants them so)."""
+    torch.set_rng_state(s["torch"].cpu())
+    if s.get("cuda") and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([t.cpu() for t in s["cuda"]])
+    np.random.set_state(("MT19937", s["numpy"].cpu().numpy().astype(np.uint32), s["numpy_pos"], 0, 0.0))
     random.setstate((3, tuple(s["python"]), None))
+
+
+def to(obj, device):
+    """Every tensor in a nest of dicts/lists/tuples moved to device: the one place a restore moves tensors."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to(v, device) for v in obj)
+    return obj
 
 
 class ModelEMA:
@@ -77,7 +95,7 @@ class ModelEMA:
                 v.copy_(msd[k])
 
 
-def build_optimizer(model, cfg, accumulate):
+def build_optimizer(model, cfg, accumulate, world=1):
     """Three groups as YOLOv8: weights with decay, norm weights and biases (and attention gates) without."""
     decay, no_decay, bias = [], [], []
     norms = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
@@ -93,7 +111,7 @@ def build_optimizer(model, cfg, accumulate):
                 decay.append(p)
     name = cfg["optimizer"]
     lr0 = cfg["lr0"] or {"SGD": 0.01, "AdamW": 0.002}.get(name, 0.01)
-    wd = cfg["weight_decay"] * cfg["batch"] * accumulate / cfg["nbs"]
+    wd = cfg["weight_decay"] * cfg["batch"] * world * accumulate / cfg["nbs"]  # of the global batch, as YOLOv8
     if name == "SGD":
         opt = torch.optim.SGD(bias, lr=lr0, momentum=cfg["momentum"], nesterov=True)
     elif name == "AdamW":
@@ -142,13 +160,47 @@ def set_lr(opt, lr_bias, lr, momentum):
     return lr
 
 
-def write_csv(path, row):
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow(row)
+# results.csv names the quantities it shares with YOLOv8 as YOLOv8 does; ours keep their own names
+CSV_NAMES = {"train/box": "train/box_loss", "train/cls": "train/cls_loss", "train/dfl": "train/dfl_loss",
+             "val/box": "val/box_loss", "val/cls": "val/cls_loss", "val/dfl": "val/dfl_loss",
+             "precision": "metrics/precision(B)", "recall": "metrics/recall(B)", "map50": "metrics/mAP50(B)",
+             "map50_95": "metrics/mAP50-95(B)"}
+
+
+def csv_row(epoch, train_terms, metrics, opt):
+    """One results.csv row: epoch, train/{term} (the loss terms), val/{term}, metrics/... (mAP as YOLOv8 names it,
+    metrics/dice_full, metrics/iou_p3, ...), fitness, and lr/pg0..2 (biases, weights, norm weights)."""
+    row = {"epoch": epoch + 1, **{f"train/{k}": v for k, v in train_terms.items()},
+           **{k: v for k, v in metrics.items() if isinstance(v, float)}}
+    row = {CSV_NAMES.get(k, f"metrics/{k}" if k.startswith(("dice_", "iou_")) else k): v for k, v in row.items()}
+    return {**row, **{f"lr/pg{i}": g["lr"] for i, g in enumerate(opt.param_groups)}}
+
+
+def write_run_config(path, cfg):
+    """The run folder's config.py: the resolved config as a --config file that reproduces the run."""
+    body = pprint.pformat({k: v for k, v in cfg.items() if k != "stage"}, sort_dicts=False, width=110)
+    path.write_text(f'"""The resolved config of a {cfg["stage"]} run. Reproduce it with\n'
+                    f'    python train.py --stage {cfg["stage"]} --config {path}\n"""\nconfig = {body}\n')
+
+
+def write_csv(path, row, keep_epochs=None):
+    """Append row to results.csv; a column seen for the first time widens the header (the file is rewritten).
+    keep_epochs=N (on resume) first drops rows of epochs after N, written before a checkpoint that never came."""
+    rows = []
+    if path.exists():
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    if keep_epochs is not None:
+        rows = [r for r in rows if int(r["epoch"]) <= keep_epochs]
+    if row is not None:
+        rows.append(row)
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------
@@ -157,7 +209,7 @@ def write_csv(path, row):
 
 def setup_device(cfg, arg_device):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    want = arg_device or cfg["device"]
+    want = check_device(arg_device, "--device") if arg_device else cfg["device"]
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
     if want.startswith("cuda") and not torch.cuda.is_available():
@@ -200,7 +252,7 @@ def open_run(cfg, args, master, log):
     if args.resume is None:
         return cfg, (new_run_dir(cfg) if master else None), None
     last = resolve_resume(args.resume, cfg)
-    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(last, "the last.pt of a run to resume", need=("model", "optimizer", "epoch", "config"))
     set_keys = args.set_keys or set()
     cfg = {**ckpt["config"], "epochs": cfg["epochs"] if "epochs" in set_keys else ckpt["config"]["epochs"]}
     ignored = sorted(set_keys - {"epochs"})
@@ -245,11 +297,15 @@ def build_data(cfg, rank, world):
     """-> (data root, the training loader, {task: validation loader}). camtl alternates det, seg (and replayed
     retinography) batches by camtl_ratio."""
     stage = cfg["stage"]
-    root = Path(cfg["data"]) if cfg["data"] else synthetic.ensure_synthetic(n=cfg["synthetic_n"], imgsz=cfg["imgsz"])
+    try:
+        root = Path(cfg["data"] or synthetic.ensure_synthetic(n=cfg["synthetic_n"], imgsz=cfg["imgsz"]))
+    except FileExistsError as e:
+        raise SystemExit(f"key 'data' is empty (the built-in synthetic set), but {e}") from None
     if not root.is_dir():
         raise SystemExit(f"key 'data': {root} is not a directory; give a processed data root (README: data layout), "
                          "or data='' for the built-in synthetic data")
     data.load_splits(root, group_regex=cfg["group_regex"] or None)  # writes splits.json when missing
+    data.check_stage_data(root, stage, cfg["batch"], cfg["camtl_ratio"], world)  # one message if too little data
 
     def train_loader(key):
         return data.build_loader(root, key, "train", imgsz=cfg["imgsz"], batch=cfg["batch"], augment=cfg["augment"],
@@ -266,12 +322,30 @@ def build_data(cfg, rank, world):
     return root, loader, val
 
 
+def plot_labels(loader, cfg, path):
+    """labels.png of the detection training labels (camtl): counts, centres, sizes in canvas pixels."""
+    sets = [ld.dataset for ld, _ in getattr(loader, "streams", [(loader, 1)]) if ld.dataset.task == "det"]
+    if not sets:
+        return
+    S, xywh, cls = cfg["imgsz"], [], []
+    for it in sets[0].items:
+        (h0, w0), b = it["shape"], np.asarray(it["boxes"], np.float64).reshape(-1, 5)
+        g = S / max(h0, w0)  # the letterbox: scale, then centre on the S x S canvas
+        px, py = (S - round(w0 * g)) // 2, (S - round(h0 * g)) // 2
+        xywh.append(np.stack([(b[:, 1] * w0 * g + px) / S, (b[:, 2] * h0 * g + py) / S,
+                              b[:, 3] * w0 * g / S, b[:, 4] * h0 * g / S], 1))
+        cls.append(b[:, 0])
+    plots.plot_labels(np.concatenate(xywh), np.concatenate(cls), S, path, evaluate.class_names(cfg["nc"]))
+
+
 def tasks_for(batch, cfg):
-    """What the forward must compute for this batch: seg outputs on det batches only feed the consistency
-    and alignment terms; det outputs on seg batches only feed the alignment term."""
+    """-> (tasks, need_attn): what the forward must compute for this batch's losses. Seg outputs on det batches
+    only feed the consistency and alignment terms; a seg batch's alignment term needs CTAM's attention maps,
+    which the model computes without CSAM and Detect."""
+    need_attn = bool(cfg["lambda_align"])
     if batch["task"] == "det":
-        return ("det", "seg") if cfg["lambda_cons"] or cfg["lambda_align"] else ("det",)
-    return ("det", "seg") if cfg["lambda_align"] else ("seg",)
+        return (("det", "seg") if cfg["lambda_cons"] or need_attn else ("det",)), need_attn
+    return ("seg",), need_attn
 
 
 # -----------------------------------------------------------------------------
@@ -280,8 +354,8 @@ def tasks_for(batch, cfg):
 
 def setup(cfg, args, log=print):
     """Everything one run needs, in one namespace r: cfg, device, rank/world/master, log, run_dir, the loaders,
-    raw (the CAMTL) and model (raw, or its DDP wrapper), opt, get_lr, accumulate, ctx (autocast), scaler, ema,
-    crit, nb (batches per epoch); the loop's state start_epoch, best_fitness, metrics, lr, NaN counters; and
+    model, opt, get_lr, accumulate, ctx (autocast), scaler, ema, crit, nb (batches per epoch); the loop's state
+    start_epoch, best_fitness, metrics, lr, window (good micro-batches since the last step), NaN counters; and
     ckpt, the checkpoint to restore with --resume."""
     device, rank, world = setup_device(cfg, args.device)
     master = rank == 0
@@ -290,113 +364,154 @@ def setup(cfg, args, log=print):
     np.random.seed(cfg["seed"] + rank)
     random.seed(cfg["seed"] + rank)
     cfg, run_dir, ckpt = open_run(cfg, args, master, log)
-    if master:
-        (run_dir / "weights").mkdir(parents=True, exist_ok=True)
-        log(format_config(cfg))
-
+    log(format_config(cfg))
     root, loader, val_loaders = build_data(cfg, rank, world)
-    raw, init_from = build_model(cfg, cfg["stage"], log, verbose=master)
-    raw.to(device)
+    quiet = lambda *a, **k: None  # noqa: E731  (a resumed run's weights come from last.pt: no init messages)
+    model, init_from = build_model(cfg, cfg["stage"], log if ckpt is None else quiet, verbose=master and not ckpt)
+    model.to(device)
+    if world > 1:  # every replica starts from rank 0's weights and buffers
+        for t in model.state_dict().values():
+            dist.broadcast(t, 0)
     anchor = None
     if cfg["lambda_l2sp"]:  # L2-SP pulls backbone+neck towards their stage-start values
-        anchor = {k: p.detach().clone() for k, p in raw.named_parameters()
+        anchor = {k: p.detach().clone() for k, p in model.named_parameters()
                   if k.startswith(("backbone.", "neck.")) and p.requires_grad}
     nb = len(loader)
     accumulate = max(round(cfg["nbs"] / (cfg["batch"] * world)), 1)
-    opt, lr0, opt_desc = build_optimizer(raw, cfg, accumulate)
+    opt, lr0, opt_desc = build_optimizer(model, cfg, accumulate, world)
     get_lr, nw = make_get_lr(cfg, lr0, nb)
-    use_amp = cfg["amp"] and device.type == "cuda"
     amp_dtype = torch.bfloat16 if cfg["amp_dtype"] == "bf16" else torch.float16
-    model = raw
-    if world > 1:
-        # a det step leaves the seg head unused and a seg step Detect/CTAM/CSAM: DDP must be told to expect
-        # parameters without gradients. Every rank runs the same task at the same step (same schedule), so
-        # the reduced buckets always agree.
-        model = nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None,
-                                                    find_unused_parameters=True)
-    log(f"{cfg['stage']}: {count_params(raw):,} parameters "
-        f"({sum(p.numel() for p in raw.parameters() if p.requires_grad):,} trainable), "
-        f"init from {init_from or 'COCO/random'}; data {root}")
+    use_amp = cfg["amp"] and (device.type == "cuda" or amp_dtype == torch.bfloat16)  # fp16 autocast: CUDA only
+    if master:  # the run folder appears only once everything it describes could be built
+        (run_dir / "weights").mkdir(parents=True, exist_ok=True)
+        if ckpt is None:
+            write_run_config(run_dir / "config.py", cfg)
+            if cfg["plots"]:
+                plot_labels(loader, cfg, run_dir / "labels.png")
+    init = "last.pt (resume)" if ckpt is not None else init_from or "COCO/random"
+    log(f"{cfg['stage']}: {count_params(model):,} parameters "
+        f"({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable), "
+        f"init from {init}; data {root}")
     log(opt_desc + f"; accumulate {accumulate} (nominal batch {cfg['nbs']}), warmup {nw} iters, "
-        f"AMP {'on' if use_amp else 'off'}")
-    log(f"{nb} batches/epoch x {cfg['epochs']} epochs, batch {cfg['batch']} x {world} rank(s), imgsz {cfg['imgsz']}")
+        f"AMP {cfg['amp_dtype'] if use_amp else 'off'}")
+    log(f"{nb} batches/epoch x {cfg['epochs']} epochs, batch {cfg['batch']} x {world} rank(s) "
+        f"= {cfg['batch'] * world} images per iteration, imgsz {cfg['imgsz']}")
     return SimpleNamespace(
         cfg=cfg, device=device, rank=rank, world=world, master=master, log=log, run_dir=run_dir, ckpt=ckpt,
-        loader=loader, val_loaders=val_loaders, raw=raw, model=model, opt=opt, get_lr=get_lr, nb=nb,
-        accumulate=accumulate, ctx=torch.autocast(device.type, dtype=amp_dtype) if use_amp else nullcontext(),
+        loader=loader, val_loaders=val_loaders, model=model, opt=opt, get_lr=get_lr, nb=nb, accumulate=accumulate,
+        ctx=torch.autocast(device.type, dtype=amp_dtype) if use_amp else nullcontext(),
         scaler=torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16),
-        ema=ModelEMA(raw, cfg["ema_decay"], cfg["ema_tau"]) if cfg["ema"] and master else None,
-        crit=MultiTaskLoss(cfg, anchor), start_epoch=0, best_fitness=-1.0, metrics={}, lr=0.0,
+        ema=ModelEMA(model, cfg["ema_decay"], cfg["ema_tau"]) if cfg["ema"] and master else None,
+        crit=MultiTaskLoss(cfg, anchor), start_epoch=0, best_fitness=-1.0, metrics={}, lr=0.0, window=0,
         nan_run=0, nan_total=0, t_start=time.time())
 
 
 def restore(r):
-    """--resume: weights, optimizer, scaler, EMA, the L2-SP anchor, epoch, best fitness and RNG from r.ckpt."""
+    """--resume: weights, optimizer, scaler, EMA, the L2-SP anchor, epoch, best fitness and RNG from r.ckpt, every
+    tensor moved to the run's device first (wherever the checkpoint was saved); results.csv trimmed to match."""
     ckpt, r.ckpt = r.ckpt, None
-    r.raw.load_state_dict(ckpt["model"])
-    r.opt.load_state_dict(ckpt["optimizer"])
+    state = to({k: ckpt.get(k) for k in ("model", "optimizer", "ema", "anchor")}, r.device)
+    r.model.load_state_dict(state["model"])
+    r.opt.load_state_dict(state["optimizer"])
     r.scaler.load_state_dict(ckpt["scaler"])
-    if r.ema is not None and ckpt.get("ema") is not None:
-        r.ema.ema.load_state_dict(ckpt["ema"])
+    if r.ema is not None and state["ema"] is not None:
+        r.ema.ema.load_state_dict(state["ema"])
         r.ema.updates = ckpt["ema_updates"]
-    r.crit.anchor = ckpt.get("anchor") or r.crit.anchor
+    r.crit.anchor = state["anchor"] or r.crit.anchor
     r.start_epoch, r.best_fitness = ckpt["epoch"] + 1, ckpt["best_fitness"]
     set_rng_state(ckpt["rng"])
+    if r.master and (r.run_dir / "results.csv").exists():  # a row written after this checkpoint is redone
+        write_csv(r.run_dir / "results.csv", None, keep_epochs=ckpt["epoch"] + 1)
 
 
 def train_one_epoch(r, epoch):
-    """One pass over the training batches -> running means of the loss terms by name (MultiTaskLoss's)."""
+    """One pass over the training batches -> running means of the loss terms by name, each over the batches
+    that report it (MultiTaskLoss: det over det batches, seg over seg batches, ...)."""
     cfg, nb = r.cfg, r.nb
-    r.raw.train()
+    r.model.train()
     (r.loader.set_epoch if hasattr(r.loader, "set_epoch") else r.loader.sampler.set_epoch)(epoch)
-    meter, seen, t0 = TermMeter(), 0, time.time()
+    meter = TermMeter()
+    bar = plots.Progress(nb, f"{cfg['stage']} {epoch + 1}/{cfg['epochs']}", cfg["log_interval"], enabled=r.master)
     r.opt.zero_grad(set_to_none=True)
+    r.window = 0
     for i, batch in enumerate(r.loader):
+        if r.master and cfg["plots"] and epoch == 0 and i < 3:  # what the network is fed, augmented
+            plots.plot_batch(batch["img"], batch["batch_idx"], batch["cls"], batch["bboxes"], batch["mask"],
+                             batch["paths"], r.run_dir / f"train_batch{i}.png", names=evaluate.class_names(cfg["nc"]))
         r.lr = set_lr(r.opt, *r.get_lr(epoch * nb + i))
-        step_now = (i + 1) % r.accumulate == 0 or i + 1 == nb
-        terms = train_step(r, batch, step_now, where=f"epoch {epoch} iter {i}")
-        if terms is None:  # non-finite loss: skipped
-            continue
-        meter.update(terms)
-        seen += batch["img"].shape[0]
-        if r.master and ((i + 1) % cfg["log_interval"] == 0 or i + 1 == nb):
-            dt = time.time() - t0
-            eta = dt / (i + 1) * ((cfg["epochs"] - epoch) * nb - i - 1)
-            losses = " ".join(f"{k} {v:.4f}" for k, v in meter.means().items())
-            r.log(f"{cfg['stage']} {epoch + 1}/{cfg['epochs']} {i + 1:4d}/{nb} {losses}  lr {r.lr:.5f}  "
-                  f"{seen / dt:.1f} img/s  ETA {eta / 60:.1f} min")
+        terms = train_step(r, batch, where=f"epoch {epoch + 1} iter {i + 1}")
+        if (i + 1) % r.accumulate == 0 or i + 1 == nb:
+            optimizer_step(r)
+        if terms is not None:  # None: non-finite loss, skipped
+            meter.update(terms)
+        losses = " ".join(f"{k} {v:.4f}" for k, v in meter.means().items())
+        bar.update(i + 1, f"{losses}  lr {r.lr:.5f}", items=batch["img"].shape[0] if terms is not None else 0)
     return meter.means()
 
 
-def train_step(r, batch, step_now, where):
-    """Forward (in the batch's domain, under autocast), loss, backward; the optimizer step when step_now.
-    -> the loss terms, or None when the loss was not finite (skipped; max_nan_steps in a row stop the run)."""
-    img = batch["img"].to(r.device, non_blocking=True)
-    sync = nullcontext() if r.world == 1 or step_now else r.model.no_sync()  # all-reduce once per optimizer step
-    with sync:
-        with r.raw.domain(batch["domain"]), r.ctx:
-            det_out, seg_out = r.model(img, tasks=tasks_for(batch, r.cfg), need_attn=bool(r.cfg["lambda_align"]))
-        loss, terms = r.crit(det_out, seg_out, data.to_device(batch, r.device), r.raw)
-        if not torch.isfinite(loss):
-            r.nan_run, r.nan_total = r.nan_run + 1, r.nan_total + 1
-            r.log(f"WARNING: non-finite loss at {where} ({batch['task']} batch {batch.get('paths', [''])[:1]}): "
-                  "step skipped")
-            if r.nan_run >= r.cfg["max_nan_steps"]:
-                raise SystemExit(f"{r.nan_run} non-finite losses in a row: stopping. Lower lr0, check the data, "
-                                 "or set amp=False.")
-            r.opt.zero_grad(set_to_none=True)
-            return None
-        r.nan_run = 0
-        r.scaler.scale(loss).backward()
-    if step_now:
-        r.scaler.unscale_(r.opt)
-        nn.utils.clip_grad_norm_(r.raw.parameters(), r.cfg["clip_grad"])
-        r.scaler.step(r.opt)
-        r.scaler.update()
-        r.opt.zero_grad(set_to_none=True)
-        if r.ema is not None:
-            r.ema.update(r.raw)
+def train_step(r, batch, where):
+    """Forward (in the batch's domain, under autocast), loss and backward of one micro-batch; its gradients add
+    to the window's. -> the loss terms, or None when the loss was not finite on any rank: then every rank skips
+    this micro-batch alike (the window keeps its other gradients); max_nan_steps in a row stop the run."""
+    tasks, need_attn = tasks_for(batch, r.cfg)
+    with r.model.domain(batch["domain"]), r.ctx:
+        det_out, seg_out = r.model(batch["img"].to(r.device, non_blocking=True), tasks=tasks, need_attn=need_attn)
+    loss, terms = r.crit(det_out, seg_out, data.to_device(batch, r.device), r.model)
+    bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=r.device)
+    if r.world > 1:  # one rank's NaN is every rank's: nobody waits in an all-reduce the others skipped
+        dist.all_reduce(bad)
+    if bad.item():
+        r.nan_run, r.nan_total = r.nan_run + 1, r.nan_total + 1
+        r.log(f"WARNING: non-finite loss at {where} ({batch['task']} batch {batch['paths'][:1]}"
+              f"{' on some rank' if r.world > 1 else ''}): micro-batch skipped, {r.window} earlier ones of this "
+              f"accumulation window kept")
+        if r.nan_run >= r.cfg["max_nan_steps"]:
+            raise SystemExit(f"{r.nan_run} non-finite losses in a row: stopping. Lower lr0, check the data, "
+                             "or set amp=False.")
+        return None
+    r.nan_run = 0
+    r.scaler.scale(loss).backward()
+    r.window += 1
     return terms
+
+
+def optimizer_step(r):
+    """End of an accumulation window: (DDP) sum the window's gradients over the ranks — one process on all ranks'
+    images gets the same sum — add L2-SP's gradient, unscale, clip, step, update the EMA. A window whose
+    micro-batches were all skipped, or (without a GradScaler) whose gradient is not finite, makes no step."""
+    if r.window:  # the ranks agreed on every skip, so they agree on this
+        if r.world > 1:
+            all_reduce_grads(r.model)
+        r.scaler.unscale_(r.opt)
+        r.crit.add_l2sp_grad_(r.model, r.window)
+        norm = nn.utils.clip_grad_norm_(r.model.parameters(), r.cfg["clip_grad"])
+        if torch.isfinite(norm) or r.scaler.is_enabled():  # the scaler skips non-finite steps itself
+            r.scaler.step(r.opt)
+            r.scaler.update()
+            if r.ema is not None:
+                r.ema.update(r.model)
+        else:
+            r.log(f"WARNING: non-finite gradient norm: optimizer step skipped ({r.window} micro-batches)")
+    r.opt.zero_grad(set_to_none=True)
+    r.window = 0
+
+
+def all_reduce_grads(model):
+    """Sum every trainable parameter's gradient over the ranks in one flat buffer, and average the floating
+    buffers (BatchNorm statistics), so the replicas stay identical. A parameter without a gradient sends zeros
+    and keeps none: the optimizer then skips it, exactly as in one process (no weight decay, no momentum)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+    dist.all_reduce(flat)
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        if p.grad is not None:
+            p.grad.copy_(g.view_as(p))
+    bufs = [b for b in model.buffers() if b.is_floating_point()]
+    if bufs:
+        flat = torch.cat([b.flatten() for b in bufs])
+        dist.all_reduce(flat)
+        for b, v in zip(bufs, (flat / dist.get_world_size()).split([b.numel() for b in bufs])):
+            b.copy_(v.view_as(b))
 
 
 def validate_and_save(r, epoch, train_terms):
@@ -404,14 +519,12 @@ def validate_and_save(r, epoch, train_terms):
     results.csv row, write last.pt, and best.pt when the fitness improved."""
     cfg = r.cfg
     if (epoch + 1) % cfg["val_interval"] == 0 or epoch + 1 == cfg["epochs"]:
-        r.metrics = evaluate.validate(r.ema.ema if r.ema else r.raw, r.val_loaders, cfg, r.device, r.crit,
-                                      plot_dir=r.run_dir if cfg["plots"] else None)
+        r.metrics = evaluate.validate(r.ema.ema if r.ema else r.model, r.val_loaders, cfg, r.device, r.crit,
+                                      log=r.log)
         r.log(evaluate.format_metrics(r.metrics, prefix=f"val {epoch + 1}/{cfg['epochs']}"))
     fitness = r.metrics.get("fitness", 0.0)
-    row = {"epoch": epoch + 1, **{f"train/{k}": v for k, v in train_terms.items()},
-           **{k: v for k, v in r.metrics.items() if isinstance(v, float)}, "lr": r.lr}
-    write_csv(r.run_dir / "results.csv", row)
-    ck = {"model": r.raw.state_dict(), "ema": r.ema.ema.state_dict() if r.ema else None,
+    write_csv(r.run_dir / "results.csv", csv_row(epoch, train_terms, r.metrics, r.opt))
+    ck = {"model": r.model.state_dict(), "ema": r.ema.ema.state_dict() if r.ema else None,
           "ema_updates": r.ema.updates if r.ema else 0, "optimizer": r.opt.state_dict(),
           "scaler": r.scaler.state_dict(), "epoch": epoch, "best_fitness": max(r.best_fitness, fitness),
           "config": cfg, "stage": cfg["stage"], "rng": rng_state(), "anchor": r.crit.anchor, "metrics": r.metrics,
@@ -424,7 +537,7 @@ def validate_and_save(r, epoch, train_terms):
 
 def check_replicas(r):
     """DDP: the replicas must have stayed identical; log the largest weight difference to rank 0's."""
-    flat = torch.cat([p.detach().double().flatten() for p in r.raw.parameters()])
+    flat = torch.cat([p.detach().double().flatten() for p in r.model.parameters()])
     ref = flat.clone()
     dist.broadcast(ref, 0)
     diff = torch.tensor([(flat - ref).abs().max().item()], dtype=torch.float64)
@@ -434,21 +547,42 @@ def check_replicas(r):
 
 
 def finish_stage(r):
-    """The stage's product yolov8{S}-{stage}.pt (the best epoch's EMA weights + config: what the next stage,
-    evaluate.py and export.py load), the curves, and the results table. -> (run folder, best metrics)."""
+    """The best epoch's weights, validated once more with every picture (curves, confusion matrix, batches) and the
+    per-class table; results.png; then best.pt and the stage's product yolov8{S}-{stage}.pt made small: the EMA
+    weights, config and metrics (what evaluate.py, export.py and the next stage load), no optimizer. last.pt keeps
+    everything, so a finished run can still be extended with --resume --set epochs=N. -> (run folder, metrics)."""
     cfg, stage, wdir = r.cfg, r.cfg["stage"], r.run_dir / "weights"
     best = torch.load(wdir / "best.pt", map_location="cpu", weights_only=True)
-    final = {"model": best["ema"] or best["model"], "config": cfg, "stage": stage, "epoch": best["epoch"],
-             "metrics": best["metrics"]}
+    if "optimizer" in best:  # not made small yet (a resumed run that had finished)
+        small = {"model": best["ema"] or best["model"], "config": cfg, "stage": stage, "epoch": best["epoch"],
+                 "metrics": best["metrics"]}
+        save_atomic(small, wdir / "best.pt")
+        best = small
     out = wdir / f"yolov8{scale_tag(cfg)}-{stage}.pt"
-    save_atomic(final, out)
+    save_atomic(best, out)
     if cfg["plots"]:
-        evaluate.plot_results(r.run_dir / "results.csv", r.run_dir / "results.png")
+        net = r.ema.ema if r.ema else r.model
+        net.load_state_dict(to(best["model"], r.device))
+        evaluate.validate(net, r.val_loaders, cfg, r.device, r.crit, plot_dir=r.run_dir, log=r.log)
+        plots.plot_results(r.run_dir / "results.csv", r.run_dir / "results.png")
+    sizes = ", ".join(f"{p.name} {p.stat().st_size / 2**20:.1f} MB" for p in (wdir / "last.pt", wdir / "best.pt"))
     r.log(f"\n{stage} done in {(time.time() - r.t_start) / 60:.1f} min, {r.nan_total} skipped non-finite steps. "
           f"Best epoch {best['epoch'] + 1}:")
     r.log(evaluate.results_table(best["metrics"]))
-    r.log(f"weights: {out}\nrun: {r.run_dir}")
+    r.log(f"weights: {out} ({sizes})\nrun: {r.run_dir}")
     return r.run_dir, best["metrics"]
+
+
+def interrupted(r):
+    """The one line a Ctrl-C ends with: where the last checkpoint is and the command that continues the run."""
+    if not r.master:
+        return 130
+    last = r.run_dir / "weights" / "last.pt"
+    if not last.is_file():
+        return f"\ninterrupted before the first checkpoint: nothing to resume in {r.run_dir}"
+    epoch = torch.load(last, map_location="cpu", weights_only=True)["epoch"] + 1
+    return (f"\ninterrupted: {last} holds epoch {epoch}; continue with  "
+            f"python train.py --stage {r.cfg['stage']} --resume {r.run_dir}")
 
 
 def train(cfg, args, log=print):
@@ -456,10 +590,13 @@ def train(cfg, args, log=print):
     r = setup(cfg, args, log)  # device, run folder, data, model, optimizer, AMP, EMA, loss
     if r.ckpt is not None:
         restore(r)  # --resume: continue exactly where last.pt left off
-    for epoch in range(r.start_epoch, r.cfg["epochs"]):
-        train_terms = train_one_epoch(r, epoch)
-        if r.master:
-            validate_and_save(r, epoch, train_terms)
+    try:
+        for epoch in range(r.start_epoch, r.cfg["epochs"]):
+            train_terms = train_one_epoch(r, epoch)
+            if r.master:
+                validate_and_save(r, epoch, train_terms)
+    except KeyboardInterrupt:
+        raise SystemExit(interrupted(r)) from None
     if r.world > 1:
         check_replicas(r)
     return finish_stage(r) if r.master else (None, r.metrics)
@@ -474,7 +611,11 @@ def main(argv=None):
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN",
                    help="continue a run (default: newest of this stage)")
     p.add_argument("--device", help="cpu, cuda, cuda:0 (default: the config's 'device')")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="the same as --set, YOLOv8-style: epochs=30 device=0")
     args = p.parse_args(argv)
+    args.set = list(args.overrides) + list(args.set)
+    if sys.stdout.isatty() is False and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # | tee, nohup: every line as it comes
     cfg = load_config(args.stage, args.config, args.set)
     args.set_keys = set(parse_set(args.set))
     try:

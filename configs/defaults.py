@@ -29,7 +29,8 @@ config = {
     "weights_dir": "weights",  # yolov8{S}.pt / yolov8{S}-seg.pt / yolov8{S}-domainshift1.pt looked up here
     "project": "runs",  # runs/{stage}/{name}
     "name": "",  # empty = exp, exp2, ...
-    "device": "auto",  # auto / cpu / cuda / cuda:0
+    "device": "auto",  # auto / cpu / cuda / cuda:N, or a GPU index N (= cuda:N). Several GPUs ("0,1") are one
+    # process each: torchrun --nproc_per_node=2 train.py ... --set device=cuda, each rank takes cuda:LOCAL_RANK
     "seed": 0,
     # --- optimisation (YOLOv8's recipe)
     "epochs": 100,

@@ -72,7 +72,7 @@ def test_config_errors_name_the_problem():
     with pytest.raises(ValueError, match="tasks"):
         m(torch.rand(1, 3, 64, 64), tasks=("mask",))
     with pytest.raises(ValueError, match="need_attn"):
-        m(torch.rand(1, 3, 64, 64), tasks=("seg",), need_attn=True)
+        m(torch.rand(1, 3, 64, 64), tasks=("det",), need_attn=True)
 
 
 # ----------------------------------------------------------------------------- COCO weights
@@ -305,3 +305,18 @@ def test_summary_lists_parts_and_fuse_keeps_outputs():
         det, seg = m(x)
         fdet, fseg = m.fuse()(x)
     assert torch.allclose(fdet, det, atol=1e-3) and torch.allclose(fseg["full"], seg["full"], atol=1e-4)
+
+
+def test_seg_batch_attention_maps_skip_csam_and_detect():
+    m = camtl(attn_tokens=16).train()
+    calls = []
+    for name in ("detect", "csam"):
+        getattr(m, name).register_forward_hook(lambda mod, i, o, name=name: calls.append(name))
+    x = torch.rand(2, 3, 128, 96)
+    before = m.detect.cv2[0][0].bn.running_mean.clone()
+    det, seg = m(x, tasks=("seg",), need_attn=True)
+    assert det is None and not calls and torch.equal(m.detect.cv2[0][0].bn.running_mean, before)
+    _, both = m(x, need_attn=True)  # the same maps as the full forward computes
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(seg["attn"], both["attn"]))
+    sum(a.sum() for a in seg["attn"]).backward()
+    assert m.ctam[0].q.weight.grad is not None and m.csam.attn[0].q.weight.grad is None

@@ -275,6 +275,9 @@ def test_alternating_loader_ratio_length_determinism(synth):
     al3 = make((1, 1, 1), src=True)
     first3 = [(t, d) for t, d, _ in _paths(al3)][:3]
     assert len(al3) == 12 and first3 == [("det", "target"), ("seg", "target"), ("seg", "source")]
+    replay = make((1, 1, 2), src=True)  # the source stream (4 batches) would last 2 cycles; det and seg last 4
+    kinds = [d for _, d, _ in _paths(replay)]
+    assert len(replay) == 16 and len(kinds) == 16 and kinds.count("source") == 8  # replay cycles, epoch kept
     with pytest.raises(ValueError):
         make((1, 2, 1))  # a source weight without a source loader
     with pytest.raises(ValueError):

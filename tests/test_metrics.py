@@ -95,9 +95,9 @@ def test_matching_rule_differs_from_greedy():
     iou = np.array([[0.0, 0.7],    # A
                     [0.9, 0.8]],   # B
                    dtype=np.float32)
-    # Reference rule: d1's best pair is B, B goes to the earlier detection d0, and d1 does not fall back to A.
+    # Older IoU-sorted rule: d1's best pair is B, B goes to the earlier detection d0, d1 does not fall back to A.
     assert match_predictions(iou)[:, 0].tolist() == [True, False]
-    # COCO-style greedy: d1 takes the still-free A.
+    # COCO-style greedy (the default, Ultralytics 8.4): d1 takes the still-free A.
     assert match_greedy(iou)[:, 0].tolist() == [True, True]
     # Detections keep their given order: with d1 listed first it takes B (its best), d0 is then left out.
     assert match_predictions(iou[:, ::-1].copy())[:, 0].tolist() == [True, False]
@@ -110,13 +110,192 @@ def test_matching_rule_end_to_end():
     # closer to B: IoU(d1, A) = 9.2/10.8 = 0.85, IoU(d1, B) = 9.8/10.2 = 0.96.
     t = [torch.tensor([target(0, [0, 0, 10, 10]), target(0, [1, 0, 11, 10])])]
     p = [torch.tensor([pred([1, 0, 11, 10], 0.9, 0), pred([0.8, 0, 10.8, 10], 0.8, 0)])]
-    ref, greedy = DetMeter(), DetMeter(greedy=True)
-    ref.update(p, t)
+    old, greedy = DetMeter(greedy=False), DetMeter()  # greedy is the default
+    old.update(p, t)
     greedy.update(p, t)
-    assert ref.tp[0][:, 0].tolist() == [True, False]
+    assert old.tp[0][:, 0].tolist() == [True, False]
     assert greedy.tp[0][:, 0].tolist() == [True, True]
-    assert ref.compute(1)["recall"] == pytest.approx(0.5)
+    assert old.compute(1)["recall"] == pytest.approx(0.5)
     assert greedy.compute(1)["map50"] == pytest.approx(PERFECT_AP)
+
+
+# -----------------------------------------------------------------------------
+# matching rules on crowded scenes, against a brute-force evaluator written from the definitions
+# (pure Python loops, float64, no code shared with evaluate.py)
+
+BF_THRESHOLDS = [0.5 + 0.05 * k for k in range(10)]
+
+
+def bf_iou(a, b):
+    iw, ih = max(0.0, min(a[2], b[2]) - max(a[0], b[0])), max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def bf_match(dets, gts, t, rule):
+    """dets [(box, conf, cls)] of one image, gts [(cls, box)] -> TP flag per detection, most confident first."""
+    dets = sorted(dets, key=lambda d: -d[1])
+    ious = [[bf_iou(d[0], g[1]) if d[2] == g[0] else 0.0 for g in gts] for d in dets]
+    if rule == "greedy":  # each detection in turn takes the unclaimed GT of highest IoU (ties: lower index) if >= t
+        claimed, flags = set(), []
+        for row in ious:
+            best = None
+            for gi, v in enumerate(row):
+                if gi not in claimed and v >= t and (best is None or v > row[best]):
+                    best = gi
+            if best is not None:
+                claimed.add(best)
+            flags.append(best is not None)
+        return dets, flags
+    # iou_sorted: each detection points at its best GT overall (ties: lower index) if >= t; a GT goes to the most
+    # confident detection pointing at it, the others are false positives even when another GT is free
+    owner = {}
+    for di, row in enumerate(ious):
+        best = max(range(len(row)), key=lambda gi: (row[gi], -gi)) if row else None
+        if best is not None and row[best] >= t:
+            owner.setdefault(best, di)
+    return dets, [di in owner.values() for di in range(len(dets))]
+
+
+def bf_interp(x, xs, ys):
+    """np.interp for non-decreasing xs (x inside [xs[0], xs[-1]]): linear from the last xs[j] <= x to the next."""
+    if x >= xs[-1]:
+        return ys[-1]
+    j = max(i for i in range(len(xs)) if xs[i] <= x)
+    return ys[j] + (x - xs[j]) * (ys[j + 1] - ys[j]) / (xs[j + 1] - xs[j])
+
+
+def bf_ap(flags, n_labels):
+    """AP of one class from its detections' TP flags (dataset-wide, descending confidence): area under the
+    precision envelope sampled at recall 0, 0.01, .., 1 (trapezoids), with the reference's sentinels: (0, 1) in
+    front, (last recall, 0) and (1, 0) behind, so the point at recall 1 is always 0 (a perfect class: 0.995)."""
+    if not flags:
+        return 0.0
+    tp = fp = 0
+    xs, ys = [0.0], [1.0]
+    for f in flags:
+        tp, fp = tp + f, fp + (not f)
+        xs.append(tp / n_labels)
+        ys.append(tp / (tp + fp))
+    xs, ys = xs + [xs[-1], 1.0], ys + [0.0, 0.0]
+    for i in range(len(ys) - 2, -1, -1):  # envelope: best precision at this recall or beyond
+        ys[i] = max(ys[i], ys[i + 1])
+    pts = [bf_interp(k / 100, xs, ys) for k in range(101)]
+    return sum((pts[k] + pts[k + 1]) / 2 * 0.01 for k in range(100))
+
+
+def bf_curve(confs, vals, g, left):
+    """Value at confidence g of the curve through (confs[i], vals[i]) (confs descending), linear in between;
+    `left` above the highest confidence, the last value below the lowest."""
+    if g > confs[0]:
+        return left
+    if g <= confs[-1]:
+        return vals[-1]
+    j = max(i for i in range(len(confs)) if confs[i] >= g)
+    return vals[j] + (confs[j] - g) * (vals[j + 1] - vals[j]) / (confs[j] - confs[j + 1])
+
+
+def brute_force_metrics(preds, targets, rule):
+    """Same inputs as detection_metrics -> precision, recall, map50, map50_95, ap_per_iou (class, threshold).
+    P and R are taken at the confidence (grid of 1000) maximising the mean F1 over classes at IoU 0.5, after a
+    101-wide box filter with edges padded by the end values, as the reference does."""
+    imgs = [([(r[:4], r[4], int(r[5])) for r in p.tolist()], [(int(r[0]), r[1:]) for r in t.tolist()])
+            for p, t in zip(preds, targets)]
+    classes = sorted({g[0] for _, gts in imgs for g in gts})
+    n_labels = {c: sum(g[0] == c for _, gts in imgs for g in gts) for c in classes}
+    per_class = {c: [] for c in classes}  # c -> [(conf, [flag per threshold])]
+    for dets, gts in imgs:
+        matched = [bf_match(dets, gts, t, rule) for t in BF_THRESHOLDS]
+        for i, d in enumerate(matched[0][0]):
+            if d[2] in per_class:
+                per_class[d[2]].append((d[1], [m[1][i] for m in matched]))
+    ap, curves = [], []
+    for c in classes:
+        rows = sorted(per_class[c], key=lambda r: -r[0])
+        ap.append([bf_ap([r[1][k] for r in rows], n_labels[c]) for k in range(len(BF_THRESHOLDS))])
+        tp = [sum(r[1][0] for r in rows[:i + 1]) for i in range(len(rows))]
+        curves.append(([r[0] for r in rows], [x / n_labels[c] for x in tp], [x / (i + 1) for i, x in enumerate(tp)]))
+    grid = [i / 999 for i in range(1000)]
+    p_at = [[bf_curve(cf, pr, g, 1.0) if cf else 0.0 for g in grid] for cf, _, pr in curves]
+    r_at = [[bf_curve(cf, rc, g, 0.0) if cf else 0.0 for g in grid] for cf, rc, _ in curves]
+    f1 = [sum(2 * p[i] * r[i] / (p[i] + r[i] + 1e-16) for p, r in zip(p_at, r_at)) / len(classes) for i in range(1000)]
+    padded = [f1[0]] * 50 + f1 + [f1[-1]] * 50
+    smoothed = [sum(padded[i:i + 101]) / 101 for i in range(1000)]
+    best = smoothed.index(max(smoothed))
+    mean = lambda xs: sum(xs) / len(xs)
+    return dict(precision=mean([p[best] for p in p_at]), recall=mean([r[best] for r in r_at]),
+                map50=mean([a[0] for a in ap]), map50_95=mean([mean(a) for a in ap]), ap_per_iou=ap)
+
+
+def bf_margin(preds, targets):
+    """Smallest distance of a same-class IoU to a threshold: far from 0, float32 vs float64 cannot flip a match."""
+    return min(abs(bf_iou(p[:4], t[1:]) - th) for pp, tt in zip(preds, targets) for p in pp.tolist()
+               for t in tt.tolist() if p[5] == t[0] for th in BF_THRESHOLDS)
+
+
+def nms_order(rows):
+    """Detections as NMS delivers them: descending confidence."""
+    return torch.tensor(sorted(rows, key=lambda r: -r[4]))
+
+
+def crowded_scene():
+    # image 0: a row of five class-0 objects (10 x 20, one every 4 px: neighbours overlap with IoU 0.43), seven
+    # detections, several of them between two objects; image 1: two overlapping class-0 objects and a tight
+    # cluster of three class-1 objects. 7 + 3 labels: no recall k/n falls on the 0.01 grid of compute_ap.
+    t0 = torch.tensor([target(0, [x, 0, x + 10, 20]) for x in (0, 4, 8, 12, 16)])
+    p0 = nms_order([pred([4.6, 0.9, 14.3, 19.9], 0.95, 0), pred([5.9, 0.4, 15.6, 19.9], 0.90, 0),
+                    pred([9.2, 0.4, 19.7, 20.2], 0.85, 0), pred([0.2, 0.3, 10.5, 19.9], 0.80, 0),
+                    pred([13.4, 0.6, 23.3, 20.2], 0.70, 0), pred([17.1, 0.1, 26.6, 20.5], 0.60, 0),
+                    pred([10.8, 0.0, 20.1, 20.4], 0.40, 0)])
+    t1 = torch.tensor([target(0, [50, 50, 62, 70]), target(0, [55, 52, 67, 72]),
+                       target(1, [0, 0, 20, 20]), target(1, [6, 2, 26, 22]), target(1, [12, 0, 32, 20])])
+    p1 = nms_order([pred([55.9, 51.7, 68.1, 71.4], 0.88, 0), pred([50.9, 50.8, 62.8, 70.3], 0.50, 0),
+                    pred([5.0, 0.7, 24.6, 21.4], 0.93, 1), pred([8.9, 0.9, 28.8, 20.8], 0.82, 1),
+                    pred([12.3, 0.0, 32.3, 20.2], 0.75, 1), pred([0.0, 0.0, 20.4, 20.0], 0.30, 1)])
+    return [p0, p1], [t0, t1]
+
+
+def assert_matches_brute_force(m, bf):
+    for k in ("precision", "recall", "map50", "map50_95"):
+        assert abs(m[k] - bf[k]) < 1e-9, (k, m[k], bf[k])
+    np.testing.assert_allclose(m["ap_per_iou"], bf["ap_per_iou"], atol=1e-9, rtol=0)
+
+
+def test_crowded_scene_default_is_greedy():
+    preds, targets = crowded_scene()
+    assert bf_margin(preds, targets) > 0.01
+    greedy, iou_sorted = brute_force_metrics(preds, targets, "greedy"), brute_force_metrics(preds, targets, "iou")
+    m = detection_metrics(preds, targets, nc=2)  # the default rule
+    assert_matches_brute_force(m, greedy)
+    meter = DetMeter()  # the meter validate() uses, fed image by image
+    for p, t in zip(preds, targets):
+        meter.update([p], [t])
+    assert_matches_brute_force(meter.compute(2), greedy)
+    old = detection_metrics(preds, targets, nc=2, greedy=False)
+    assert_matches_brute_force(old, iou_sorted)
+    # the two rules part in the second decimal of mAP50-95 (and here already at mAP50), not in P/R
+    assert greedy["map50_95"] == pytest.approx(0.6519, abs=1e-4) and greedy["map50"] == pytest.approx(0.9450, abs=1e-4)
+    assert old["map50_95"] == pytest.approx(0.6248, abs=1e-4) and old["map50"] == pytest.approx(0.8594, abs=1e-4)
+    assert m["map50_95"] - old["map50_95"] > 0.02
+
+
+def test_greedy_confident_detection_keeps_gt_a_later_one_fits_better():
+    # d0 (0.9) overlaps A with IoU 0.76; d1 (0.8) overlaps A better (0.92) and B a little (0.63).
+    t = [torch.tensor([target(0, [5, 0, 15, 10]), target(0, [7.6, 0, 17.6, 10])])]  # A, B
+    p = [nms_order([pred([2.5, 0, 14.5, 10], 0.9, 0), pred([5.8, 0, 15, 10], 0.8, 0)])]  # d0, d1
+    assert bf_margin(p, t) > 0.009
+    greedy, old = DetMeter(), DetMeter(greedy=False)
+    greedy.update(p, t)
+    old.update(p, t)
+    # thresholds 0.50 .. 0.95. d0 keeps A wherever it can (t <= 0.75) although d1 fits A better; greedy d1 then
+    # falls back to B up to 0.60, misses at 0.65-0.75, and gets A from 0.80 on, where A is out of d0's reach.
+    T, F = True, False
+    assert greedy.tp[0][0].tolist() == old.tp[0][0].tolist() == [T, T, T, T, T, T, F, F, F, F]
+    assert greedy.tp[0][1].tolist() == [T, T, T, F, F, F, T, T, T, F]
+    assert old.tp[0][1].tolist() == [F, F, F, F, F, F, T, T, T, F]  # no fall-back to B
+    assert_matches_brute_force(greedy.compute(1), brute_force_metrics(p, t, "greedy"))
+    assert_matches_brute_force(old.compute(1), brute_force_metrics(p, t, "iou"))
+    assert greedy.compute(1)["map50"] == pytest.approx(PERFECT_AP)  # both labels found, nothing false
 
 
 # -----------------------------------------------------------------------------

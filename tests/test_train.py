@@ -5,8 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import config
 import evaluate
@@ -41,22 +43,48 @@ def stages(synth):
     return ds1_dir, camtl_dir, ds1_metrics, camtl_metrics
 
 
+PICTURES = {"domainshift1": ["results.png", "train_batch0.png", "train_batch1.png", "val_seg_batch0.png"],
+            "camtl": ["results.png", "labels.png", "train_batch0.png", "train_batch1.png", "train_batch2.png",
+                      "val_batch0_labels.png", "val_batch0_pred.png", "val_seg_batch0.png", "confusion_matrix.png",
+                      "PR_curve.png", "F1_curve.png", "P_curve.png", "R_curve.png"]}
+
+
 def test_each_stage_writes_every_artefact(stages):
     ds1_dir, camtl_dir, ds1_m, camtl_m = stages
     for d, stage in ((ds1_dir, "domainshift1"), (camtl_dir, "camtl")):
-        for f in ("results.csv", "results.png", "val_seg.png", "weights/last.pt", "weights/best.pt",
-                  f"weights/yolov8c-{stage}.pt"):
+        for f in ("results.csv", "config.py", "weights/last.pt", "weights/best.pt", f"weights/yolov8c-{stage}.pt"):
             assert (d / f).is_file() and (d / f).stat().st_size > 0, f"{d / f} missing"
+        for f in PICTURES[stage]:  # readable PNGs of a plausible size, not blank
+            with Image.open(d / f) as im:
+                im.load()
+                assert im.width >= 200 and im.height >= 150, f
+                assert np.asarray(im.convert("L")).std() > 5, f"{f} is blank"
         assert not list(d.glob("weights/*.tmp")), "a temp checkpoint was left behind"
         last = torch.load(d / "weights" / "last.pt", weights_only=True)  # plain tensors and containers only
         assert {"model", "ema", "optimizer", "scaler", "epoch", "config", "rng"} <= set(last)
         assert last["config"]["stage"] == stage
+        best = torch.load(d / "weights" / "best.pt", weights_only=True)  # small: weights, config, metrics
+        assert set(best) == {"model", "config", "stage", "epoch", "metrics"}
+        assert (d / "weights" / "best.pt").stat().st_size < (d / "weights" / "last.pt").stat().st_size / 2
+        # config.py fed back with --config reproduces the run's resolved config
+        assert config.load_config(stage, str(d / "config.py")) == last["config"]
         header = (d / "results.csv").read_text().splitlines()[0].split(",")
-        assert {"epoch", "train/total", "dice_full", "fitness"} <= set(header)
-    assert (camtl_dir / "val_det.png").is_file()
+        assert {"epoch", "train/total", "metrics/dice_full", "metrics/iou_p3", "fitness", "lr/pg0", "lr/pg1",
+                "lr/pg2"} <= set(header)
+    header = (camtl_dir / "results.csv").read_text().splitlines()[0].split(",")
+    assert {"train/box_loss", "train/cls_loss", "train/dfl_loss", "train/det", "train/seg", "val/box_loss",
+            "metrics/precision(B)", "metrics/recall(B)", "metrics/mAP50(B)", "metrics/mAP50-95(B)"} <= set(header)
     assert {"dice_full", "iou_full", "dice_p3", "dice_p4", "dice_p5"} <= set(ds1_m) and "map50" not in ds1_m
     assert {"map50", "map50_95", "precision", "recall", "dice_full", "val/det", "val/seg"} <= set(camtl_m)
     assert 0 <= camtl_m["dice_full"] <= 1 and 0 <= camtl_m["map50"] <= 1
+
+
+def test_key_value_arguments_after_the_command_are_set_keys(synth):
+    run_dir, _ = train.main(["--stage", "domainshift1", *TINY, f"data={synth / 'synth'}",
+                             f"project={synth / 'runs_kv'}", f"weights_dir={synth / 'weights'}", "epochs=1",
+                             "name=kv", "plots=False", "--set", "seed=3"])
+    cfg = torch.load(run_dir / "weights" / "last.pt", weights_only=True)["config"]
+    assert cfg["seed"] == 3 and cfg["plots"] is False and cfg["imgsz"] == 64 and run_dir.name == "kv"
 
 
 def test_camtl_starts_from_the_domainshift1_checkpoint(stages):
@@ -91,10 +119,10 @@ def test_resume_reproduces_the_uninterrupted_run(synth, monkeypatch):
     def dies_in_epoch_2(*a, **k):
         calls["n"] += 1
         if calls["n"] == 2:
-            raise KeyboardInterrupt  # the machine went down during epoch 2
+            raise KeyboardInterrupt  # Ctrl-C during epoch 2
         return real(*a, **k)
     monkeypatch.setattr(evaluate, "validate", dies_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match=r"holds epoch 1; continue with  python train.py --stage camtl --resume .*cut"):
         run("camtl", synth, "epochs=2", "name=cut")
     monkeypatch.setattr(evaluate, "validate", real)
     cut_dir = synth / "runs" / "camtl" / "cut"
@@ -149,7 +177,7 @@ def test_non_finite_loss_is_skipped_and_repeated_ones_stop_the_run(synth, monkey
     monkeypatch.setattr(MultiTaskLoss, "__call__", one_nan)
     run_dir, _ = run("domainshift1", synth, "name=nan1")
     out = capsys.readouterr().out
-    assert "step skipped" in out and "1 skipped non-finite steps" in out
+    assert "micro-batch skipped" in out and "1 skipped non-finite steps" in out
     last = torch.load(run_dir / "weights" / "last.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
 
