@@ -611,7 +611,8 @@ def main(argv=None):
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN",
                    help="continue a run (default: newest of this stage)")
     p.add_argument("--device", help="cpu, cuda, cuda:0 (default: the config's 'device')")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="the same as --set, YOLOv8-style: epochs=30 device=0")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="the same as --set, YOLOv8-style: epochs=30 device=0")
     args = p.parse_args(argv)
     args.set = list(args.overrides) + list(args.set)
     if sys.stdout.isatty() is False and hasattr(sys.stdout, "reconfigure"):

@@ -156,7 +156,8 @@ def test_restore_moves_every_tensor_to_the_runs_device(tmp_path):
                         crit=SimpleNamespace(anchor=None), master=False, run_dir=tmp_path)
     train.restore(r)
     assert all(v.device == dev for v in r.crit.anchor.values())  # the L2-SP anchor follows the model
-    assert all(t.device == dev for st in r.opt.state_dict()["state"].values() for t in st.values() if torch.is_tensor(t))
+    opt_tensors = [t for st in r.opt.state_dict()["state"].values() for t in st.values() if torch.is_tensor(t)]
+    assert opt_tensors and all(t.device == dev for t in opt_tensors)
     assert all(t.device == dev for t in r.model.state_dict().values())
     assert r.start_epoch == 1 and r.best_fitness == 0.5 and r.ckpt is None
 

@@ -111,7 +111,7 @@ def test_domainshift1_keeps_detection_parts_frozen(stages):
     assert all(torch.equal(ck["model"][k], v) for k, v in init.items())  # Detect/CTAM/CSAM untouched, BN stats too
 
 
-def test_resume_reproduces_the_uninterrupted_run(synth, monkeypatch):
+def test_resume_reproduces_the_uninterrupted_run(synth, monkeypatch, capsys):
     full_dir, _ = run("camtl", synth, "epochs=2", "name=full")
     calls = {"n": 0}
     real = evaluate.validate
@@ -127,7 +127,11 @@ def test_resume_reproduces_the_uninterrupted_run(synth, monkeypatch):
     monkeypatch.setattr(evaluate, "validate", real)
     cut_dir = synth / "runs" / "camtl" / "cut"
     assert torch.load(cut_dir / "weights" / "last.pt", weights_only=True)["epoch"] == 0
+    capsys.readouterr()
     run("camtl", synth, "epochs=2", resume=cut_dir)
+    out = capsys.readouterr().out
+    assert "resuming" in out and "init from last.pt (resume)" in out
+    assert "domainshift1.pt" not in out and "COCO" not in out  # no stage-1/COCO messages that do not apply
     a = torch.load(full_dir / "weights" / "last.pt", weights_only=True)
     b = torch.load(cut_dir / "weights" / "last.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 1
@@ -199,3 +203,9 @@ def test_ddp_two_gloo_processes_keep_identical_weights(synth):
     assert "max weight difference across 2 ranks 0" in out.stdout
     assert out.stdout.count("domainshift1 done") == 1  # only rank 0 reports
     assert (synth / "runs_ddp" / "domainshift1" / "exp" / "weights" / "yolov8c-domainshift1.pt").is_file()
+
+
+def test_a_run_that_fails_in_set_up_leaves_no_run_folder(synth):
+    with pytest.raises(SystemExit, match="batch"):
+        run("camtl", synth, "batch=64", "name=toobig")  # 4 training images cannot fill a batch of 64
+    assert not (synth / "runs" / "camtl" / "toobig").exists()
