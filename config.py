@@ -115,8 +115,8 @@ for _k in ("box", "cls", "dfl", "kpt", "kobj", "w_p3", "w_p4", "w_p5", "w_full",
     RULES[_k] = NON_NEGATIVE
 # keys without a rule: bools and paths/names (their type is all; paths are checked where used), and device
 # (check_device). A new key belongs in RULES or here (tests/test_mistakes.py checks that every key is in one).
-FREE = ("ema_attention", "dual_bn", "kpt_aux", "augment", "data", "weights_dir", "name", "device", "cos_lr", "amp",
-        "ema", "plots")
+FREE = ("ema_attention", "dual_bn", "kpt_aux", "augment", "data", "weights_dir", "name", "exist_ok", "device", "cos_lr",
+        "amp", "ema", "plots")
 
 # -----------------------------------------------------------------------------
 # checking one value, a device, a merged config
@@ -241,6 +241,16 @@ def load_config(stage, config_file=None, sets=()):
         cfg[k] = check_key(k, v, "--set")
     cfg["stage"] = stage
     return check_config(cfg)
+
+
+def next_run_dir(project, kind, name="", exist_ok=False):
+    """project/kind/name for a new run (train: kind = the stage; evaluate.py --source: predict). An empty name is
+    exp; a taken one gets the next free number (exp2, exp3, ...), unless exist_ok, which reuses it."""
+    base, name = Path(project) / kind, name or "exp"
+    d, n = base / name, 2
+    while d.exists() and not exist_ok:
+        d, n = base / f"{name}{n}", n + 1
+    return d
 
 
 def format_config(cfg, width=110):

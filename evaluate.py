@@ -23,7 +23,7 @@ import data
 import export
 import plots
 import synthetic
-from config import check_device
+from config import check_device, next_run_dir
 from losses import MultiTaskLoss, TermMeter, xywh2xyxy
 from model import load_checkpoint, load_weights
 
@@ -425,8 +425,8 @@ def per_class_table(m, r, images, per_class_images, names):
                 lines.append(f"{names[c]:>22}{per_class_images[c]:>11}{int(r['n_labels'][i]):>11}{r['p'][i]:>11.3g}"
                              f"{r['r'][i]:>11.3g}{r['ap50'][i]:>11.3g}{r['ap'][i]:>11.3g}")
     if "dice_full" in m:
-        lines.append(f"{'vessels':>22}{images['seg']:>11}{'':>11}" + "".join(
-            f"{f'{k} {m[k]:.3g}':>14}" for k in ("dice_full", "iou_full", "dice_p3")))
+        scores = "  ".join(f"{k} {m[k]:.3g}" for k in ("dice_full", "iou_full", "dice_p3", "dice_p4", "dice_p5"))
+        lines.append(f"{'vessels':>22}{images['seg']:>11}    {scores}")
     return "\n".join(lines)
 
 
@@ -561,8 +561,10 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, help="data loader workers (default: the checkpoint's)")
     ap.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:N or N")
     ap.add_argument("--source", help="a folder of images (or one image) to predict, instead of computing metrics")
-    ap.add_argument("--save-dir", help="where predictions go (default runs/predict); "
-                    "with metrics: the overlay of a batch")
+    ap.add_argument("--save-dir", help="exactly where predictions go (default: runs/predict/NAME); with metrics: "
+                    "where the validation pictures go (default: none)")
+    ap.add_argument("--name", default="", help="prediction: runs/predict/NAME (default exp, exp2, ... as YOLOv8)")
+    ap.add_argument("--exist-ok", action="store_true", help="prediction: reuse runs/predict/NAME")
     ap.add_argument("--conf", type=float, default=0.25, help="prediction: confidence threshold")
     ap.add_argument("--iou", type=float, default=0.7, help="prediction: NMS IoU threshold")
     a = ap.parse_args(argv)
@@ -591,7 +593,8 @@ def main(argv=None):
             raise SystemExit(f"{flag} {v}: must be {allowed}")
     if a.source:
         run, imgsz = load_predictor(a.weights, device, a.imgsz)
-        return predict_folder(run, a.source, a.save_dir or "runs/predict", imgsz, a.conf, a.iou, device)
+        save_dir = a.save_dir or next_run_dir("runs", "predict", a.name, a.exist_ok)
+        return predict_folder(run, a.source, save_dir, imgsz, a.conf, a.iou, device)
     if Path(a.weights).suffix == ".pt2":
         raise SystemExit(f"{a.weights}: an exported program only predicts (--source DIR); "
                          "for metrics give the .pt it came from")
@@ -607,7 +610,7 @@ def main(argv=None):
     cfg["imgsz"] = a.imgsz or cfg["imgsz"]
     workers = cfg["workers"] if a.workers is None else a.workers
     loaders = data.val_loaders(root, cfg["stage"], a.split, cfg["imgsz"], a.batch or cfg["batch"], workers, cfg["nc"])
-    m = validate(model, loaders, cfg, device, MultiTaskLoss(cfg), plot_dir=a.save_dir)
+    m = validate(model, loaders, cfg, device, MultiTaskLoss(cfg), plot_dir=a.save_dir, log=print)
     print(f"{a.weights} on {root} ({a.split}, {cfg['imgsz']} px):\n{results_table(m)}")
     return m
 

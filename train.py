@@ -32,7 +32,7 @@ import data
 import evaluate
 import plots
 import synthetic
-from config import STAGES, check_device, format_config, load_config, parse_set
+from config import DEFAULTS, STAGES, check_device, format_config, load_config, next_run_dir, parse_set
 from losses import MultiTaskLoss, TermMeter
 from model import CAMTL, camtl_config, count_params, read_checkpoint
 
@@ -223,15 +223,6 @@ def setup_device(cfg, arg_device):
     return torch.device(want), rank, world
 
 
-def new_run_dir(cfg):
-    base = Path(cfg["project"]) / cfg["stage"]
-    name = cfg["name"] or "exp"
-    d, n = base / name, 2
-    while d.exists():
-        d, n = base / f"{name}{n}", n + 1
-    return d
-
-
 def resolve_resume(arg, cfg):
     """--resume (newest run of this stage), --resume RUN_DIR or --resume path/to/last.pt."""
     if arg == "":
@@ -250,11 +241,12 @@ def open_run(cfg, args, master, log):
     """-> (cfg, run folder, checkpoint or None). A new runs/{stage}/{name} folder; with --resume the run's own
     folder, last.pt and config (only `epochs` may change)."""
     if args.resume is None:
-        return cfg, (new_run_dir(cfg) if master else None), None
+        return cfg, (next_run_dir(cfg["project"], cfg["stage"], cfg["name"], cfg["exist_ok"]) if master else None), None
     last = resolve_resume(args.resume, cfg)
     ckpt = read_checkpoint(last, "the last.pt of a run to resume", need=("model", "optimizer", "epoch", "config"))
     set_keys = args.set_keys or set()
-    cfg = {**ckpt["config"], "epochs": cfg["epochs"] if "epochs" in set_keys else ckpt["config"]["epochs"]}
+    epochs = cfg["epochs"] if "epochs" in set_keys else ckpt["config"]["epochs"]
+    cfg = {**DEFAULTS, **ckpt["config"], "epochs": epochs}  # keys added since the run started take their defaults
     ignored = sorted(set_keys - {"epochs"})
     log(f"resuming {last.parent.parent} from epoch {ckpt['epoch'] + 2} with the run's own config"
         + (f" (--set {', '.join(ignored)} ignored: only epochs can change on resume)" if ignored else ""))

@@ -29,6 +29,7 @@ config = {
     "weights_dir": "weights",  # yolov8{S}.pt / yolov8{S}-seg.pt / yolov8{S}-domainshift1.pt looked up here
     "project": "runs",  # runs/{stage}/{name}
     "name": "",  # empty = exp, exp2, ...
+    "exist_ok": False,  # True: reuse runs/{stage}/{name} instead of making {name}2, {name}3, ...
     "device": "auto",  # auto / cpu / cuda / cuda:N, or a GPU index N (= cuda:N). Several GPUs ("0,1") are one
     # process each: torchrun --nproc_per_node=2 train.py ... --set device=cuda, each rank takes cuda:LOCAL_RANK
     "seed": 0,

@@ -3,6 +3,8 @@
 The coordinate chain is checked with a stub network that "detects" whatever is white on the letterboxed canvas it
 is given: the predictor must letterbox, decode, NMS and map back to the original image so that the box, the txt
 line and the mask land on the rectangle drawn in the original's pixels."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from model import CAMTL
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def white_detector(x):
@@ -80,3 +83,17 @@ def test_predict_cli_with_checkpoint_and_metrics_cli(tmp_path, capsys):
                 "val loss  det "):
         assert key in out
     assert {"dice_full", "dice_p5", "map50_95", "val/total"} <= set(m)
+
+
+def test_predictions_go_to_numbered_run_folders(tmp_path, monkeypatch):
+    src = tmp_path / "imgs"
+    src.mkdir()
+    Image.fromarray(np.full((40, 50, 3), 200, np.uint8)).save(src / "a.png")
+    monkeypatch.chdir(tmp_path)
+    args = ["--weights", str(ROOT / "tests" / "fixtures" / "det.pt"), "--source", str(src), "--device", "cpu"]
+    for _ in range(2):
+        evaluate.main(args)
+    evaluate.main(args + ["--name", "mine"])
+    evaluate.main(args + ["--name", "mine", "--exist-ok"])
+    runs = sorted(p.name for p in (tmp_path / "runs" / "predict").iterdir())
+    assert runs == ["exp", "exp2", "mine"] and (tmp_path / "runs/predict/exp2/labels/a.txt").is_file()
