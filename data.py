@@ -1,4 +1,4 @@
-"""Data for nanoCAMTL: on-disk layout, splits, datasets, augmentation, loaders, converters.
+"""Data for nanoCAMTL: on-disk layout, splits, datasets, augmentation, loaders, checks.
 
 Layout, paths in splits.json relative to root (absolute accepted):
 
@@ -26,7 +26,8 @@ Decisions on inputs the layout leaves open (docs/design.md §8):
 - Too little data for a stage (a task missing, fewer training images than one batch, too few batches for one
   camtl_ratio cycle) stops the run before any loader is built: `check_stage_data`.
 
-CLI: python data.py arcade|folder|split|check ...  (python data.py -h); check changes nothing on disk
+CLI: python data.py split|check ...  (python data.py -h); check changes nothing on disk
+Converters of public data sets (ARCADE, CADICA, DRIVE, ...) into this layout: convert.py, python convert.py -h
 Synthetic data (generator, cached default set, picture of samples): synthetic.py, python synthetic.py -h
 """
 import argparse
@@ -35,7 +36,6 @@ import math
 import os
 import random
 import re
-import shutil
 import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 TASKS = {  # task key -> (directory under root, task, domain)
@@ -323,10 +323,10 @@ def _task_dir(root, key):
     return d
 
 
-def _update_splits(root, key, split):
-    splits = load_splits(root)
-    splits[key] = split
-    write_splits(root, splits)
+def _yolo_line(xyxy, W, H, cls=0):
+    """A box in pixels -> one YOLO label line, normalised cls xc yc w h."""
+    x1, y1, x2, y2 = xyxy
+    return f"{cls} {(x1 + x2) / 2 / W:.6f} {(y1 + y2) / 2 / H:.6f} {(x2 - x1) / W:.6f} {(y2 - y1) / H:.6f}\n"
 
 # -----------------------------------------------------------------------------
 # letterbox and augmentation (one axis-aligned map: canvas = ratio * original + pad, per axis)
@@ -695,8 +695,8 @@ def check_stage_data(root, stage, batch, camtl_ratio=(1, 2), world_size=1, count
     table = ", ".join(f"{k} {c['train']}/{c['val']}/{c['test']}" for k, c in counts.items())
     fixes = []
     if any(counts[k]["train"] == 0 for k, _ in streams):
-        fixes.append("put the missing task's images and labels in its folder (README: data layout; `python data.py "
-                     f"arcade|folder` convert them), then `python data.py split --root {root}`")
+        fixes.append("put the missing task's images and labels in its folder (README: data layout; `python convert.py "
+                     f"SET SRC --root {root}` converts a public set), then `python data.py split --root {root}`")
     fit = next((b for b in range(batch - 1, 0, -1) if not short(b)), None)
     if fit:
         fixes.append(f"lower batch (--set batch={fit})")
@@ -712,99 +712,6 @@ def check_stage_data(root, stage, batch, camtl_ratio=(1, 2), world_size=1, count
                      f"(train/val/test): {table}. To fix: {'; or '.join(fixes) or 'add images'}")
 
 # -----------------------------------------------------------------------------
-# converters: ARCADE (COCO-style JSON) and plain folders of images + masks
-
-
-def _yolo_line(xyxy, W, H, cls=0):
-    """A box in pixels -> one YOLO label line, normalised cls xc yc w h."""
-    x1, y1, x2, y2 = xyxy
-    return f"{cls} {(x1 + x2) / 2 / W:.6f} {(y1 + y2) / 2 / H:.6f} {(x2 - x1) / W:.6f} {(y2 - y1) / H:.6f}\n"
-
-
-def convert_coco(json_path, images_dir, root, task="detect", prefix=""):
-    """One COCO-style split -> the angiography layout; returns its splits entries.
-
-    detect: stenosis boxes (categories named 'stenosis' if any, else all) -> class 0 YOLO labels,
-    images without one get an empty label file (negatives). segment: all polygons -> vessel mask."""
-    coco = json.loads(Path(json_path).read_text())
-    key = "angiography_detection" if task == "detect" else "angiography_segmentation"
-    folder, d = TASKS[key][0], _task_dir(root, key)
-    cats = {c["id"] for c in coco.get("categories", []) if c.get("name", "").lower() == "stenosis"}
-    anns = {}
-    for a in coco.get("annotations", []):
-        anns.setdefault(a["image_id"], []).append(a)
-    entries = []
-    for im in coco["images"]:
-        src = Path(images_dir) / im["file_name"]
-        if not src.exists():
-            log(f"{src}: listed in {json_path} but missing -> skipped")
-            continue
-        W, H, name = im["width"], im["height"], prefix + Path(im["file_name"]).name
-        shutil.copy2(src, d / "images" / name)
-        e = {"image": f"{folder}/images/{name}", "domain": "target"}
-        if task == "detect":
-            lines = []
-            for a in anns.get(im["id"], []):
-                if cats and a["category_id"] not in cats:
-                    continue
-                x, y, w, h = a["bbox"]
-                x1, y1, x2, y2 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
-                if x2 > x1 and y2 > y1:
-                    lines.append(_yolo_line((x1, y1, x2, y2), W, H))
-            e["label"] = f"{folder}/labels/{Path(name).stem}.txt"
-            (Path(root) / e["label"]).write_text("".join(lines))
-        else:
-            mask = Image.new("L", (W, H), 0)
-            draw = ImageDraw.Draw(mask)
-            for a in anns.get(im["id"], []):
-                for poly in a.get("segmentation") or []:
-                    if isinstance(poly, list) and len(poly) >= 6:  # RLE dicts are not used by ARCADE
-                        draw.polygon([tuple(poly[j:j + 2]) for j in range(0, len(poly) - 1, 2)], fill=255)
-            e["mask"] = f"{folder}/labels/{Path(name).stem}.png"
-            mask.save(Path(root) / e["mask"])
-        entries.append(e)
-    return entries
-
-
-def convert_arcade(src, root, task="detect"):
-    """ARCADE release folder (src/{train,val,test}/{images, annotations/*.json}) -> layout; keeps
-    ARCADE's own splits in splits.json. File names get the split as prefix (ARCADE reuses 1.png...)."""
-    split = {}
-    for s in ("train", "val", "test"):
-        jsons = sorted((Path(src) / s / "annotations").glob("*.json"))
-        split[s] = convert_coco(jsons[0], Path(src) / s / "images", root, task, f"{s}_") if jsons else []
-    key = "angiography_detection" if task == "detect" else "angiography_segmentation"
-    _update_splits(root, key, split)
-    log(f"ARCADE {task}: " + ", ".join(f"{s} {len(v)}" for s, v in split.items()) + f" images -> {root}")
-    return split
-
-
-def convert_folder(images, masks, root, task_key, group_regex=None):
-    """A folder of images + same-stem masks (seg keys; YOLO .txt for detection) -> root's task
-    folder (masks rewritten as 0/255 PNG), then that task is re-split 70/30 (grouped if asked)."""
-    task, d, n = TASKS[task_key][1], _task_dir(root, task_key), 0
-    for p in sorted(Path(images).iterdir()):
-        if p.suffix.lower() not in IMG_EXTS:
-            continue
-        if task == "det":
-            lab = Path(masks) / f"{p.stem}.txt"
-            if not lab.exists():
-                log(f"{p}: no {lab.name} in {masks} -> skipped")
-                continue
-            shutil.copy2(lab, d / "labels" / lab.name)
-        else:
-            found = [q for q in Path(masks).glob(p.stem + ".*") if q.suffix.lower() in IMG_EXTS]
-            if not found:
-                log(f"{p}: no same-stem mask in {masks} -> skipped")
-                continue
-            Image.fromarray(read_mask(found[0]).astype(np.uint8) * 255).save(d / "labels" / f"{p.stem}.png")
-        shutil.copy2(p, d / "images" / p.name)
-        n += 1
-    _update_splits(root, task_key, split_entries(task_files(root, task_key), group_regex=group_regex))
-    log(f"{n} images -> {d}")
-    return n
-
-# -----------------------------------------------------------------------------
 # the CLI
 
 
@@ -812,16 +719,6 @@ def main(argv=None):
     """The CLI; returns the exit status (check: 1 if any file was skipped as bad)."""
     ap = argparse.ArgumentParser(description="nanoCAMTL data tools (synthetic data: python synthetic.py)")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("arcade", help="convert an ARCADE release folder")
-    a.add_argument("src")
-    a.add_argument("--root", required=True)
-    a.add_argument("--task", choices=("detect", "segment"), default="detect")
-    a = sub.add_parser("folder", help="convert a folder of images + same-stem masks (or .txt labels)")
-    a.add_argument("images")
-    a.add_argument("masks")
-    a.add_argument("--root", required=True)
-    a.add_argument("--task", choices=list(TASKS), required=True)
-    a.add_argument("--group", default=None)
     a = sub.add_parser("split", help="(re)write splits.json, optionally grouped by a file-name regex")
     a.add_argument("--root", required=True)
     a.add_argument("--group", default=None)
@@ -832,25 +729,15 @@ def main(argv=None):
     a.add_argument("--write-splits", action="store_true",
                    help="without splits.json: write the one it checked (default: check it in memory only)")
     args = ap.parse_args(argv)
-    for flag in ("src", "images", "masks") + (("root",) if args.cmd in ("split", "check") else ()):
-        path = getattr(args, flag, None)
-        if path is not None and not Path(path).is_dir():
-            name = flag if flag in ("src", "images", "masks") else "--root"
-            raise SystemExit(f"{args.cmd}: {name} {path} is not a directory"
-                             + ("; give the processed data root (README: data layout)" if name == "--root" else ""))
+    if not Path(args.root).is_dir():
+        raise SystemExit(f"{args.cmd}: --root {args.root} is not a directory; give the processed data root (README: "
+                         "data layout)")
     if getattr(args, "group", None):
         try:
             re.compile(args.group)
         except re.error as e:
             raise SystemExit(f"--group {args.group!r}: not a valid regular expression ({e})") from None
-    if args.cmd == "arcade":
-        if not any(any((Path(args.src) / s / "annotations").glob("*.json")) for s in SPLITS):
-            raise SystemExit(f"arcade: no {args.src}/{{train,val,test}}/annotations/*.json; expected an ARCADE "
-                             "release folder (its syntax/ or stenosis/ part)")
-        convert_arcade(args.src, args.root, args.task)
-    elif args.cmd == "folder":
-        convert_folder(args.images, args.masks, args.root, args.task, args.group)
-    elif args.cmd == "split":
+    if args.cmd == "split":
         (Path(args.root) / "splits.json").unlink(missing_ok=True)
         load_splits(args.root, args.group)
     elif args.cmd == "check":

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import convert
 import data
 import synthetic
 
@@ -347,7 +348,7 @@ def test_arcade_conversion(tmp_path):
                 {"id": 3, "image_id": 2, "category_id": 1, "bbox": [0, 0, 10, 10]}]}  # not a stenosis
     (src / "train/annotations").mkdir(parents=True)
     (src / "train/annotations/train.json").write_text(json.dumps(coco))
-    split = data.convert_arcade(src, root)
+    split = convert.convert_arcade(src, root)
     assert [e["image"] for e in split["train"]] == ["angiography/detect/images/train_1.png",
                                                     "angiography/detect/images/train_2.png"]
     lab = np.loadtxt(root / "angiography/detect/labels/train_1.txt", ndmin=2)
@@ -357,7 +358,7 @@ def test_arcade_conversion(tmp_path):
     assert len(splits[DET]["train"]) == 2 and not splits[DET]["val"]
     ds = data.TaskDataset(root, DET, "train", 64, verbose=False)
     assert len(ds) == 2 and len(data.collate([ds[0], ds[1]])["bboxes"]) == 2
-    data.convert_arcade(src, root, task="segment")
+    convert.convert_arcade(src, root, task="segment")
     m = data.read_mask(root / "angiography/segment/labels/train_1.png")
     assert 150 <= m.sum() <= 250 and m[14, 16] and not m[40, 50]
 
@@ -368,7 +369,7 @@ def test_convert_folder_and_cli(tmp_path):
         _png(imgs / f"p{i // 2}_{i}.png", np.full((20, 30, 3), 50 * i, np.uint8))
         if i < 3:
             _png(masks / f"p{i // 2}_{i}.png", np.eye(20, 30, dtype=np.uint8) * 7)  # any value > 0 is vessel
-    assert data.convert_folder(imgs, masks, root, SRC, group_regex=r"(p\d)_") == 3
+    assert convert.convert_folder(imgs, masks, root, SRC, group_regex=r"(p\d)_") == 3
     assert set(np.unique(np.asarray(Image.open(root / "retinography/labels/p0_0.png")))) == {0, 255}
     s = json.loads((root / "splits.json").read_text())[SRC]
     assert sum(len(v) for v in s.values()) == 3

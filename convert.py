@@ -1,0 +1,707 @@
+"""Converters for nanoCAMTL: public angiography and fundus data sets, as downloaded and extracted, into data.py's
+layout with a splits.json, in one command each, followed by a summary of what was written.
+
+    python convert.py SET SRC --root OUT [--val F] [--preprocess fov,green,resize=S] [--group REGEX] [--imgsz S]
+    python convert.py folder IMAGES MASKS --root OUT --task TASK_KEY      a folder of images + same-stem masks
+    python convert.py summary --root OUT [--imgsz S]                      the summary alone
+
+SET (README "Data layout" has the table of what each expects and produces):
+    angiography  arcade (stenosis boxes + syntax vessel segments), cadica (stenosis boxes, non-lesion negatives),
+                 xcad, dca1 (vessel masks)
+    fundus       drive, chase, stare, hrf, fives (vessel masks)
+
+Why a file of its own: data.py stays one concern (layout, splits, loading, checks), and the converters need data's
+writer helpers and layout (TASKS, _task_dir, _yolo_line, read_splits, write_splits), so data importing convert would
+be an import cycle. It sits next to data.py as synthetic.py does; imports go data <- convert, never back.
+
+Every converter is one small function that finds the set's files and hands each sample to one writer,
+`write_sample`: it copies the image (or saves it as PNG when the source format is not one the loader reads, or when
+preprocessing changes it), writes the vessel mask as a 0/255 PNG or the boxes as a YOLO .txt (an empty file for a
+negative), and returns the sample's splits.json entry with a grouping key ("group"): all images of one patient,
+video or eye pair share it.
+
+Splits (`assign_splits`): a set's official split is kept (official train -> train, val -> val, test -> test); a
+fraction --val of the official train's images, whole groups at a time (seeded), becomes val. Defaults: 0 for a set
+with an official val split (ARCADE), 0.2 for sets with only train/test (DRIVE, FIVES), 0.3 for sets without any
+(CADICA, XCAD, DCA1, CHASE_DB1, STARE, HRF). So frames of one patient or video never straddle train and val.
+Converting a second set into the same root adds to the task's lists: entries of other sets stay.
+
+Output names carry the set, e.g. drive_21_training.tif, cadica_p3_v2_00022.png (ARCADE keeps {split}_{n}.png),
+so several sets share a task folder; `python data.py split --root OUT --group REGEX` regroups them by name.
+
+Preprocessing (--preprocess, comma-separated, numpy/PIL only, images saved as 8-bit PNG):
+    fov       fundus only: pixels outside the field of view set to black (image and mask) and both cropped to the
+              FOV's bounding box; the FOV is the set's own mask where it ships one (DRIVE, HRF), else the red
+              channel above 10% of its maximum (`fov_mask`)
+    green     the green channel (gray images: the image itself) contrast-enhanced by CLAHE (`clahe`: 8 x 8 tiles,
+              clip limit 2), saved as a gray image
+    resize=S  longest side = S, aspect ratio kept (never stretched); masks resized bilinearly and re-thresholded
+"""
+import argparse
+import gzip
+import io
+import json
+import random
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from data import (IMG_EXTS, SPLITS, TASKS, TaskDataset, _pil_to_float, _task_dir, _yolo_line, log, make_splits,
+                  mask_threshold, read_splits, split_entries, task_files, write_splits)
+
+DET, SEG, SRC = "angiography_detection", "angiography_segmentation", "retinography_segmentation"
+
+# -----------------------------------------------------------------------------
+# reading the sources
+
+
+def open_image(path):
+    """A PIL image from any format PIL reads, also gzip-compressed (STARE ships im0001.ppm.gz), loaded."""
+    path = Path(path)
+    data = gzip.decompress(path.read_bytes()) if path.suffix.lower() == ".gz" else path.read_bytes()
+    im = Image.open(io.BytesIO(data))
+    im.load()
+    return im
+
+
+def read_binary(src):
+    """A mask as a path (any PIL format, .gz too), PIL image or array -> bool (H, W). A palette image is read by its
+    colours, not its indices (a GIF's index 0 may well be white); colour masks by their largest channel; vessel =
+    value > data.mask_threshold (0 for two-valued masks: 0/1, 0/255; half the maximum for JPEG-like masks)."""
+    if not isinstance(src, np.ndarray):
+        im = src if isinstance(src, Image.Image) else open_image(src)
+        if im.mode in ("P", "PA", "1", "CMYK", "YCbCr", "LAB", "HSV"):
+            im = im.convert("RGB")
+        src = np.asarray(im)
+    a = src.astype(np.uint8) if src.dtype == bool else src
+    if a.ndim == 3:
+        a = a[..., :3].max(-1)
+    return a > mask_threshold(a)[0]
+
+
+def find_dir(src, *names):
+    """src/name, or src/<one folder>/name (archives often add one level), for the first name that exists; else None."""
+    for name in names:
+        for d in [Path(src) / name, *sorted(Path(src).glob(f"*/{name}"))]:
+            if d.is_dir():
+                return d
+    return None
+
+
+def need_dir(src, set_name, *names, expected=""):
+    """find_dir, or SystemExit naming what the set's layout should look like."""
+    d = find_dir(src, *names)
+    if d is None:
+        raise SystemExit(f"{set_name}: no {' or '.join(names)}/ in {src}; expected {expected}")
+    return d
+
+
+def _read_list(path):
+    """The non-empty lines of a text file ([] when it does not exist)."""
+    return [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()] if Path(path).exists() else []
+
+# -----------------------------------------------------------------------------
+# preprocessing (numpy/PIL only)
+
+
+def parse_preprocess(spec):
+    """'fov,green,resize=512' -> {'fov': True, 'green': True, 'resize': 512}; '' or None -> {}.
+    ValueError naming an unknown step."""
+    out = {}
+    for tok in (spec or "").replace(" ", "").split(","):
+        if tok in ("fov", "green"):
+            out[tok] = True
+        elif tok.startswith("resize=") and tok[7:].isdigit() and int(tok[7:]) > 0:
+            out["resize"] = int(tok[7:])
+        elif tok:
+            raise ValueError(f"--preprocess: unknown step {tok!r}; steps are fov, green, resize=S (S > 0 pixels)")
+    return out
+
+
+def fov_mask(img):
+    """Field of view of a fundus photograph: float (H, W, C) in [0, 1] -> bool (H, W), the red channel (the only one
+    of a gray image) above 10% of its maximum. The camera aperture's surround is near 0 in red, the retina is not."""
+    red = img[..., 0]
+    return red > 0.1 * float(red.max()) if red.size else red > 0
+
+
+def clahe(g, tiles=8, clip=2.0):
+    """Contrast-limited adaptive histogram equalisation (Zuiderveld 1994) of a uint8 (H, W) image -> uint8 (H, W).
+
+    The image is cut into tiles x tiles tiles (edge-padded to a whole number); each tile's 256-bin histogram is
+    clipped at clip x its mean bin count and the clipped excess spread evenly over all bins; its cumulative histogram
+    is the tile's grey-level map. Each pixel's value blends the maps of its four nearest tile centres bilinearly,
+    so there are no seams. With tiles=1 and a large clip it is global histogram equalisation."""
+    H, W = g.shape
+    tiles = max(1, min(tiles, H, W))
+    th, tw = -(-H // tiles), -(-W // tiles)  # tile size, ceil
+    p = np.pad(g, ((0, th * tiles - H), (0, tw * tiles - W)), mode="edge").astype(np.int64)
+    blocks = p.reshape(tiles, th, tiles, tw).transpose(0, 2, 1, 3).reshape(tiles * tiles, th * tw)  # (T, th*tw)
+    offset = 256 * np.arange(tiles * tiles)[:, None]
+    hist = np.bincount((blocks + offset).ravel(), minlength=256 * tiles * tiles).reshape(-1, 256).astype(np.float64)
+    limit = max(clip * th * tw / 256, 1.0)
+    hist = np.minimum(hist, limit) + (hist - limit).clip(0).sum(1, keepdims=True) / 256
+    lut = (hist.cumsum(1) / hist.sum(1, keepdims=True) * 255).reshape(tiles, tiles, 256)  # (ty, tx, level)
+
+    def axis(n, size):  # per pixel along one axis: lower tile, upper tile, weight of the upper one
+        c = (np.arange(n) + 0.5) / size - 0.5  # position in tile-centre units
+        lo = np.floor(c).clip(0, tiles - 1).astype(np.int64)
+        return lo, np.minimum(lo + 1, tiles - 1), (c - lo).clip(0, 1)
+
+    (y0, y1, wy), (x0, x1, wx) = axis(H, th), axis(W, tw)
+    v, wy = g.astype(np.int64), wy[:, None]
+    top = lut[y0[:, None], x0[None], v] * (1 - wx) + lut[y0[:, None], x1[None], v] * wx
+    bottom = lut[y1[:, None], x0[None], v] * (1 - wx) + lut[y1[:, None], x1[None], v] * wx
+    return (top * (1 - wy) + bottom * wy + 0.5).clip(0, 255).astype(np.uint8)
+
+
+def resize_longest(im, size, mask=False):
+    """A PIL image with its longest side scaled to size, aspect ratio kept (never stretched); bilinear (antialiased
+    when shrinking). mask=True: a 0/255 mask, re-thresholded at 128 after resampling."""
+    W, H = im.size
+    r = size / max(W, H)
+    new = (max(round(W * r), 1), max(round(H * r), 1))
+    if new == (W, H):
+        return im
+    out = im.resize(new, Image.BILINEAR)
+    return out.point(lambda v: 255 if v >= 128 else 0) if mask else out
+
+
+def preprocess(img, mask, prep, fov=None):
+    """Apply the --preprocess steps to one sample. img float (H, W, C) in [0, 1] (C = 1 or 3), mask bool (H, W) or None,
+    fov the set's own FOV mask (bool (H, W)) or None (then `fov_mask`). -> (PIL image 8-bit L or RGB, PIL 0/255 L mask
+    or None). Boxes are not touched: resizing keeps their normalised coordinates (fov is refused for detection)."""
+    if prep.get("fov"):
+        f = fov if fov is not None and fov.shape == img.shape[:2] else fov_mask(img)
+        img = img * f[..., None]
+        mask = mask & f if mask is not None else None
+        ys, xs = np.flatnonzero(f.any(1)), np.flatnonzero(f.any(0))
+        if len(ys):  # crop to the FOV's bounding box
+            crop = (slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1))
+            img, f, mask = img[crop], f[crop], mask[crop] if mask is not None else None
+    if prep.get("green"):
+        g = clahe((img[..., 1 if img.shape[2] == 3 else 0] * 255 + 0.5).astype(np.uint8))
+        img = (g * f if prep.get("fov") else g)[..., None].astype(np.float32) / 255
+    a = (img * 255 + 0.5).clip(0, 255).astype(np.uint8)
+    im = Image.fromarray(a[..., 0] if a.shape[2] == 1 else a)
+    m = Image.fromarray(mask.astype(np.uint8) * 255) if mask is not None else None
+    if prep.get("resize"):
+        im = resize_longest(im, prep["resize"])
+        m = resize_longest(m, prep["resize"], mask=True) if m is not None else None
+    return im, m
+
+# -----------------------------------------------------------------------------
+# the one writer
+
+
+def box_lines(boxes, W, H):
+    """Boxes (x1, y1, x2, y2) in pixels of a W x H image -> YOLO lines (class 0), clipped to the image; boxes with
+    nothing left inside are dropped."""
+    out = []
+    for x1, y1, x2, y2 in boxes:
+        x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, W), min(y2, H)
+        if x2 > x1 and y2 > y1:
+            out.append(_yolo_line((x1, y1, x2, y2), W, H))
+    return out
+
+
+def write_sample(root, key, name, image, mask=None, boxes=None, group=None, prep=None, fov=None):
+    """One sample into root's layout -> its splits.json entry {image, mask | label, domain, group}, or None (skipped,
+    logged) when the mask's size differs from the image's.
+
+    key: task key (data.TASKS); name: output stem, unique in the task folder; image: source path (any PIL format,
+    .gz too). Copied as it is when the loader reads its format and prep is empty, else saved as PNG.
+    mask (segmentation): path, PIL image or bool (H, W) array -> labels/{name}.png, 0/255 8-bit.
+    boxes (detection): list of (x1, y1, x2, y2) pixels of the source image -> labels/{name}.txt, YOLO class 0,
+    normalised; [] writes an empty file (a negative); a str is YOLO label text, written as it is.
+    group: grouping key for splits (default: name). prep: parse_preprocess dict. fov: the set's FOV mask (path)."""
+    prep, folder, d = prep or {}, TASKS[key][0], _task_dir(root, key)
+    if prep.get("fov") and key != SRC:
+        raise ValueError("--preprocess fov is for fundus sets (retinography) only: it crops, which would move boxes")
+    image = Path(image)
+    src_im = open_image(image) if prep or image.suffix.lower() not in IMG_EXTS else None
+    if src_im is None:
+        with Image.open(image) as im:  # the header is enough
+            W, H = im.size
+    else:
+        W, H = src_im.size
+    m = read_binary(mask) if mask is not None else None
+    if m is not None and m.shape != (H, W):
+        log(f"{image}: mask {mask} is {m.shape[1]}x{m.shape[0]}, the image {W}x{H} -> skipped")
+        return None
+    if prep:
+        f = read_binary(fov) if fov is not None and Path(fov).exists() else None
+        out_im, out_m = preprocess(_pil_to_float(src_im, keep_gray=True), m, prep, f)
+    else:
+        out_im, out_m = src_im, Image.fromarray(m.astype(np.uint8) * 255) if m is not None else None
+    dst = d / "images" / (f"{name}{image.suffix}" if out_im is None else f"{name}.png")
+    for old in (q for q in (d / "images").glob(f"{name}.*") if q.stem == name and q != dst):
+        old.unlink()  # an earlier conversion's copy in another format: one image per stem
+    if out_im is None:
+        shutil.copy2(image, dst)
+    else:
+        out_im.save(dst)
+    e = {"image": f"{folder}/images/{dst.name}", "domain": TASKS[key][2], "group": group or name}
+    if TASKS[key][1] == "det":
+        e["label"] = f"{folder}/labels/{name}.txt"
+        text = boxes if isinstance(boxes, str) else "".join(box_lines(boxes or [], W, H))
+        (Path(root) / e["label"]).write_text(text)
+    else:
+        e["mask"] = f"{folder}/labels/{name}.png"
+        out_m.save(Path(root) / e["mask"])
+    return e
+
+# -----------------------------------------------------------------------------
+# splits
+
+
+def assign_splits(by_split, val=0.0, seed=42, group_regex=None):
+    """{official split: entries with a 'group'} -> {train, val, test}, each sorted by image. Official val and test
+    stay; about a fraction val of the official train's images becomes val, whole groups at a time (groups shuffled
+    with seed; at least one group when val > 0, never all of them). group_regex, searched in the output file name
+    (its first group, else the whole match, is the key), overrides the entries' own groups."""
+    out = {s: list(by_split.get(s, [])) for s in SPLITS}
+    if group_regex:
+        for e in (e for v in out.values() for e in v):
+            m = re.search(group_regex, Path(e["image"]).name)
+            e["group"] = (m.group(1) if m.groups() else m.group(0)) if m else e["group"]
+    groups = {}
+    for e in out["train"]:
+        groups.setdefault(e["group"], []).append(e)
+    order = sorted(groups)
+    random.Random(seed).shuffle(order)
+    target, taken, moved = max(round(val * len(out["train"])), 1) if val > 0 else 0, set(), 0
+    for k in order[:-1]:  # one group at least stays in train
+        if moved >= target:
+            break
+        taken.add(k)
+        moved += len(groups[k])
+    out["val"] += [e for e in out["train"] if e["group"] in taken]
+    out["train"] = [e for e in out["train"] if e["group"] not in taken]
+    return {s: sorted(v, key=lambda e: e["image"]) for s, v in out.items()}
+
+
+def record_splits(root, key, split, prefixes=()):
+    """Put one conversion's {split: entries} of a task into root/splits.json. The task's entries from earlier
+    conversions stay, except those of the same images or whose file name starts with one of prefixes (the same set,
+    converted again); other tasks are untouched. Without splits.json, data.py's default split of whatever the other
+    task folders hold is the start."""
+    splits = read_splits(root)
+    splits = make_splits(root) if splits is None else splits
+    new, old, prefixes = {e["image"] for v in split.values() for e in v}, splits.get(key, {}), tuple(prefixes)
+
+    def keep(e):
+        return e["image"] not in new and not (prefixes and Path(e["image"]).name.startswith(prefixes))
+
+    splits[key] = {s: sorted([e for e in old.get(s, []) if keep(e)] + split.get(s, []), key=lambda e: e["image"])
+                   for s in SPLITS}
+    write_splits(root, splits)
+
+
+def finish(set_name, root, key, by_split, val, seed=42, group_regex=None, prefixes=None):
+    """assign_splits + record_splits for one set's conversion; logs and returns {split: entries}."""
+    split = assign_splits(by_split, val, seed, group_regex)
+    record_splits(root, key, split, prefixes or (f"{set_name}_",))
+    groups = len({e["group"] for v in split.values() for e in v})
+    log(f"{set_name} -> {key}: " + ", ".join(f"{s} {len(v)}" for s, v in split.items())
+        + f" images in {groups} groups -> {Path(root) / 'splits.json'}")
+    return split
+
+# -----------------------------------------------------------------------------
+# angiography: ARCADE (COCO-style JSON), CADICA, XCAD, DCA1
+
+
+def convert_coco(json_path, images_dir, root, task="detect", prefix="", prep=None):
+    """One COCO-style split -> the angiography layout; returns its entries (each its own group).
+
+    detect: stenosis boxes (categories named 'stenosis' if any, else all) -> class 0 YOLO labels,
+    images without one get an empty label file (negatives). segment: all polygons -> vessel mask (PIL, filled)."""
+    coco = json.loads(Path(json_path).read_text())
+    key = DET if task == "detect" else SEG
+    cats = {c["id"] for c in coco.get("categories", []) if str(c.get("name", "")).lower() == "stenosis"}
+    anns = {}
+    for a in coco.get("annotations", []):
+        anns.setdefault(a["image_id"], []).append(a)
+    entries = []
+    for im in coco["images"]:
+        src = Path(images_dir) / im["file_name"]
+        if not src.exists():
+            log(f"{src}: listed in {json_path} but missing -> skipped")
+            continue
+        W, H, name = im["width"], im["height"], prefix + Path(im["file_name"]).stem
+        if task == "detect":
+            boxes = [(a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3])
+                     for a in anns.get(im["id"], []) if not cats or a["category_id"] in cats]
+            e = write_sample(root, key, name, src, boxes=boxes, prep=prep)
+        else:
+            mask = Image.new("L", (W, H), 0)
+            draw = ImageDraw.Draw(mask)
+            for a in anns.get(im["id"], []):
+                for poly in a.get("segmentation") or []:
+                    if isinstance(poly, list) and len(poly) >= 6:  # RLE dicts are not used by ARCADE
+                        draw.polygon([tuple(poly[j:j + 2]) for j in range(0, len(poly) - 1, 2)], fill=255)
+            e = write_sample(root, key, name, src, mask=np.asarray(mask) > 0, prep=prep)
+        if e is not None:
+            entries.append(e)
+    return entries
+
+
+def convert_arcade(src, root, task=None, val=0.0, prep=None, group=None, seed=42):
+    """ARCADE (Zenodo 10390295): src = the arcade/ folder, both parts converted (stenosis/ -> detection boxes,
+    syntax/ -> vessel masks from all segment polygons), or one part, {train,val,test}/{images/*.png,
+    annotations/*.json}, whose task comes from its name (stenosis -> detect, syntax -> segment) unless given.
+    ARCADE's own train/val/test are kept; names get the split as prefix (ARCADE reuses 1.png ...): train_1.png.
+    -> {split: entries} of the (last) part converted."""
+    src = Path(src)
+    parts = [(src / "stenosis", "detect"), (src / "syntax", "segment")]
+    if any(d.is_dir() for d, _ in parts) and not (src / "train").is_dir():
+        out = {}
+        for d, t in parts:
+            if d.is_dir():
+                out = convert_arcade(d, root, t, val, prep, group, seed)
+        return out
+    task = task or ("segment" if src.name.lower() == "syntax" else "detect")
+    jsons = {s: sorted(p for p in (src / s / "annotations").glob("*") if p.suffix.lower() == ".json") for s in SPLITS}
+    if not any(jsons.values()):
+        raise SystemExit(f"arcade: no stenosis/ or syntax/, nor {{train,val,test}}/annotations/*.json in {src}; "
+                         "expected ARCADE's arcade/ folder or one of its two parts")
+    by_split = {s: convert_coco(j[0], src / s / "images", root, task, f"{s}_", prep) if j else []
+                for s, j in jsons.items()}
+    return finish(f"ARCADE {src.name} ({task})", root, DET if task == "detect" else SEG, by_split, val, seed, group,
+                  prefixes=tuple(f"{s}_" for s in SPLITS))
+
+
+def _cadica_boxes(path, drop):
+    """A CADICA groundtruth file (one 'x y w h grade' line per lesion: pixels, top-left corner, the stenosis grade
+    such as p70_90) -> (x1, y1, x2, y2) boxes of the lesions whose grade is not in drop."""
+    boxes = []
+    for ln in _read_list(path):
+        parts = ln.replace(",", " ").split()
+        if len(parts) < 4:
+            log(f"{path}: line {ln!r} is not 'x y w h grade' -> left out")
+        elif len(parts) == 4 or parts[4] not in drop:
+            x, y, w, h = map(float, parts[:4])
+            boxes.append((x, y, x + w, y + h))
+    return boxes
+
+
+def convert_cadica(src, root, val=0.3, prep=None, group=None, seed=42, drop=()):
+    """CADICA (Mendeley p9bpx9ctcv): src/selectedVideos/pX/{lesionVideos.txt, nonlesionVideos.txt, vY/{input/
+    pX_vY_000ZZ.png, pX_vY_selectedFrames.txt, groundtruth/pX_vY_000ZZ.txt}} -> detection. The key frames
+    (selectedFrames) of lesion videos with their boxes; those of non-lesion videos as negatives (empty labels).
+    Unannotated frames of lesion videos are never used (the lesion is there, just not boxed), nor are frames whose
+    every box has a grade in drop (e.g. p0_20), nor videos in neither list (not known to be lesion-free).
+    Group: the patient, so no patient straddles train and val."""
+    base = need_dir(src, "cadica", "selectedVideos", expected="CADICA's selectedVideos/pX/vY/{input,groundtruth}")
+    entries, skipped = [], 0
+    for pdir in sorted((p for p in base.iterdir() if re.fullmatch(r"p\d+", p.name)), key=lambda p: int(p.name[1:])):
+        lesion = [v.split("_")[-1] for v in _read_list(pdir / "lesionVideos.txt")]
+        clean = [v.split("_")[-1] for v in _read_list(pdir / "nonlesionVideos.txt")]
+        for v in lesion + clean:
+            vdir = pdir / v
+            for f in _read_list(vdir / f"{pdir.name}_{v}_selectedFrames.txt"):
+                stem = f"{pdir.name}_{v}_{int(f):05d}" if f.isdigit() else f
+                img, gt = vdir / "input" / f"{stem}.png", vdir / "groundtruth" / f"{stem}.txt"
+                boxes = _cadica_boxes(gt, drop) if v in lesion else []
+                if not img.exists() or v in lesion and not boxes:  # a lesion video's frame is never a negative
+                    skipped += 1
+                    continue
+                e = write_sample(root, DET, f"cadica_{stem}", img, boxes=boxes, group=f"cadica_{pdir.name}", prep=prep)
+                entries += [e] if e else []
+    if skipped:
+        log(f"cadica: {skipped} key frames skipped (image or groundtruth missing, or every box dropped)")
+    return finish("cadica", root, DET, {"train": entries}, val, seed, group)
+
+
+def _pairs(images, masks, mask_name):
+    """(image, mask) paths: every image in images/ (any PIL format, .gz too) whose mask, masks/mask_name(stem), is there
+    (any extension when mask_name gives no suffix); images without one are logged."""
+    out = []
+    for p in sorted(q for q in Path(images).iterdir() if q.is_file()):
+        stem = p.name[:-3] if p.name.lower().endswith(".gz") else p.name
+        stem = Path(stem).stem
+        want = mask_name(stem)
+        found = [want] if Path(want).suffix else [q.name for q in Path(masks).glob(want + ".*")]
+        found = [Path(masks) / n for n in found if (Path(masks) / n).is_file()]
+        if found:
+            out.append((p, stem, found[0]))
+        else:
+            log(f"{p}: no mask {want} in {masks} -> skipped")
+    return out
+
+
+def convert_xcad(src, root, val=0.3, prep=None, group=None, seed=42):
+    """XCAD (Ma et al., ICCV 2021): src/test/{images,masks}/<name>.png, its annotated angiograms (train/ holds only
+    unlabelled ones and synthetic vessels: not used) -> vessel masks. No patient ids in the names: one group each."""
+    test = need_dir(src, "xcad", "test", expected="XCAD's test/{images,masks}")
+    pairs = _pairs(need_dir(test, "xcad", "images", expected="test/images"), need_dir(test, "xcad", "masks",
+                   expected="test/masks"), lambda s: s)
+    entries = [write_sample(root, SEG, f"xcad_{s}", p, mask=m, prep=prep) for p, s, m in pairs]
+    return finish("xcad", root, SEG, {"train": [e for e in entries if e]}, val, seed, group)
+
+
+def convert_dca1(src, root, val=0.3, prep=None, group=None, seed=42):
+    """DCA1 (Cervantes-Sanchez et al. 2019, 134 angiograms, 300 x 300): src holds <n>.pgm images and <n>_gt.pgm vessel
+    masks (in one folder, found at any depth) -> vessel masks. No official split, no patient ids: one group each."""
+    images = [p for p in sorted(Path(src).rglob("*.pgm")) if not p.stem.endswith("_gt")]
+    if not images:
+        raise SystemExit(f"dca1: no *.pgm images in {src}; expected DCA1's <n>.pgm + <n>_gt.pgm")
+    entries = []
+    for p in images:
+        gt = p.with_name(f"{p.stem}_gt.pgm")
+        if gt.exists():
+            entries.append(write_sample(root, SEG, f"dca1_{p.stem}", p, mask=gt, prep=prep))
+        else:
+            log(f"{p}: no {gt.name} -> skipped")
+    return finish("dca1", root, SEG, {"train": [e for e in entries if e]}, val, seed, group)
+
+# -----------------------------------------------------------------------------
+# fundus: DRIVE, CHASE_DB1, STARE, HRF, FIVES
+
+
+def convert_drive(src, root, val=0.2, prep=None, group=None, seed=42):
+    """DRIVE: src/{training,test}/{images/NN_{training,test}.tif, 1st_manual/NN_manual1.gif,
+    mask/NN_{training,test}_mask.gif} -> vessel masks (first observer; the FOV mask feeds --preprocess fov). Official
+    training -> train (minus --val), test -> test (skipped where 1st_manual is absent). One subject per image."""
+    by_split = {}
+    for s, part in (("train", "training"), ("test", "test")):
+        d = find_dir(src, part)
+        if d is None or not (d / "images").is_dir() or not (d / "1st_manual").is_dir():
+            by_split[s] = []
+            continue
+        pairs = _pairs(d / "images", d / "1st_manual", lambda stem: f"{stem.split('_')[0]}_manual1.gif")
+        by_split[s] = [write_sample(root, SRC, f"drive_{stem}", p, mask=m, group=f"drive_{stem.split('_')[0]}",
+                                    prep=prep, fov=d / "mask" / f"{stem}_mask.gif") for p, stem, m in pairs]
+    if not by_split["train"] and not by_split["test"]:
+        raise SystemExit(f"drive: no training/ or test/ with images/ and 1st_manual/ in {src}")
+    return finish("drive", root, SRC, {s: [e for e in v if e] for s, v in by_split.items()}, val, seed, group)
+
+
+def convert_chase(src, root, val=0.3, prep=None, group=None, seed=42, observer="1st"):
+    """CHASE_DB1: src (at any depth) holds Image_NN{L,R}.jpg + Image_NN{L,R}_1stHO.png (_2ndHO: --observer 2nd)
+    -> vessel masks. No official split; the two eyes of one child (Image_01L, Image_01R) are one group."""
+    images = sorted(p for p in Path(src).rglob("Image_*") if re.fullmatch(r"Image_\d+[LR]\.jpe?g", p.name, re.I))
+    if not images:
+        raise SystemExit(f"chase: no Image_NN[LR].jpg in {src}; expected CHASE_DB1's Image_01L.jpg + _1stHO.png")
+    entries = []
+    for p in images:
+        m = p.with_name(f"{p.stem}_{observer}HO.png")
+        child = re.match(r"Image_(\d+)", p.stem).group(1)
+        if m.exists():
+            entries.append(write_sample(root, SRC, f"chase_{p.stem}", p, mask=m, group=f"chase_{child}", prep=prep))
+        else:
+            log(f"{p}: no {m.name} -> skipped")
+    return finish("chase", root, SRC, {"train": [e for e in entries if e]}, val, seed, group)
+
+
+def convert_stare(src, root, val=0.3, prep=None, group=None, seed=42, observer="ah"):
+    """STARE: src (at any depth) holds imNNNN.ppm images and imNNNN.ah.ppm vessel labels (Hoover; .vk.ppm:
+    --observer vk), each possibly gzip-compressed (.ppm.gz as distributed) -> vessel masks. No official split; one
+    group per image."""
+    files = {p.name.lower(): p for p in Path(src).rglob("im*") if p.is_file()}
+    images = sorted(n for n in files if re.fullmatch(r"im\d+\.ppm(\.gz)?", n))
+    if not images:
+        raise SystemExit(f"stare: no imNNNN.ppm(.gz) in {src}; expected STARE's im0001.ppm + im0001.{observer}.ppm")
+    entries = []
+    for n in images:
+        stem = n.split(".")[0]
+        lab = files.get(f"{stem}.{observer}.ppm") or files.get(f"{stem}.{observer}.ppm.gz")
+        if lab is None:
+            log(f"{files[n]}: no {stem}.{observer}.ppm(.gz) -> skipped")
+            continue
+        entries.append(write_sample(root, SRC, f"stare_{stem}", files[n], mask=lab, prep=prep))
+    return finish("stare", root, SRC, {"train": [e for e in entries if e]}, val, seed, group)
+
+
+def convert_hrf(src, root, val=0.3, prep=None, group=None, seed=42):
+    """HRF (all-images archive): src/{images/NN_{h,dr,g}.JPG, manual1/NN_{h,dr,g}.tif, mask/NN_{h,dr,g}_mask.tif}
+    -> vessel masks (the FOV mask feeds --preprocess fov). No official split; one group per image (45 eyes)."""
+    images = need_dir(src, "hrf", "images", expected="HRF's images/, manual1/, mask/")
+    if not (images.parent / "manual1").is_dir():
+        raise SystemExit(f"hrf: no manual1/ next to {images}; expected HRF's images/, manual1/, mask/")
+    pairs = _pairs(images, images.parent / "manual1", lambda stem: f"{stem}.tif")
+    entries = [write_sample(root, SRC, f"hrf_{stem}", p, mask=m, prep=prep,
+                            fov=images.parent / "mask" / f"{stem}_mask.tif") for p, stem, m in pairs]
+    return finish("hrf", root, SRC, {"train": [e for e in entries if e]}, val, seed, group)
+
+
+def convert_fives(src, root, val=0.2, prep=None, group=None, seed=42):
+    """FIVES (figshare 19688169): src/{train,test}/{Original,Ground truth}/N_{A,D,G,N}.png (same name in both;
+    A/D/G/N = AMD, DR, glaucoma, normal) -> vessel masks. Official train -> train (minus --val), test -> test; names
+    carry the split (fives_train_1_A.png) so a number used in both cannot collide. One group per image."""
+    by_split = {}
+    for s in ("train", "test"):
+        d = find_dir(src, s)
+        if d is None or not (d / "Original").is_dir():
+            by_split[s] = []
+            continue
+        pairs = _pairs(d / "Original", d / "Ground truth", lambda stem: stem)
+        by_split[s] = [write_sample(root, SRC, f"fives_{s}_{stem}", p, mask=m, prep=prep) for p, stem, m in pairs]
+    if not by_split["train"] and not by_split["test"]:
+        raise SystemExit(f"fives: no train/Original or test/Original in {src}; expected FIVES' {{train,test}}/"
+                         "{Original,Ground truth}/")
+    return finish("fives", root, SRC, {s: [e for e in v if e] for s, v in by_split.items()}, val, seed, group)
+
+# -----------------------------------------------------------------------------
+# plain folders
+
+
+def convert_folder(images, masks, root, task_key, group_regex=None, prep=None):
+    """A folder of images + same-stem masks (seg keys; YOLO .txt for detection) -> root's task
+    folder (masks rewritten as 0/255 PNG), then that whole task is re-split 70/30 (grouped if asked)."""
+    task, n = TASKS[task_key][1], 0
+    for p in sorted(Path(images).iterdir()):
+        if p.suffix.lower() not in IMG_EXTS:
+            continue
+        if task == "det":
+            lab = Path(masks) / f"{p.stem}.txt"
+            if not lab.exists():
+                log(f"{p}: no {lab.name} in {masks} -> skipped")
+                continue
+            n += write_sample(root, task_key, p.stem, p, boxes=lab.read_text(), prep=prep) is not None
+        else:
+            found = [q for q in Path(masks).glob(p.stem + ".*") if q.suffix.lower() in IMG_EXTS]
+            if not found:
+                log(f"{p}: no same-stem mask in {masks} -> skipped")
+                continue
+            n += write_sample(root, task_key, p.stem, p, mask=found[0], prep=prep) is not None
+    splits = read_splits(root)
+    splits = make_splits(root) if splits is None else splits
+    splits[task_key] = split_entries(task_files(root, task_key), group_regex=group_regex)
+    write_splits(root, splits)
+    log(f"{n} images -> {Path(root) / TASKS[task_key][0]}")
+    return n
+
+# -----------------------------------------------------------------------------
+# the summary
+
+
+BINS = (8, 16, 32, 64)  # box size bins: longest side in pixels at the training size
+
+
+def summary(root, imgsz=512):
+    """What root's splits.json lists, as read by the loader -> {task_key: {split: stats}}, printed one line each:
+    images (and files skipped as bad); detection: boxes, negatives (images without a box) and a histogram of the
+    boxes' longest side in pixels once the image is letterboxed to imgsz; segmentation: mean vessel fraction."""
+    splits = read_splits(root)
+    splits = make_splits(root) if splits is None else splits
+    out = {}
+    print(f"summary of {root} (box sizes: longest side in px at imgsz {imgsz})")
+    for key, (_, task, _) in TASKS.items():
+        for s in SPLITS:
+            if not splits.get(key, {}).get(s):
+                continue
+            ds = TaskDataset(root, key, s, imgsz=32, verbose=False, splits=splits)
+            st = {"images": len(ds), "skipped": sum(act == "skipped" for *_, act in ds.problems)}
+            if task == "det":
+                sizes = np.array([max(b[3] * it["shape"][1], b[4] * it["shape"][0]) * imgsz / max(it["shape"])
+                                  for it in ds.items for b in it["boxes"]])
+                edges = np.digitize(sizes, BINS)
+                st.update(boxes=len(sizes), negatives=sum(not len(it["boxes"]) for it in ds.items),
+                          hist=[int((edges == k).sum()) for k in range(len(BINS) + 1)])
+                labels = ["<8", "8-16", "16-32", "32-64", ">=64"]
+                what = (f"{st['boxes']} boxes, {st['negatives']} negatives, sizes "
+                        + " ".join(f"{lab}:{n}" for lab, n in zip(labels, st["hist"]))
+                        + f" ({sum(st['hist'][:3])} under 32 px)")
+            else:
+                fr = [float(read_binary(it["mask"]).mean()) for it in ds.items]
+                st["vessel"] = float(np.mean(fr)) if fr else 0.0
+                what = f"mean vessel fraction {st['vessel']:.3f}"
+            out.setdefault(key, {})[s] = st
+            bad = f" ({st['skipped']} skipped as bad)" if st["skipped"] else ""
+            print(f"  {key + '/' + s:<34} {st['images']:>6} images{bad}: {what}")
+    return out
+
+# -----------------------------------------------------------------------------
+# the CLI
+
+
+SETS = {  # CLI name -> (converter, what SRC is)
+    "arcade": (convert_arcade, "ARCADE: arcade/ (stenosis/ and syntax/) or one of them, {train,val,test}/..."),
+    "cadica": (convert_cadica, "CADICA: the folder holding selectedVideos/"),
+    "xcad": (convert_xcad, "XCAD: the folder holding test/{images,masks}/"),
+    "dca1": (convert_dca1, "DCA1: the folder holding <n>.pgm + <n>_gt.pgm"),
+    "drive": (convert_drive, "DRIVE: the folder holding training/ and test/"),
+    "chase": (convert_chase, "CHASE_DB1: the folder holding Image_01L.jpg + Image_01L_1stHO.png ..."),
+    "stare": (convert_stare, "STARE: the folder holding im0001.ppm(.gz) and im0001.ah.ppm(.gz)"),
+    "hrf": (convert_hrf, "HRF: the folder holding images/, manual1/, mask/"),
+    "fives": (convert_fives, "FIVES: the folder holding train/ and test/ ({Original,Ground truth}/)"),
+    "folder": (convert_folder, "a folder of images + a folder of same-stem masks (or YOLO .txt labels)"),
+}
+EXTRA = {  # per-set options: flag -> argparse keywords
+    "arcade": {"--task": dict(choices=("detect", "segment"), default=None,
+                              help="for one part only: default from its name (stenosis: detect, syntax: segment)")},
+    "cadica": {"--drop": dict(default="", help="stenosis grades whose boxes are left out, e.g. p0_20,p20_50")},
+    "chase": {"--observer": dict(choices=("1st", "2nd"), default="1st")},
+    "stare": {"--observer": dict(choices=("ah", "vk"), default="ah")},
+}
+
+
+def _run(args, prep):
+    """Call the chosen converter with the parsed arguments."""
+    fn = SETS[args.set][0]
+    if args.set == "folder":
+        return fn(args.src, args.masks, args.root, args.task, args.group, prep)
+    kw = dict(prep=prep, group=args.group, seed=args.seed)
+    if args.val is not None:
+        kw["val"] = args.val
+    if args.set == "arcade":
+        kw["task"] = args.task
+    if args.set == "cadica":
+        kw["drop"] = tuple(g for g in args.drop.split(",") if g)
+    if args.set in ("chase", "stare"):
+        kw["observer"] = args.observer
+    return fn(args.src, args.root, **kw)
+
+
+def main(argv=None):
+    """The CLI: convert one set into --root, then print the summary; returns the exit status."""
+    ap = argparse.ArgumentParser(description="convert a public data set into nanoCAMTL's layout (README: data layout)")
+    sub = ap.add_subparsers(dest="set", required=True)
+    for name, (_, what) in SETS.items():
+        a = sub.add_parser(name, help=what)
+        a.add_argument("src", help="images folder" if name == "folder" else what)
+        if name == "folder":
+            a.add_argument("masks")
+            a.add_argument("--task", choices=list(TASKS), required=True)
+        for flag, kw in EXTRA.get(name, {}).items():
+            a.add_argument(flag, **kw)
+        a.add_argument("--root", required=True, help="the processed data root to write (created if needed)")
+        a.add_argument("--val", type=float, default=None, help="fraction of the official train to move to val "
+                                                               "(by group)")
+        a.add_argument("--preprocess", default="", help="comma-separated: fov, green, resize=S")
+        a.add_argument("--group", default=None, help="regex on output file names: its first group keys the split")
+        a.add_argument("--seed", type=int, default=42)
+        a.add_argument("--imgsz", type=int, default=512, help="training size for the summary's box sizes")
+    a = sub.add_parser("summary", help="print what a root's splits.json lists")
+    a.add_argument("--root", required=True)
+    a.add_argument("--imgsz", type=int, default=512)
+    args = ap.parse_args(argv)
+    if args.set == "summary":
+        if not Path(args.root).is_dir():
+            raise SystemExit(f"summary: --root {args.root} is not a directory")
+        summary(args.root, args.imgsz)
+        return 0
+    for path in (args.src, getattr(args, "masks", None)):
+        if path is not None and not Path(path).is_dir():
+            raise SystemExit(f"{args.set}: {path} is not a directory")
+    if args.val is not None and not 0 <= args.val < 1:
+        raise SystemExit(f"--val {args.val}: a fraction in [0, 1)")
+    try:
+        prep = parse_preprocess(args.preprocess)
+        re.compile(args.group or "")
+    except (ValueError, re.error) as e:
+        raise SystemExit(str(e)) from None
+    if prep.get("fov") and args.set in ("arcade", "cadica", "xcad", "dca1"):
+        raise SystemExit(f"--preprocess fov: for fundus sets only, not {args.set}")
+    _run(args, prep)
+    summary(args.root, args.imgsz)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
