@@ -555,9 +555,16 @@ def collate(samples):
     return b
 
 
-def to_device(batch, device):
-    """A batch dict with every tensor moved to device (non_blocking); other values as they are."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+def to_device(obj, device):
+    """Every tensor in a batch dict (or any nest of dicts, lists and tuples, e.g. a checkpoint) moved to device,
+    non-blocking; other values as they are. The one place tensors change device."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
 
 
 class SeededSampler(DistributedSampler):

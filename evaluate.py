@@ -10,7 +10,6 @@ including its particular box-to-label matching rule and its F1-based choice of t
 """
 
 import argparse
-import math
 import time
 from pathlib import Path
 
@@ -334,7 +333,8 @@ def validate(model, loaders, cfg, device, crit=None, plot_dir=None, log=None):
     for task, loader in loaders.items():
         for bi, batch in enumerate(progress(loader, f"val {task}", log)):
             t0 = time.perf_counter()
-            img = batch["img"].to(device)
+            dev_batch = data.to_device(batch, device)  # the CPU batch stays for metrics and pictures
+            img = dev_batch["img"]
             tasks = ("det", "seg") if task == "det" else ("seg",)
             need_attn = crit is not None and bool(cfg["lambda_align"])
             t1 = time.perf_counter()
@@ -346,7 +346,7 @@ def validate(model, loaders, cfg, device, crit=None, plot_dir=None, log=None):
                 model.detect.training = False
             t2 = time.perf_counter()
             if crit is not None:  # per-image means: each batch weighs by its image count
-                losses.update(crit(det_out, seg_out, data.to_device(batch, device))[1], img.shape[0])
+                losses.update(crit(det_out, seg_out, dev_batch)[1], img.shape[0])
             t3 = time.perf_counter()
             images[task] += img.shape[0]
             if task == "det":

@@ -10,7 +10,6 @@ keeps it light at 50 boxes x 8400 anchors.
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from modules import dfl_expectation, dist2bbox, make_anchors

@@ -65,17 +65,6 @@ def set_rng_state(s):
     random.setstate((3, tuple(s["python"]), None))
 
 
-def to(obj, device):
-    """Every tensor in a nest of dicts/lists/tuples moved to device: the one place a restore moves tensors."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: to(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to(v, device) for v in obj)
-    return obj
-
-
 class ModelEMA:
     """Exponential moving average of weights and buffers; decay ramps up as 0.9999 * (1 - exp(-updates / 2000))."""
 
@@ -402,7 +391,7 @@ def restore(r):
     """--resume: weights, optimizer, scaler, EMA, the L2-SP anchor, epoch, best fitness and RNG from r.ckpt, every
     tensor moved to the run's device first (wherever the checkpoint was saved); results.csv trimmed to match."""
     ckpt, r.ckpt = r.ckpt, None
-    state = to({k: ckpt.get(k) for k in ("model", "optimizer", "ema", "anchor")}, r.device)
+    state = data.to_device({k: ckpt.get(k) for k in ("model", "optimizer", "ema", "anchor")}, r.device)
     r.model.load_state_dict(state["model"])
     r.opt.load_state_dict(state["optimizer"])
     r.scaler.load_state_dict(ckpt["scaler"])
@@ -446,9 +435,10 @@ def train_step(r, batch, where):
     to the window's. -> the loss terms, or None when the loss was not finite on any rank: then every rank skips
     this micro-batch alike (the window keeps its other gradients); max_nan_steps in a row stop the run."""
     tasks, need_attn = tasks_for(batch, r.cfg)
+    batch = data.to_device(batch, r.device)  # image, targets and masks, once
     with r.model.domain(batch["domain"]), r.ctx:
-        det_out, seg_out = r.model(batch["img"].to(r.device, non_blocking=True), tasks=tasks, need_attn=need_attn)
-    loss, terms = r.crit(det_out, seg_out, data.to_device(batch, r.device), r.model)
+        det_out, seg_out = r.model(batch["img"], tasks=tasks, need_attn=need_attn)
+    loss, terms = r.crit(det_out, seg_out, batch, r.model)
     bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=r.device)
     if r.world > 1:  # one rank's NaN is every rank's: nobody waits in an all-reduce the others skipped
         dist.all_reduce(bad)
@@ -554,7 +544,7 @@ def finish_stage(r):
     save_atomic(best, out)
     if cfg["plots"]:
         net = r.ema.ema if r.ema else r.model
-        net.load_state_dict(to(best["model"], r.device))
+        net.load_state_dict(data.to_device(best["model"], r.device))
         evaluate.validate(net, r.val_loaders, cfg, r.device, r.crit, plot_dir=r.run_dir, log=r.log)
         plots.plot_results(r.run_dir / "results.csv", r.run_dir / "results.png")
     sizes = ", ".join(f"{p.name} {p.stat().st_size / 2**20:.1f} MB" for p in (wdir / "last.pt", wdir / "best.pt"))

@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-import data
 import evaluate
 import synthetic
 from model import CAMTL
