@@ -509,7 +509,8 @@ class TaskDataset(Dataset):
                 head += f", {sum(len(it['boxes']) for it in self.items)} boxes"
             tally = [f"{act} {c.total()} (" + ", ".join(f"{k}: {n}" for k, n in sorted(c.items())) + ")"
                      for act, c in sorted(counts.items())]
-            log(("WARNING " if not self.items else "") + "; ".join([head] + tally))
+            # a split that lists nothing (e.g. test at 70/30/0) is no news; one whose images all failed is
+            log(("WARNING " if entries and not self.items else "") + "; ".join([head] + tally))
 
     def __len__(self):
         return len(self.items)

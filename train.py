@@ -235,6 +235,9 @@ def open_run(cfg, args, master, log):
     ckpt = read_checkpoint(last, "the last.pt of a run to resume", need=("model", "optimizer", "epoch", "config"))
     set_keys = args.set_keys or set()
     epochs = cfg["epochs"] if "epochs" in set_keys else ckpt["config"]["epochs"]
+    if ckpt["epoch"] + 1 >= epochs:
+        raise SystemExit(f"--resume: {last.parent.parent} has finished its {ckpt['epoch'] + 1} epochs; to train on, "
+                         f"add --set epochs=N with N > {ckpt['epoch'] + 1}")
     cfg = {**DEFAULTS, **ckpt["config"], "epochs": epochs}  # keys added since the run started take their defaults
     ignored = sorted(set_keys - {"epochs"})
     log(f"resuming {last.parent.parent} from epoch {ckpt['epoch'] + 2} with the run's own config"

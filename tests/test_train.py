@@ -132,6 +132,8 @@ def test_resume_reproduces_the_uninterrupted_run(synth, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "resuming" in out and "init from last.pt (resume)" in out
     assert "domainshift1.pt" not in out and "COCO" not in out  # no stage-1/COCO messages that do not apply
+    with pytest.raises(SystemExit, match="has finished its 2 epochs; to train on, add --set epochs=N with N > 2"):
+        run("camtl", synth, "epochs=2", resume=cut_dir)
     a = torch.load(full_dir / "weights" / "last.pt", weights_only=True)
     b = torch.load(cut_dir / "weights" / "last.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 1
