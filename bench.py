@@ -166,28 +166,46 @@ def bench_iter(a):
 
 
 def bench_export(a):
-    """(f) inference at 512 px, batch 1: CAMTL and YOLOv8 eager, eager fused (export.deployable) and the exported
-    .pt2 program, plus the time torch.export takes. Headline: CAMTL's .pt2; ratio against fused YOLOv8."""
+    """(f) inference, batch 1: CAMTL and YOLOv8 at 512 px eager, eager fused (export.deployable), the portable .pt2
+    and the compiled one (AOTInductor, export.py's default), with the time each export takes; then YOLOv8 at 640 px,
+    fused eager against the compiled .pt2 alternating in one process (median of per-round ratios). Headline:
+    CAMTL's compiled .pt2 at 512."""
     import tempfile
     from pathlib import Path
 
     import export
     from model import CAMTL, YOLOv8
-    x = torch.rand(1, 3, 512, 512)
     out = {}
     with tempfile.TemporaryDirectory() as d, torch.no_grad():
+        x = torch.rand(1, 3, 512, 512)
         for name, model in (("camtl", CAMTL({"scale": a.scale, "dual_bn": True}, verbose=False)),
                             ("yolov8", YOLOv8(nc=1, scale=a.scale, verbose=False))):
             model.eval()
-            t = time.perf_counter()
-            export.export(model, 512, Path(d) / f"{name}.pt2", verbose=False)
-            out[f"{name}_export_s"] = time.perf_counter() - t
-            prog, _ = export.load_program(Path(d) / f"{name}.pt2")
-            for kind, fn in (("eager", model), ("fused", export.deployable(model)), ("pt2", prog)):
+            runs = {"eager": model, "fused": export.deployable(model)}
+            for kind, compiled in (("pt2", False), ("compiled", True)):
+                t = time.perf_counter()
+                export.export(model, 512, Path(d) / f"{name}_{kind}.pt2", verbose=False, compiled=compiled)
+                out[f"{name}_{kind}_export_s"] = time.perf_counter() - t
+                runs[kind] = export.load_program(Path(d) / f"{name}_{kind}.pt2")[0]
+            for kind, fn in runs.items():
                 out[f"{name}_{kind}_ms"] = timeit(lambda: fn(x), a.repeats)["median_ms"]
-    out["camtl_vs_yolov8_fused_pt2"] = out["camtl_pt2_ms"] / out["yolov8_pt2_ms"]
-    return {"what": f"CAMTL{a.scale} .pt2 inference, 1x3x512x512", "median_ms": out["camtl_pt2_ms"],
-            "min_ms": out["camtl_pt2_ms"], "peak_mb": 0.0, **out}
+        model = YOLOv8(nc=80, scale=a.scale, verbose=False).eval()
+        export.export(model, 640, Path(d) / "y640.pt2", verbose=False, compiled=True)
+        fns = {"fused": export.deployable(model), "compiled": export.load_program(Path(d) / "y640.pt2")[0]}
+        x = torch.rand(1, 3, 640, 640)
+        times = {k: [] for k in fns}
+        for r in range(a.repeats + 2):  # alternate, so a drifting machine hits both alike
+            for k, fn in fns.items():
+                t = time.perf_counter()
+                fn(x)
+                times[k].append(1e3 * (time.perf_counter() - t))
+        times = {k: v[2:] for k, v in times.items()}
+        out.update({f"yolov8_640_{k}_ms": statistics.median(v) for k, v in times.items()})
+        out["yolov8_640_compiled_vs_fused"] = statistics.median(c / f for c, f in zip(times["compiled"],
+                                                                                      times["fused"]))
+    out["camtl_vs_yolov8_compiled"] = out["camtl_compiled_ms"] / out["yolov8_compiled_ms"]
+    return {"what": f"CAMTL{a.scale} compiled .pt2 inference, 1x3x512x512", "median_ms": out["camtl_compiled_ms"],
+            "min_ms": out["camtl_compiled_ms"], "peak_mb": 0.0, **out}
 
 
 def camtl_step(kind, size, batch=4, scale="n"):

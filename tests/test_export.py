@@ -86,7 +86,7 @@ def test_camtl_fused_equals_unfused_in_target_domain(camtl_ckpt):
 
 def test_camtl_cli_dynamic_batch_pt2_equals_eager_and_predicts_alike(camtl_ckpt, tmp_path):
     out = tmp_path / "camtl.pt2"
-    export.main(["--weights", str(camtl_ckpt), "--dynamic-batch", "--out", str(out)])  # imgsz 64 from the checkpoint
+    export.main(["--weights", str(camtl_ckpt), "--dynamic-batch", "--portable", "--out", str(out)])  # imgsz 64
     run, imgsz = evaluate.load_predictor(out)  # the loader the predictor uses
     model, _ = load_checkpoint(camtl_ckpt)
     eager = export.deployable(model)
@@ -106,3 +106,24 @@ def test_camtl_cli_dynamic_batch_pt2_equals_eager_and_predicts_alike(camtl_ckpt,
     assert (tmp_path / "pt2/labels/a.txt").read_text() == (tmp_path / "pt/labels/a.txt").read_text()
     masks = [np.asarray(Image.open(tmp_path / d / "masks/a.png")) for d in ("pt2", "pt")]
     assert masks[0].shape == (70, 150) and (masks[0] != masks[1]).mean() < 1e-3
+
+
+def test_compiled_artefact_is_the_default_equals_eager_and_predicts(camtl_ckpt, tmp_path, capsys):
+    out = tmp_path / "camtl_aoti.pt2"
+    export.main(["--weights", str(camtl_ckpt), "--out", str(out)])  # the CLI default: compiled by AOTInductor
+    assert "compiled by AOTInductor" in capsys.readouterr().out
+    run, meta = export.load_program(out)
+    assert meta["compiled"] and meta["imgsz"] == 64 and meta["model"] == "CAMTL"
+    eager = export.deployable(load_checkpoint(camtl_ckpt)[0])
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        (det, full), (ref_det, ref_full) = run(x), eager(x)
+    assert (det - ref_det).abs().max() < 1e-3 and (full - ref_full).abs().max() < 1e-3  # decoded outputs
+    with pytest.raises(ValueError, match="compiled for cpu, asked to run on meta"):
+        export.load_program(out, "meta")
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray((np.random.default_rng(0).random((70, 150, 3)) * 255).astype(np.uint8)).save(src / "a.png")
+    res = evaluate.main(["--weights", str(out), "--source", str(src), "--save-dir", str(tmp_path / "pred"),
+                         "--conf", "0.001", "--device", "cpu"])
+    assert res["saved"] == ["a"] and (tmp_path / "pred/masks/a.png").is_file()
