@@ -47,8 +47,8 @@ config = {
     "warmup_momentum": 0.8,
     "warmup_bias_lr": 0.1,
     "clip_grad": 10.0,
-    "amp": True,  # autocast on CUDA (fp16 with GradScaler, or bf16); off on CPU
-    "amp_dtype": "fp16",  # fp16 / bf16
+    "amp": True,  # autocast: fp16 (+ GradScaler) on CUDA only; bf16 on CUDA and CPU. fp16 on the CPU trains in fp32
+    "amp_dtype": "fp16",  # fp16 / bf16 (`--set amp_dtype=bf16 --device cpu` runs the autocast path on a CPU)
     "ema": True,
     "ema_decay": 0.9999,
     "ema_tau": 2000,
