@@ -360,6 +360,22 @@ def _map_boxes(boxes, h0, w0, ratio, pad, S, augmented):
     return out[keep].astype(np.float32)
 
 
+def letterbox_size(h0, w0, imgsz, scale=1.0):
+    """Where an (h0, w0) image lands on the imgsz x imgsz canvas: content size (h, w) and offset (ox, oy),
+    the content scaled to fit (times `scale`, an augmentation), centred."""
+    r = min(imgsz / h0, imgsz / w0)
+    h, w = max(round(h0 * r * scale), 1), max(round(w0 * r * scale), 1)
+    return h, w, (imgsz - w) // 2, (imgsz - h) // 2
+
+
+def canvas_boxes(boxes, h0, w0, imgsz):
+    """Labels (n, 5) cls + xywh normalised to an (h0, w0) image -> normalised to its letterboxed canvas, as the
+    loader delivers them without augmentation."""
+    h, w, ox, oy = letterbox_size(h0, w0, imgsz)
+    return _map_boxes(np.asarray(boxes, np.float64).reshape(-1, 5), h0, w0, (w / w0, h / h0), (ox, oy), imgsz,
+                      False)
+
+
 def transform(img, mask, boxes, imgsz, rng=None, hyp=AUG):
     """Letterbox one sample to imgsz x imgsz and, given an rng, augment it; image, mask and boxes jointly.
 
@@ -368,10 +384,8 @@ def transform(img, mask, boxes, imgsz, rng=None, hyp=AUG):
     Returns img (3, S, S), mask (1, S, S) 0/1 or None, boxes (m, 5) normalised to the canvas,
     ratio (rx, ry) and pad (px, py) with canvas_px = ratio * original_px + pad (negative ratio = flip)."""
     S, (h0, w0) = imgsz, img.shape[:2]
-    r = min(S / h0, S / w0)
     s = rng.uniform(1 - hyp["scale"], 1 + hyp["scale"]) if rng is not None else 1.0
-    h, w = max(round(h0 * r * s), 1), max(round(w0 * r * s), 1)
-    ox, oy = (S - w) // 2, (S - h) // 2
+    h, w, ox, oy = letterbox_size(h0, w0, S, s)
     fx = fy = False
     if rng is not None:
         t = hyp["translate"] * S

@@ -311,15 +311,9 @@ def plot_labels(loader, cfg, path):
     sets = [ld.dataset for ld, _ in getattr(loader, "streams", [(loader, 1)]) if ld.dataset.task == "det"]
     if not sets:
         return
-    S, xywh, cls = cfg["imgsz"], [], []
-    for it in sets[0].items:
-        (h0, w0), b = it["shape"], np.asarray(it["boxes"], np.float64).reshape(-1, 5)
-        g = S / max(h0, w0)  # the letterbox: scale, then centre on the S x S canvas
-        px, py = (S - round(w0 * g)) // 2, (S - round(h0 * g)) // 2
-        xywh.append(np.stack([(b[:, 1] * w0 * g + px) / S, (b[:, 2] * h0 * g + py) / S,
-                              b[:, 3] * w0 * g / S, b[:, 4] * h0 * g / S], 1))
-        cls.append(b[:, 0])
-    plots.plot_labels(np.concatenate(xywh), np.concatenate(cls), S, path, evaluate.class_names(cfg["nc"]))
+    S = cfg["imgsz"]
+    b = np.concatenate([data.canvas_boxes(it["boxes"], *it["shape"], S) for it in sets[0].items] + [np.zeros((0, 5))])
+    plots.plot_labels(b[:, 1:], b[:, 0], S, path, evaluate.class_names(cfg["nc"]))
 
 
 def tasks_for(batch, cfg):
