@@ -97,6 +97,7 @@ RULES = {
     "warmup_bias_lr": NON_NEGATIVE,
     "clip_grad": ((lambda v: v > 0), "> 0"),
     "amp_dtype": one_of("fp16", "bf16"),
+    "compile": ((lambda v: v is True or v is False or v == "auto"), "true, false or auto (on CUDA only)"),
     "ema_decay": interval(0, 1, "[)"),
     "ema_tau": at_least(1),
     "max_nan_steps": at_least(1),
@@ -116,7 +117,7 @@ for _k in ("box", "cls", "dfl", "kpt", "kobj", "w_p3", "w_p4", "w_p5", "w_full",
 # keys without a rule: bools and paths/names (their type is all; paths are checked where used), and device
 # (check_device). A new key belongs in RULES or here (tests/test_mistakes.py checks that every key is in one).
 FREE = ("ema_attention", "dual_bn", "kpt_aux", "augment", "data", "weights_dir", "name", "exist_ok", "device", "cos_lr",
-        "amp", "ema", "plots")
+        "amp", "ema", "plots", "channels_last")
 
 # -----------------------------------------------------------------------------
 # checking one value, a device, a merged config
@@ -154,7 +155,9 @@ def check_key(key, value, source):
     if key == "device":  # `--set device=0` arrives as an int, `device=0,1` as a tuple
         return check_device(value, source)
     want = DEFAULTS[key]
-    if isinstance(want, bool) or isinstance(value, bool):  # bool is an int subclass: compare exactly
+    if key == "compile":  # a bool or "auto": RULES tells
+        ok = True
+    elif isinstance(want, bool) or isinstance(value, bool):  # bool is an int subclass: compare exactly
         ok = type(value) is type(want)
     elif isinstance(want, float):
         ok = isinstance(value, (int, float))

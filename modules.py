@@ -275,9 +275,10 @@ class CrossAttention(nn.Module):
         self.gate = nn.Parameter(torch.zeros(c))
 
     def split_heads(self, t):
-        # SDPA's fast CPU kernel needs unit stride on the head dim, hence the copy
-        # (B, D, h, w) -> (B, heads, hw, d)
-        return t.flatten(2).unflatten(1, (self.heads, -1)).transpose(2, 3).contiguous()
+        # (B, D, h, w) -> (B, heads, hw, d). SDPA's fast CPU kernel needs unit stride on the head dim: a
+        # channels_last map already has it (a free view); a channels-first one is copied once
+        t = t.flatten(2).unflatten(1, (self.heads, -1)).transpose(2, 3)
+        return t if t.stride(-1) == 1 else t.contiguous()
 
     def keys_values(self, sources):
         """Sources pooled to the token budget (shared evenly) -> keys, values (B, heads, N, d) and the pooled maps."""
@@ -290,8 +291,8 @@ class CrossAttention(nn.Module):
         b, _, h, w = x.shape
         k, v, pooled = self.keys_values(sources)
         q = self.split_heads(self.q(x))  # (B, heads, HW, d)
-        o = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, d)
-        o = o.transpose(2, 3).reshape(b, -1, h, w)  # (B, D, H, W)
+        o = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, d), stored as (B, HW, heads, d)
+        o = o.transpose(1, 2).reshape(b, h, w, -1).permute(0, 3, 1, 2)  # (B, D, H, W) channels_last, no copy
         y = x + self.gate.view(1, -1, 1, 1) * self.proj(o)
         return y, (self.key_attention(x, k, pooled) if need_attn else None)
 

@@ -277,6 +277,23 @@ def build_model(cfg, stage, log, verbose=True):
     return model, stage_ckpt
 
 
+def use_compile(cfg, device):
+    """compile=auto means CUDA only: on a CPU, inductor takes minutes per graph (README: speed)."""
+    return cfg["compile"] is True or (cfg["compile"] == "auto" and device.type == "cuda")
+
+
+def compile_model(model, backend="inductor"):
+    """torch.compile the model's forward in place (same module, same state_dict keys; the loss stays eager: the
+    assigner's shapes depend on each batch's boxes). Dynamo guards on the forward's arguments (tasks, need_attn),
+    on train/eval and on each DualBN's `domain`, so every combination a stage uses is one graph, compiled on first
+    use and then reused: det+seg and seg in the target domain, seg in the source domain with replay, and the same
+    in validation -- at most 6. dynamic=False: a smaller last batch is one more graph, not a symbolic one. Past
+    the recompile limit a call runs eager instead of compiling again, so nothing storms."""
+    torch._dynamo.config.recompile_limit = 12
+    model.compile(dynamic=False, backend=backend)
+    return model
+
+
 def build_data(cfg, rank, world):
     """-> (data root, the training loader, {task: validation loader}). camtl alternates det, seg (and replayed
     retinography) batches by camtl_ratio."""
@@ -346,7 +363,7 @@ def setup(cfg, args, log=print):
     root, loader, val_loaders = build_data(cfg, rank, world)
     quiet = lambda *a, **k: None  # noqa: E731  (a resumed run's weights come from last.pt: no init messages)
     model, init_from = build_model(cfg, cfg["stage"], log if ckpt is None else quiet, verbose=master and not ckpt)
-    model.to(device)
+    model.to(device, memory_format=torch.channels_last if cfg["channels_last"] else torch.contiguous_format)
     if world > 1:  # every replica starts from rank 0's weights and buffers
         for t in model.state_dict().values():
             dist.broadcast(t, 0)
@@ -370,8 +387,15 @@ def setup(cfg, args, log=print):
     log(f"{cfg['stage']}: {count_params(model):,} parameters "
         f"({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable), "
         f"init from {init}; data {root}")
+    ema = ModelEMA(model, cfg["ema_decay"], cfg["ema_tau"]) if cfg["ema"] and master else None
+    compiled = use_compile(cfg, device)
+    if compiled:  # after the EMA's copy, which gets its own compiled validation graphs
+        for m in (model, ema.ema if ema else None):
+            if m is not None:
+                compile_model(m)
     log(opt_desc + f"; accumulate {accumulate} (nominal batch {cfg['nbs']}), warmup {nw} iters, "
-        f"AMP {cfg['amp_dtype'] if use_amp else 'off'}")
+        f"AMP {cfg['amp_dtype'] if use_amp else 'off'}, channels_last {'on' if cfg['channels_last'] else 'off'}, "
+        f"compile {'on' if compiled else 'off'}{' (auto: CUDA only)' if cfg['compile'] == 'auto' else ''}")
     log(f"{nb} batches/epoch x {cfg['epochs']} epochs, batch {cfg['batch']} x {world} rank(s) "
         f"= {cfg['batch'] * world} images per iteration, imgsz {cfg['imgsz']}")
     return SimpleNamespace(
@@ -379,7 +403,7 @@ def setup(cfg, args, log=print):
         loader=loader, val_loaders=val_loaders, model=model, opt=opt, get_lr=get_lr, nb=nb, accumulate=accumulate,
         ctx=torch.autocast(device.type, dtype=amp_dtype) if use_amp else nullcontext(),
         scaler=torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16),
-        ema=ModelEMA(model, cfg["ema_decay"], cfg["ema_tau"]) if cfg["ema"] and master else None,
+        ema=ema,
         crit=MultiTaskLoss(cfg, anchor), start_epoch=0, best_fitness=-1.0, metrics={}, lr=0.0, window=0,
         nan_run=0, nan_total=0, t_start=time.time())
 

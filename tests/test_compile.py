@@ -1,0 +1,114 @@
+"""The speed levers change no numbers: channels_last and torch.compile give eager's outputs and gradients, and
+compile makes one graph per (tasks, domain), never one per step."""
+import copy
+
+import pytest
+import torch
+from test_export import TINY, randomise
+
+import train
+from model import CAMTL, stage_setup
+from modules import Conv, CTAM, to_dualbn
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_camtl():
+    torch.manual_seed(0)
+    model = CAMTL({k: v for k, v in TINY.items() if k != "imgsz"}, verbose=False)
+    return stage_setup(randomise(model), "camtl").train()
+
+
+def step(model, x, tasks=("det", "seg"), domain="target"):
+    """Forward in a domain + a loss touching every output (attention maps included) + backward ->
+    (outputs flattened, {name: grad})."""
+    model.zero_grad(set_to_none=True)
+    with model.domain(domain):
+        det, seg = model(x, tasks=tasks, need_attn=True)
+    outs = list(det or []) + [seg[k] for k in ("p3", "p4", "p5", "full")] + seg["attn"]
+    sum(o.float().square().mean() for o in outs).backward()
+    return [o.detach() for o in outs], {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_close(a, b, tol=1e-4):
+    """Lists of tensors a, b agree: max |a - b| <= tol * max |b|, over the whole list (as one flat vector)."""
+    assert len(a) == len(b) and all(x.shape == y.shape for x, y in zip(a, b))
+    err = max((x - y).abs().max().item() for x, y in zip(a, b))
+    scale = max(y.abs().max().item() for y in b)
+    assert err <= tol * scale, f"max error {err:.3g} vs scale {scale:.3g}"
+
+
+def test_channels_last_gives_the_same_outputs_and_gradients():
+    """In float64, so that what remains is layout handling (the attention's strided views), not float32's
+    summation order: BN weight gradients are sums with cancellation and differ by ~5e-4 of their size in fp32."""
+    model, x = tiny_camtl().double(), torch.rand(2, 3, 64, 64, dtype=torch.float64)
+    cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    assert cl.backbone[0].conv.weight.is_contiguous(memory_format=torch.channels_last)
+    out, grads = step(model, x)
+    out_cl, grads_cl = step(cl, x.contiguous(memory_format=torch.channels_last))
+    assert_close(out_cl, out, 1e-9)
+    assert grads.keys() == grads_cl.keys() and len(grads) > 100
+    assert_close([grads_cl[k] for k in grads], list(grads.values()), 1e-9)
+
+
+class Block(torch.nn.Module):
+    """The unusual part of the network for a compiler: a DualBN Conv, then CTAM's attention (SDPA on strided
+    views, pooled keys, the key-attention maps) in channels_last."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = to_dualbn(Conv(8, 16, 3))
+        self.ctam = CTAM(16, (8,), dim=16, heads=4, tokens=16)
+        torch.nn.init.uniform_(self.ctam.gate, -1, 1)
+
+    def forward(self, x):
+        y, maps = self.ctam(self.conv(x), [x], need_attn=True)
+        return y, maps[0]
+
+
+def test_inductor_compiled_block_matches_eager():
+    torch.manual_seed(0)
+    block = Block().to(memory_format=torch.channels_last).train()
+    compiled = copy.deepcopy(block)
+    compiled.compile(dynamic=False)
+    x = torch.rand(2, 8, 16, 16).contiguous(memory_format=torch.channels_last)
+    res = []
+    for m in (block, compiled):
+        m.zero_grad()
+        y, a = m(x)
+        (y.square().mean() + a.square().sum()).backward()
+        res.append(([y.detach(), a.detach()], [p.grad for p in m.parameters() if p.grad is not None]))
+    assert_close(res[1][0], res[0][0])
+    assert len(res[1][1]) == len(res[0][1]) > 5
+    assert_close(res[1][1], res[0][1])
+
+
+def test_compile_makes_one_graph_per_tasks_and_domain():
+    """train.compile_model on a tiny CA-MTL (aot_eager: dynamo's graphs and autograd without inductor's C++ build,
+    which takes minutes on a CPU; the inductor numerics are the test above): each (tasks, domain) compiles once,
+    repeats compile nothing, and every output and gradient is eager's."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model, x = tiny_camtl(), torch.rand(2, 3, 64, 64)
+    compiled = train.compile_model(copy.deepcopy(model), backend="aot_eager")
+    assert set(compiled.state_dict()) == set(model.state_dict())  # checkpoints unchanged
+    for tasks, domain in ((("det", "seg"), "target"), (("seg",), "source")):
+        out, grads = step(model, x, tasks, domain)
+        out_c, grads_c = step(compiled, x, tasks, domain)
+        assert_close(out_c, out)
+        assert_close([grads_c[k] for k in grads], list(grads.values()))
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs == 2
+    for _ in range(2):
+        step(compiled, x, ("det", "seg"), "target")
+        step(compiled, x, ("seg",), "source")
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_compile_auto_means_cuda_only():
+    cfg = {"compile": "auto"}
+    assert not train.use_compile(cfg, torch.device("cpu"))
+    assert train.use_compile(cfg, torch.device("cuda"))
+    assert train.use_compile({"compile": True}, torch.device("cpu"))
+    assert not train.use_compile({"compile": False}, torch.device("cuda"))
