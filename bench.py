@@ -4,6 +4,9 @@ does not leak from one into the next.
     python bench.py                      # every section, scale n
     python bench.py --only infer,loss    # some sections
     python bench.py --scale s --repeats 20
+    python bench.py --only levers        # YOLOv8 640 px inference: eager, channels_last, torch.compile, the .pt2,
+                                         # int8 (needs torchao), Ultralytics' own YOLOv8 (if installed), side by side
+    python bench.py --only steplevers --compile   # YOLOv8 / CAMTL train step levers, with torch.compile (minutes)
 
 Times are medians over --repeats after warm-up; memory is the process's peak RSS growth during the timed
 part (VmHWM), which on CPU is what a run actually costs.
@@ -208,21 +211,36 @@ def bench_export(a):
             "min_ms": out["camtl_compiled_ms"], "peak_mb": 0.0, **out}
 
 
-def camtl_step(kind, size, batch=4, scale="n"):
-    """One train step (forward + simple det/seg loss + backward) of a fresh CAMTL or YOLOv8, as a closure."""
+def camtl_step(kind, size, batch=4, scale="n", camtl_stage=False, channels_last=False, compiled=False):
+    """One train step (forward + simple det/seg loss + backward) of a fresh CAMTL or YOLOv8, as a closure.
+    camtl_stage: CAMTL as the camtl stage trains it (DualBN in the target domain, det+seg with CTAM's attention
+    maps, whose squares stand in for the alignment term so they get a gradient too). channels_last: model and
+    input in that memory format; compiled: Module.compile(dynamic=False), so the first call compiles."""
     import torch.nn.functional as F
     from losses import DetectionLoss
-    from model import CAMTL, YOLOv8
+    from model import CAMTL, YOLOv8, stage_setup
     torch.manual_seed(0)
-    model = CAMTL({"scale": scale, "nc": 1}, verbose=False) if kind == "camtl" else YOLOv8(1, scale, verbose=False)
+    if kind == "camtl":
+        model = CAMTL({"scale": scale, "nc": 1, **({"dual_bn": True} if camtl_stage else {})}, verbose=False)
+        if camtl_stage:
+            stage_setup(model, "camtl").set_domain("target")
+    else:
+        model = YOLOv8(1, scale, verbose=False)
     model.train()
     crit, x, t = DetectionLoss(nc=1), torch.rand(batch, 3, size, size), random_targets(batch, 3)
     mask = (torch.rand(batch, 1, size, size) > 0.9).float()
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    if compiled:
+        model.compile(dynamic=False)
+    kw = {"tasks": ("det", "seg"), "need_attn": True} if camtl_stage else {}
 
     def step():
         if kind == "camtl":
-            det, seg = model(x)
+            det, seg = model(x, **kw)
             loss = crit(det, t)[0] + F.binary_cross_entropy_with_logits(seg["full"], mask) * batch
+            if camtl_stage:
+                loss = loss + sum(m.square().sum() for m in seg["attn"])
         else:
             loss = crit(model(x), t)[0]
         loss.backward()
@@ -261,16 +279,138 @@ def bench_camtl(a):
             "median_ms": out["camtl_512_ms"], "min_ms": out["camtl_512_ms"], "peak_mb": out["camtl_512_mb"], **out}
 
 
+def int8_program(export, model, size, path):
+    """export.py's int8 program (export_int8: torchao's PT2E quantiser, then AOTInductor) as a callable, or why not
+    as a string. Looked up at run time, so this runs with an export.py without it too. Calibrated on random images:
+    the speed does not depend on them."""
+    if not hasattr(export, "export_int8"):
+        return "n/a"
+    try:
+        export.export_int8(model, size, path, [torch.rand(1, 3, size, size) for _ in range(4)], verbose=False)
+    except ImportError:
+        return "n/a (needs torchao)"
+    except ValueError as e:  # it cannot compile here: say so, the other levers still count
+        return f"failed ({e})"
+    return export.load_program(path)[0]
+
+
+def reference_yolov8(scale, tmp):
+    """Ultralytics' own fused YOLOv8 (random weights from its yaml, eager), or None when it is not installed. It is
+    never a dependency: imported here only. Its settings file goes to tmp and its import-time online check is off,
+    so it writes nothing outside tmp and touches no network."""
+    os.environ.update(YOLO_CONFIG_DIR=str(tmp), YOLO_OFFLINE="1", YOLO_VERBOSE="False")
+    try:
+        from ultralytics.nn.tasks import DetectionModel
+    except ImportError:
+        return None
+    return DetectionModel(f"yolov8{scale}.yaml", nc=80, verbose=False).fuse(verbose=False).eval()
+
+
+def alternate(fns, rounds, warmup=2):
+    """Each fn once per round, round-robin, so a drifting machine hits all alike -> {name: [ms per round]}."""
+    t = {k: [] for k in fns}
+    for _ in range(warmup + rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            t[k].append(1e3 * (time.perf_counter() - t0))
+    return {k: v[warmup:] for k, v in t.items()}
+
+
+def ratio(t, k, base):
+    """Median of per-round ratios t[k] / t[base]."""
+    return statistics.median(x / y for x, y in zip(t[k], t[base]))
+
+
+def bench_levers(a):
+    """(h) YOLOv8 inference levers, 640 px, batch 1, one random input: fused eager (export.deployable), the same in
+    channels_last, torch.compile of it (first call apart), the compiled .pt2 (AOTInductor, export.py's deployable;
+    export time apart), int8 if export.py offers it, and Ultralytics' fused YOLOv8 eager if installed. All alternate
+    in one process; ratios are medians of per-round ratios against our eager and the reference. Headline: the .pt2."""
+    import tempfile
+    from pathlib import Path
+
+    import export
+    from model import YOLOv8
+    S, out, fns = a.size or 640, {}, {}
+    with tempfile.TemporaryDirectory() as d, torch.no_grad():
+        model = YOLOv8(nc=80, scale=a.scale, verbose=False).eval()
+        x = torch.rand(1, 3, S, S)
+        xcl = x.contiguous(memory_format=torch.channels_last)
+        fused = export.deployable(model)
+        fns["eager"] = lambda: fused(x)
+        cl = export.deployable(model).to(memory_format=torch.channels_last)  # a copy: eager stays contiguous
+        fns["channels_last"] = lambda: cl(xcl)
+        comp = torch.compile(fused)
+        t = time.perf_counter()
+        comp(x)
+        out["compiled_first_call_s"] = time.perf_counter() - t
+        fns["compiled"] = lambda: comp(x)
+        t = time.perf_counter()
+        export.export(model, S, Path(d) / "y.pt2", verbose=False, compiled=True)
+        out["deployable_export_s"] = time.perf_counter() - t
+        prog, meta = export.load_program(Path(d) / "y.pt2")
+        if not meta.get("compiled"):  # export.py fell back to the portable program: say so, it is eager speed
+            out["deployable_kind"] = "portable (AOTInductor failed)"
+        fns["deployable"] = lambda: prog(x)
+        t = time.perf_counter()
+        q = int8_program(export, model, S, Path(d) / "y_int8.pt2")
+        if isinstance(q, str):
+            out["int8"] = q
+        else:
+            out["int8_export_s"] = time.perf_counter() - t
+            fns["int8"] = lambda: q(x)
+        ref = reference_yolov8(a.scale, d)
+        if ref is None:
+            out["reference"] = "n/a"
+        else:
+            fns["reference"] = lambda: ref(x)  # outputs not compared: different random weights
+        times = alternate(fns, a.repeats)
+    out.update({f"{k}_ms": statistics.median(v) for k, v in times.items()})
+    out.update({f"{k}_vs_eager": ratio(times, k, "eager") for k in times if k not in ("eager", "reference")})
+    if ref is not None:
+        out.update({f"{k}_vs_reference": ratio(times, k, "reference") for k in times if k != "reference"})
+    return {"what": f"YOLOv8{a.scale} inference levers, 1x3x{S}x{S}; headline the .pt2", "median_ms":
+            out["deployable_ms"], "min_ms": min(times["deployable"]), "peak_mb": 0.0, **out}
+
+
+def bench_steplevers(a):
+    """(i) train step (forward + loss + backward), 512 px, batch 4: YOLOv8 and CAMTL in the camtl stage set-up
+    (camtl_step), eager and channels_last, and with --compile Module.compile(dynamic=False) in channels_last (first
+    call = compile, minutes per graph on a CPU, reported apart). All alternate in one process; ratios are medians of
+    per-round ratios. Headline: CAMTL eager."""
+    S, out = a.size or 512, {}
+    levers = {"eager": {}, "channels_last": {"channels_last": True}}
+    if a.compile:
+        levers["compiled"] = {"channels_last": True, "compiled": True}
+    steps = {f"{m}_{k}": camtl_step(m, S, scale=a.scale, camtl_stage=True, **kw)
+             for k, kw in levers.items() for m in ("yolov8", "camtl")}
+    for k, step in steps.items():
+        if k.endswith("_compiled"):
+            t = time.perf_counter()
+            step()
+            out[f"{k}_first_call_s"] = time.perf_counter() - t
+    times = alternate(steps, a.repeats)
+    out.update({f"{k}_ms": statistics.median(v) for k, v in times.items()})
+    for k in levers:
+        out[f"camtl_vs_yolov8_{k}"] = ratio(times, f"camtl_{k}", f"yolov8_{k}")
+    if a.compile:
+        out["camtl_compiled_vs_yolov8_eager"] = ratio(times, "camtl_compiled", "yolov8_eager")
+    return {"what": f"YOLOv8{a.scale} / CAMTL{a.scale} (camtl stage) train step levers, 4x3x{S}x{S}; headline CAMTL "
+            "eager", "median_ms": out["camtl_eager_ms"], "min_ms": min(times["camtl_eager"]), "peak_mb": 0.0, **out}
+
+
 def child(name, a, *extra):
+    opt = [*(["--size", str(a.size)] if a.size else []), *(["--compile"] if a.compile else [])]  # extra wins
     out = subprocess.run([sys.executable, __file__, "--child", name, "--scale", a.scale, "--repeats", str(a.repeats),
-                          "--threads", str(a.threads), *extra], capture_output=True, text=True)
+                          "--threads", str(a.threads), *opt, *extra], capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"{name} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 SECTIONS = {"infer": bench_infer, "train": bench_train, "loss": bench_loss, "loader": bench_loader, "iter": bench_iter,
-            "export": bench_export, "camtl": bench_camtl}
+            "export": bench_export, "camtl": bench_camtl, "levers": bench_levers, "steplevers": bench_steplevers}
 HIDDEN = {"step_memory": bench_step_memory}
 
 
@@ -282,7 +422,8 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
-    p.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--size", type=int, help=argparse.SUPPRESS)  # levers/steplevers at this size: smoke tests
+    p.add_argument("--compile", action="store_true", help="steplevers: also torch.compile (minutes per graph)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     if a.child:  # run one section in this process and hand back JSON
