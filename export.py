@@ -6,6 +6,8 @@ eval mode, and a forward that takes one tensor and returns a tuple of tensors.
     python export.py --weights best.pt --imgsz 640 --dynamic-batch --out camtl.pt2
     python export.py --weights yolov8n.pt                                      # an Ultralytics detector
     python export.py --weights best.pt --format onnx                           # also best.onnx (needs `onnx`)
+    python export.py --weights best.pt --int8                                  # -> best.int8.pt2 (needs torchao)
+    python export.py --weights best.pt --int8 --calib-data data/arcade --calib 128
 
 The program takes x (B, 3, S, S): RGB in [0, 1], letterboxed to S as data.transform does (pad 114/255), and returns
     CA-MTL: (detections (B, 4+nc, A), vessel_logits (B, 1, S, S))
@@ -13,16 +15,27 @@ The program takes x (B, 3, S, S): RGB in [0, 1], letterboxed to S as data.transf
 detections: per anchor xywh in input pixels, then one sigmoid score per class (evaluate.nms turns them into boxes);
 A = (S/8)^2 + (S/16)^2 + (S/32)^2. A CA-MTL model with DualBatchNorm is exported in its target (angiography) domain.
 
-Two kinds of .pt2, both loaded by `load_program(path)` and by `python evaluate.py --weights best.pt2 --source DIR`:
+Three kinds of .pt2, all loaded by `load_program(path)` and by `python evaluate.py --weights best.pt2 --source DIR`:
 - compiled (the CLI's default): the torch.export program compiled ahead of time by AOTInductor into machine code
   for this machine's CPU (or the GPU it was exported on) and packaged; YOLOv8n at 640 px runs in about 0.8x the
   fused eager time on this machine's CPU (README: speed). It runs where it was compiled (same kind of device and
   CPU features); if compiling fails (no C++ compiler), export.py says so and writes the portable program.
 - portable (`--portable`): the torch.export program itself, runs wherever torch runs, at eager speed.
+- int8 (`--int8`, -> best.int8.pt2): static post-training quantisation, then compiled as above (so it runs where it
+  was made). Weights int8 per output channel, activations uint8 per tensor, their ranges observed on --calib (64)
+  training images of --calib-data (default: the checkpoint's data) letterboxed as data.transform does and run
+  through the fused target-domain program: the images it is deployed on (camtl: angiogram detection and vessel
+  images; a YOLOv8: detection images). Only the convolution stacks are int8 (INT8_PARTS: backbone, neck, s5, the
+  seg head's and Detect's conv branches), and their last convs still return fp32 logits; attention, the seg head's
+  gated fusion and the decode (DFL softmax, anchors, sigmoid) stay fp32. YOLOv8n at 640 px runs in about 0.3x the
+  fused eager time (0.45x the compiled fp32 program) on this machine's CPU (AVX512-VNNI, 2 threads). Making it
+  needs the optional package torchao (its PT2E quantiser, and the Inductor passes that turn its quantize/dequantize
+  pairs into oneDNN int8 convolutions); running it needs only torch.
 ONNX (`--format onnx`, also writes the .pt2) needs the `onnx` and `onnxscript` packages, which nanoCAMTL does not
 require.
 """
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -78,15 +91,14 @@ def export(model, imgsz, path, fmt="pt2", dynamic_batch=False, verbose=True, com
     dims = {"x": {0: torch.export.Dim("batch", min=1, max=1024)}} if dynamic_batch else None
     prog = torch.export.export(net, (x,), dynamic_shapes=dims)
 
-    out_node = next(n for n in prog.graph.nodes if n.op == "output")
-    shapes = [tuple(d if isinstance(d, int) else "batch" for d in a.meta["val"].shape) for a in out_node.args[0]]
-    cfg = model.cfg if isinstance(model, CAMTL) else {"scale": list(model.scale), "nc": model.nc}
-    meta = dict(model=type(model).__name__, imgsz=imgsz, dynamic_batch=dynamic_batch, nc=model.nc,
-                outputs=dict(zip(net.outputs, shapes)), config=cfg, compiled=compiled)
+    meta = program_meta(model, net, prog, imgsz, dynamic_batch, compiled)
     path = Path(path).with_suffix(".pt2")
     path.parent.mkdir(parents=True, exist_ok=True)
     if compiled:
-        compiled = compile_package(prog, path, meta)
+        why = compile_package(prog, path, meta)
+        if why:
+            print(f"AOTInductor could not compile the program here ({why}); writing the portable program instead")
+        compiled = not why
     if not compiled:
         torch.export.save(prog, path, extra_files={META: json.dumps({**meta, "compiled": False})})
     written = [path]
@@ -114,17 +126,139 @@ def export(model, imgsz, path, fmt="pt2", dynamic_batch=False, verbose=True, com
     return written
 
 
-def compile_package(prog, path, meta):
-    """AOTInductor: prog compiled to machine code and packaged at path, META in its metadata. -> True, or False
-    (with the reason printed) when this machine cannot compile it, e.g. no C++ compiler."""
+def program_meta(model, net, prog, imgsz, dynamic_batch, compiled):
+    """META: what load_program's callers need to feed the program and read its outputs."""
+    out_node = next(n for n in prog.graph.nodes if n.op == "output")
+    shapes = [tuple(d if isinstance(d, int) else "batch" for d in a.meta["val"].shape) for a in out_node.args[0]]
+    cfg = model.cfg if isinstance(model, CAMTL) else {"scale": list(model.scale), "nc": model.nc}
+    return dict(model=type(model).__name__, imgsz=imgsz, dynamic_batch=dynamic_batch, nc=model.nc,
+                outputs=dict(zip(net.outputs, shapes)), config=cfg, compiled=compiled)
+
+
+def compile_package(prog, path, meta, freeze=False):
+    """AOTInductor: prog compiled to machine code and packaged at path, META in its metadata. -> None, or the reason
+    (one line) when this machine cannot compile it, e.g. no C++ compiler. freeze: weights become constants of the
+    compiled graph, which is what lets Inductor pack int8 weights into oneDNN convolutions (it freezes only
+    without autograd)."""
+    configs = {"aot_inductor.metadata": {META: json.dumps(meta)}, **({"freezing": True} if freeze else {})}
     try:
-        torch._inductor.aoti_compile_and_package(prog, package_path=str(path),
-                                                 inductor_configs={"aot_inductor.metadata": {META: json.dumps(meta)}})
-        return True
+        with torch.no_grad() if freeze else contextlib.nullcontext():
+            torch._inductor.aoti_compile_and_package(prog, package_path=str(path), inductor_configs=configs)
+        return None
     except Exception as e:  # the toolchain's many ways to fail
-        print(f"AOTInductor could not compile the program here ({type(e).__name__}: "
-              f"{(str(e).strip().splitlines() or [''])[0][:160]}); writing the portable program instead")
-        return False
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+
+
+# -----------------------------------------------------------------------------
+# int8: PT2E static quantisation (torchao's X86 Inductor quantizer), compiled by AOTInductor
+
+NEEDS_TORCHAO = "--int8 needs the optional package torchao: pip install torchao"
+# the convolution stacks: nearly all of the FLOPs, and they keep their accuracy at int8. Everything else (CTAM, CSAM
+# and FPMA attention, the seg head's softmax-gated fusion, Detect's decode) stays fp32: cheap, and where a
+# quantised softmax, gate or anchor multiply would cost accuracy
+INT8_PARTS = ("backbone", "neck", "s5", "seg_head.heads", "detect.cv2", "detect.cv3")
+FP32_PARTS = ("neck.ema3", "neck.ema4", "neck.ema5")  # EMA attention inside the neck, when the model has it
+
+
+def torchao_pt2e(parts=INT8_PARTS):
+    """(prepare_pt2e, convert_pt2e, quantizer for `parts` of a Deployed) from torchao, or ImportError with the
+    one-line NEEDS_TORCHAO. Importing the quantizer also registers torchao's Inductor passes that turn its
+    quantize/dequantize pairs into int8 oneDNN convolutions; without them AOTInductor would compile fp32
+    convolutions between fake quantisers."""
+    log = logging.getLogger("torch.utils._pytree")  # torchao 0.18 registers an Enum the old way: a warning per import
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+            X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+    except ImportError:
+        raise ImportError(NEEDS_TORCHAO) from None
+    finally:
+        log.setLevel(level)
+    cfg = get_default_x86_inductor_quantization_config()  # weights int8 per channel, activations uint8 per tensor
+    quantizer = X86InductorQuantizer()
+    for name in FP32_PARTS:  # the first setting that matches a node wins, so the exceptions go first
+        quantizer.set_module_name_qconfig(f"model.{name}", None)
+    for name in parts:
+        quantizer.set_module_name_qconfig(f"model.{name}", cfg)
+    return prepare_pt2e, convert_pt2e, quantizer
+
+
+def called_parts(model, names):
+    """names -> the modules the quantizer can find: it matches the modules a node was called in, and a ModuleList is
+    indexed, never called, so one stands for its items. A name the model lacks (a YOLOv8 has no s5) is left out."""
+    have, out = dict(model.named_modules()), []
+    for n in names:
+        if isinstance(have.get(n), nn.ModuleList):
+            out += [f"{n}.{i}" for i in range(len(have[n]))]
+        elif n in have:
+            out.append(n)
+    return out
+
+
+def calibration_images(model, cfg, root, imgsz, n):
+    """Up to n training images of root, letterboxed to imgsz as data.transform does, as an iterator of (1, 3, S, S),
+    and their count per task key. The images the deployed model sees: CA-MTL the tasks its stage is scored on (camtl:
+    angiogram detection and vessel images, taken in turn), a YOLOv8 the detection images. A fixed random pick
+    (seed 0), so that the first frames of one sequence do not make up the whole sample."""
+    import data
+    stage = (cfg or {}).get("stage", "camtl") if isinstance(model, CAMTL) else None
+    keys = list(data.STAGE_TASKS[stage].values()) if stage else [data.STAGE_TASKS["camtl"]["det"]]
+    loaders = [data.build_loader(root, k, "train", imgsz=imgsz, batch=1, augment=False, shuffle=True, workers=0,
+                                 nc=model.nc) for k in keys]
+    counts, left = dict.fromkeys(keys, 0), {k: len(ld.dataset) for k, ld in zip(keys, loaders)}
+    for i in range(n):  # the quota in turn over the tasks that still have images
+        live = [k for k in keys if left[k] > counts[k]]
+        if not live:
+            break
+        counts[live[i % len(live)]] += 1
+
+    def images():
+        its = {k: iter(ld) for k, ld in zip(keys, loaders)}
+        taken = dict.fromkeys(keys, 0)
+        while taken != counts:
+            for k in keys:
+                if taken[k] < counts[k]:
+                    taken[k] += 1
+                    yield next(its[k])["img"]  # (1, 3, S, S)
+    return images(), counts
+
+
+def export_int8(model, imgsz, path, images, calib=None, verbose=True):
+    """deployable(model) quantised to int8 (INT8_PARTS), calibrated on `images` (an iterable of (1, 3, S, S)
+    letterboxed inputs), compiled by AOTInductor and written to path (suffix .pt2), batch 1. calib: what the images
+    were, kept in the metadata. ImportError without torchao; ValueError when nothing calibrated or it cannot compile.
+    Returns [path]."""
+    check_imgsz(imgsz, imgsz, "export")
+    net = deployable(model).cpu()  # the X86 quantizer's int8 kernels run on the CPU
+    parts = called_parts(net.model, INT8_PARTS)
+    prepare_pt2e, convert_pt2e, quantizer = torchao_pt2e(parts)
+    x = torch.rand(1, 3, imgsz, imgsz)
+    prepared = prepare_pt2e(torch.export.export(net, (x,)).module(), quantizer)  # observers around parts' ops
+    seen = 0
+    with torch.no_grad():
+        for img in images:
+            prepared(img.float())
+            seen += 1
+    if not seen:
+        raise ValueError("--int8: no calibration images")
+    prog = torch.export.export(convert_pt2e(prepared), (x,))  # quantize/dequantize pairs around the int8 ops
+    meta = program_meta(model, net, prog, imgsz, False, compiled=True)
+    meta["int8"] = {"calib_images": seen, **(calib or {}), "parts": parts}
+    path = Path(path).with_suffix(".pt2")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    why = compile_package(prog, path, meta, freeze=True)
+    if why:  # a fake-quantised portable program would be slower than fp32: no fallback
+        raise ValueError(f"--int8: AOTInductor could not compile the quantised program here ({why}); "
+                         "an int8 program needs a C++ compiler")
+    if verbose:
+        named = [p for p in INT8_PARTS if any(q == p or q.startswith(f"{p}.") for q in parts)]
+        print(f"{type(model).__name__} fused and quantised to int8 ({', '.join(named)}; the rest fp32), "
+              f"calibrated on {seen} images\n  input  x {(1, 3, imgsz, imgsz)}\n"
+              + "".join(f"  output {k} {v}\n" for k, v in meta["outputs"].items())
+              + f"wrote {path} (int8, compiled by AOTInductor, {path.stat().st_size / 2**20:.1f} MB)")
+    return [path]
 
 
 def load_program(path, device="cpu"):
@@ -188,7 +322,13 @@ def main(argv=None):
     ap.add_argument("--dynamic-batch", action="store_true", help="accept any batch size (default: batch 1)")
     ap.add_argument("--portable", action="store_true",
                     help="write the plain torch.export program (runs anywhere, eager speed) instead of compiling it")
-    ap.add_argument("--out", help="output path (default: the weights path with suffix .pt2)")
+    ap.add_argument("--out", help="output path (default: the weights path with suffix .pt2, .int8.pt2 with --int8)")
+    ap.add_argument("--int8", action="store_true",
+                    help="int8 static quantisation for the CPU, compiled (needs the optional package torchao)")
+    ap.add_argument("--calib-data", metavar="ROOT",
+                    help="--int8: data root whose training images calibrate it (default: the checkpoint's data, "
+                    "else the built-in synthetic set)")
+    ap.add_argument("--calib", type=int, metavar="N", help="--int8: number of calibration images (default 64)")
     a = ap.parse_args(argv)
     if not Path(a.weights).is_file():
         what = "a directory, not a file" if Path(a.weights).is_dir() else "no such file"
@@ -199,12 +339,50 @@ def main(argv=None):
     if a.imgsz is not None and (a.imgsz <= 0 or a.imgsz % 32):
         raise SystemExit(f"--imgsz {a.imgsz}: must be a positive multiple of 32, "
                          f"e.g. {max(round(a.imgsz / 32), 1) * 32}")
+    if not a.int8 and (a.calib_data or a.calib is not None):
+        raise SystemExit(f"{'--calib-data' if a.calib_data else '--calib'}: only used with --int8")
+    if a.int8:
+        clash = [f for f, on in (("--portable", a.portable), ("--dynamic-batch", a.dynamic_batch),
+                                 ("--format onnx", a.format == "onnx")) if on]
+        if clash:
+            raise SystemExit(f"--int8 with {' and '.join(clash)}: an int8 program is compiled, for batch 1, "
+                             "as a .pt2 only")
+        if a.calib is not None and a.calib < 1:
+            raise SystemExit(f"--calib {a.calib}: must be >= 1")
+        try:  # before reading anything: say what is missing at once
+            torchao_pt2e()
+        except ImportError as e:
+            raise SystemExit(str(e)) from None
     model, cfg = load_weights(a.weights)
     imgsz = a.imgsz or (cfg or {}).get("imgsz", 640)
     try:
+        if a.int8:
+            return export_int8_cli(model, cfg, imgsz, a)
         return export(model, imgsz, a.out or a.weights, a.format, a.dynamic_batch, compiled=not a.portable)
     except (ImportError, ValueError) as e:
         raise SystemExit(str(e)) from None
+
+
+def export_int8_cli(model, cfg, imgsz, a):
+    """--int8: calibration images from --calib-data, the checkpoint's data or the synthetic set, then export_int8."""
+    import synthetic
+    where = "--calib-data" if a.calib_data else "the checkpoint's data"
+    try:  # the synthetic set is looked up with the training parameters (other ones would regenerate it); an
+        # Ultralytics detector has no config: the default synthetic set
+        params = dict(n=cfg["synthetic_n"], imgsz=cfg["imgsz"]) if cfg else {}
+        root = Path(a.calib_data or (cfg or {}).get("data") or synthetic.ensure_synthetic(**params))
+    except FileExistsError as e:
+        raise SystemExit(f"calibration data: the built-in synthetic set, but {e}; pass --calib-data ROOT") from None
+    if not root.is_dir():
+        raise SystemExit(f"calibration data {root} ({where}) is not a directory; pass --calib-data ROOT")
+    images, counts = calibration_images(model, cfg, root, imgsz, 64 if a.calib is None else a.calib)
+    if not sum(counts.values()):
+        raise SystemExit(f"{root}: no training images in {' or '.join(counts)} to calibrate on; "
+                         "pass --calib-data ROOT")
+    print(f"calibrating on {sum(counts.values())} training images of {root} ("
+          + ", ".join(f"{n} {k}" for k, n in counts.items()) + f") at {imgsz} px")
+    out = Path(a.out) if a.out else Path(a.weights).with_suffix(".int8.pt2")
+    return export_int8(model, imgsz, out, images, calib={"calib_data": str(root), "calib_counts": counts})
 
 
 if __name__ == "__main__":
