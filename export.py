@@ -17,7 +17,7 @@ A = (S/8)^2 + (S/16)^2 + (S/32)^2. A CA-MTL model with DualBatchNorm is exported
 
 Three kinds of .pt2, all loaded by `load_program(path)` and by `python evaluate.py --weights best.pt2 --source DIR`:
 - compiled (the CLI's default): the torch.export program compiled ahead of time by AOTInductor into machine code
-  for this machine's CPU (or the GPU it was exported on) and packaged; YOLOv8n at 640 px runs in about 0.8x the
+  for this machine's CPU (or the GPU it was exported on) and packaged; YOLOv8n at 640 px runs in 0.79x the
   fused eager time on this machine's CPU (README: speed). It runs where it was compiled (same kind of device and
   CPU features); if compiling fails (no C++ compiler), export.py says so and writes the portable program.
 - portable (`--portable`): the torch.export program itself, runs wherever torch runs, at eager speed.
@@ -27,10 +27,11 @@ Three kinds of .pt2, all loaded by `load_program(path)` and by `python evaluate.
   through the fused target-domain program: the images it is deployed on (camtl: angiogram detection and vessel
   images; a YOLOv8: detection images). Only the convolution stacks are int8 (INT8_PARTS: backbone, neck, s5, the
   seg head's and Detect's conv branches), and their last convs still return fp32 logits; attention, the seg head's
-  gated fusion and the decode (DFL softmax, anchors, sigmoid) stay fp32. YOLOv8n at 640 px runs in about 0.3x the
-  fused eager time (0.45x the compiled fp32 program) on this machine's CPU (AVX512-VNNI, 2 threads). Making it
+  gated fusion and the decode (DFL softmax, anchors, sigmoid) stay fp32. YOLOv8n at 640 px runs in 0.33x the
+  fused eager time (0.4x the compiled fp32 program) on this machine's CPU (AVX512-VNNI, 2 threads). Making it
   needs the optional package torchao (its PT2E quantiser, and the Inductor passes that turn its quantize/dequantize
-  pairs into oneDNN int8 convolutions); running it needs only torch.
+  pairs into oneDNN int8 convolutions); running it needs only torch. Not the default: on the demo it costs 1.5
+  points of mAP50 (README: speed).
 ONNX (`--format onnx`, also writes the .pt2) needs the `onnx` and `onnxscript` packages, which nanoCAMTL does not
 require.
 """
