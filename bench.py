@@ -46,6 +46,22 @@ def timeit(fn, repeats, warmup=2):
     return {"median_ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts), "peak_mb": peak_mb() - base}
 
 
+def alternate(fns, rounds, warmup=2):
+    """Each fn once per round, round-robin, so a drifting machine hits all alike -> {name: [ms per round]}."""
+    t = {k: [] for k in fns}
+    for _ in range(warmup + rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            t[k].append(1e3 * (time.perf_counter() - t0))
+    return {k: v[warmup:] for k, v in t.items()}
+
+
+def ratio(t, k, base):
+    """Median of per-round ratios t[k] / t[base]."""
+    return statistics.median(x / y for x, y in zip(t[k], t[base]))
+
+
 def random_targets(B, n, nc=1, seed=0):
     g = torch.Generator().manual_seed(seed)
     xy = torch.rand(B * n, 2, generator=g) * 0.8 + 0.1
@@ -196,16 +212,9 @@ def bench_export(a):
         export.export(model, 640, Path(d) / "y640.pt2", verbose=False, compiled=True)
         fns = {"fused": export.deployable(model), "compiled": export.load_program(Path(d) / "y640.pt2")[0]}
         x = torch.rand(1, 3, 640, 640)
-        times = {k: [] for k in fns}
-        for r in range(a.repeats + 2):  # alternate, so a drifting machine hits both alike
-            for k, fn in fns.items():
-                t = time.perf_counter()
-                fn(x)
-                times[k].append(1e3 * (time.perf_counter() - t))
-        times = {k: v[2:] for k, v in times.items()}
+        times = alternate({k: (lambda fn=fn: fn(x)) for k, fn in fns.items()}, a.repeats)
         out.update({f"yolov8_640_{k}_ms": statistics.median(v) for k, v in times.items()})
-        out["yolov8_640_compiled_vs_fused"] = statistics.median(c / f for c, f in zip(times["compiled"],
-                                                                                      times["fused"]))
+        out["yolov8_640_compiled_vs_fused"] = ratio(times, "compiled", "fused")
     out["camtl_vs_yolov8_compiled"] = out["camtl_compiled_ms"] / out["yolov8_compiled_ms"]
     return {"what": f"CAMTL{a.scale} compiled .pt2 inference, 1x3x512x512", "median_ms": out["camtl_compiled_ms"],
             "min_ms": out["camtl_compiled_ms"], "peak_mb": 0.0, **out}
@@ -263,15 +272,9 @@ def bench_camtl(a):
     out = {}
     for size in (320, 512, 640):
         steps = {k: camtl_step(k, size, scale=a.scale) for k in ("yolov8", "camtl")}
-        t = {k: [] for k in steps}
-        for i in range(2 + min(a.repeats, 5)):
-            for k, step in steps.items():
-                t0 = time.perf_counter()
-                step()
-                t[k].append(time.perf_counter() - t0)
-        y, c = t["yolov8"][2:], t["camtl"][2:]
-        out[f"yolov8_{size}_ms"], out[f"camtl_{size}_ms"] = 1e3 * statistics.median(y), 1e3 * statistics.median(c)
-        out[f"time_x_{size}"] = statistics.median(b / a_ for a_, b in zip(y, c))
+        t = alternate(steps, min(a.repeats, 5))
+        out[f"yolov8_{size}_ms"], out[f"camtl_{size}_ms"] = (statistics.median(t[k]) for k in ("yolov8", "camtl"))
+        out[f"time_x_{size}"] = ratio(t, "camtl", "yolov8")
         mem = {k: child("step_memory", a, "--model", k, "--size", str(size))["peak_mb"] for k in steps}
         out[f"yolov8_{size}_mb"], out[f"camtl_{size}_mb"] = mem["yolov8"], mem["camtl"]
         out[f"mem_x_{size}"] = mem["camtl"] / max(mem["yolov8"], 1e-9)
@@ -281,10 +284,7 @@ def bench_camtl(a):
 
 def int8_program(export, model, size, path):
     """export.py's int8 program (export_int8: torchao's PT2E quantiser, then AOTInductor) as a callable, or why not
-    as a string. Looked up at run time, so this runs with an export.py without it too. Calibrated on random images:
-    the speed does not depend on them."""
-    if not hasattr(export, "export_int8"):
-        return "n/a"
+    as a string (no torchao, or no compiler). Calibrated on random images: the speed does not depend on them."""
     try:
         export.export_int8(model, size, path, [torch.rand(1, 3, size, size) for _ in range(4)], verbose=False)
     except ImportError:
@@ -304,22 +304,6 @@ def reference_yolov8(scale, tmp):
     except ImportError:
         return None
     return DetectionModel(f"yolov8{scale}.yaml", nc=80, verbose=False).fuse(verbose=False).eval()
-
-
-def alternate(fns, rounds, warmup=2):
-    """Each fn once per round, round-robin, so a drifting machine hits all alike -> {name: [ms per round]}."""
-    t = {k: [] for k in fns}
-    for _ in range(warmup + rounds):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            t[k].append(1e3 * (time.perf_counter() - t0))
-    return {k: v[warmup:] for k, v in t.items()}
-
-
-def ratio(t, k, base):
-    """Median of per-round ratios t[k] / t[base]."""
-    return statistics.median(x / y for x, y in zip(t[k], t[base]))
 
 
 def bench_levers(a):

@@ -390,9 +390,9 @@ def setup(cfg, args, log=print):
     ema = ModelEMA(model, cfg["ema_decay"], cfg["ema_tau"]) if cfg["ema"] and master else None
     compiled = use_compile(cfg, device)
     if compiled:  # after the EMA's copy, which gets its own compiled validation graphs
-        for m in (model, ema.ema if ema else None):
-            if m is not None:
-                compile_model(m)
+        compile_model(model)
+        if ema:
+            compile_model(ema.ema)
     log(opt_desc + f"; accumulate {accumulate} (nominal batch {cfg['nbs']}), warmup {nw} iters, "
         f"AMP {cfg['amp_dtype'] if use_amp else 'off'}, channels_last {'on' if cfg['channels_last'] else 'off'}, "
         f"compile {'on' if compiled else 'off'}{' (auto: CUDA only)' if cfg['compile'] == 'auto' else ''}")
