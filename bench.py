@@ -220,17 +220,19 @@ def bench_export(a):
             "min_ms": out["camtl_compiled_ms"], "peak_mb": 0.0, **out}
 
 
-def camtl_step(kind, size, batch=4, scale="n", camtl_stage=False, channels_last=False, compiled=False):
+def camtl_step(kind, size, batch=4, scale="n", camtl_stage=False, channels_last=False, compiled=False, cfg=None):
     """One train step (forward + simple det/seg loss + backward) of a fresh CAMTL or YOLOv8, as a closure.
     camtl_stage: CAMTL as the camtl stage trains it (DualBN in the target domain, det+seg with CTAM's attention
     maps, whose squares stand in for the alignment term so they get a gradient too). channels_last: model and
-    input in that memory format; compiled: Module.compile(dynamic=False), so the first call compiles."""
+    input in that memory format; compiled: Module.compile(dynamic=False), so the first call compiles. cfg: more
+    CAMTL keys."""
     import torch.nn.functional as F
     from losses import DetectionLoss
     from model import CAMTL, YOLOv8, stage_setup
     torch.manual_seed(0)
     if kind == "camtl":
-        model = CAMTL({"scale": scale, "nc": 1, **({"dual_bn": True} if camtl_stage else {})}, verbose=False)
+        model = CAMTL({"scale": scale, "nc": 1, **({"dual_bn": True} if camtl_stage else {}), **(cfg or {})},
+                      verbose=False)
         if camtl_stage:
             stage_setup(model, "camtl").set_domain("target")
     else:
@@ -361,14 +363,18 @@ def bench_levers(a):
 def bench_steplevers(a):
     """(i) train step (forward + loss + backward), 512 px, batch 4: YOLOv8 and CAMTL in the camtl stage set-up
     (camtl_step), eager and channels_last, and with --compile Module.compile(dynamic=False) in channels_last (first
-    call = compile, minutes per graph on a CPU, reported apart). All alternate in one process; ratios are medians of
-    per-round ratios. Headline: CAMTL eager."""
+    call = compile, minutes per graph on a CPU, reported apart); also CAMTL in channels_last with every query kept
+    (attn_query_stride=8). All alternate in one process; ratios are medians of per-round ratios. Headline: CAMTL
+    eager."""
     S, out = a.size or 512, {}
     levers = {"eager": {}, "channels_last": {"channels_last": True}}
     if a.compile:
         levers["compiled"] = {"channels_last": True, "compiled": True}
     steps = {f"{m}_{k}": camtl_step(m, S, scale=a.scale, camtl_stage=True, **kw)
              for k, kw in levers.items() for m in ("yolov8", "camtl")}
+    # what attn_query_stride=16 (the default: P3's queries pooled 2x2) buys against every query kept
+    steps["camtl_channels_last_all_queries"] = camtl_step("camtl", S, scale=a.scale, camtl_stage=True,
+                                                          channels_last=True, cfg={"attn_query_stride": 8})
     for k, step in steps.items():
         if k.endswith("_compiled"):
             t = time.perf_counter()
@@ -378,6 +384,8 @@ def bench_steplevers(a):
     out.update({f"{k}_ms": statistics.median(v) for k, v in times.items()})
     for k in levers:
         out[f"camtl_vs_yolov8_{k}"] = ratio(times, f"camtl_{k}", f"yolov8_{k}")
+    out["camtl_all_queries_vs_yolov8_channels_last"] = ratio(times, "camtl_channels_last_all_queries",
+                                                             "yolov8_channels_last")
     if a.compile:
         out["camtl_compiled_vs_yolov8_eager"] = ratio(times, "camtl_compiled", "yolov8_eager")
     return {"what": f"YOLOv8{a.scale} / CAMTL{a.scale} (camtl stage) train step levers, 4x3x{S}x{S}; headline CAMTL "

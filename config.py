@@ -71,6 +71,7 @@ RULES = {
     "attn_dim": at_least(1),
     "attn_heads": at_least(1),
     "attn_tokens": at_least(1),
+    "attn_query_stride": ((lambda v: v in (8, 16, 32, 64)), "one of 8 (every query), 16, 32, 64"),
     "gn_groups": at_least(1),
     # data
     "synthetic_n": at_least(1),

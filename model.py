@@ -412,8 +412,8 @@ def load_matching(model, sd, source="checkpoint", verbose=True):
 # Every attention branch is gated at zero, so with COCO weights CAMTL detects exactly as YOLOv8.
 
 # the model's keys of a config, with their defaults and meaning in configs/defaults.py (imgsz: of the summary)
-MODEL_KEYS = ("scale", "nc", "attn_dim", "attn_heads", "attn_tokens", "ema_attention", "gn_groups", "dual_bn",
-              "imgsz", "kpt_aux")
+MODEL_KEYS = ("scale", "nc", "attn_dim", "attn_heads", "attn_tokens", "attn_query_stride", "ema_attention",
+              "gn_groups", "dual_bn", "imgsz", "kpt_aux")
 CAMTL_DEFAULTS = {k: DEFAULTS[k] for k in MODEL_KEYS}
 TASKS = ("det", "seg")
 GN_PARTS = ("s5", "fpma4", "fpma3", "ctam", "csam", "seg_head")  # GroupNorm in both stages
@@ -444,12 +444,13 @@ class CAMTL(YOLOv8):
         c3, c4, c5 = self.channels
         cs5 = math.ceil(min(256, mc) * w / 8) * 8  # S5 has 256 * width channels
         a = dict(dim=cfg["attn_dim"], heads=cfg["attn_heads"], tokens=cfg["attn_tokens"])
+        qp = [max(1, cfg["attn_query_stride"] // s) for s in (8, 16, 32)]  # query pooling at P3, P4, P5
         self.s5 = Conv(c5, cs5, 1)
-        self.fpma4 = FPMA(c4, cs5, **a)
-        self.fpma3 = FPMA(c3, c4, **a)
+        self.fpma4 = FPMA(c4, cs5, qpool=qp[1], **a)
+        self.fpma3 = FPMA(c3, c4, qpool=qp[0], **a)
         self.seg_head = SegHeadMulti((c3, c4, cs5))
-        self.ctam = nn.ModuleList(CTAM(c, (cs,), **a) for c, cs in zip(self.channels, (c3, c4, cs5)))
-        self.csam = CSAM(self.channels, **a)
+        self.ctam = nn.ModuleList(CTAM(c, (cs,), qpool=p, **a) for c, cs, p in zip(self.channels, (c3, c4, cs5), qp))
+        self.csam = CSAM(self.channels, qpools=qp, **a)
         for name in GN_PARTS:
             to_groupnorm(getattr(self, name), cfg["gn_groups"])
         if cfg["dual_bn"]:

@@ -257,18 +257,19 @@ def pool_tokens(x, tokens):
 
 
 class CrossAttention(nn.Module):
-    """Queries from x (c channels) at its own grid; keys/values from one or more source maps (channels
-    csrc), pooled to <= tokens positions in all (shared evenly), concatenated along the token axis. Output
-    x + gate * proj(attention), proj = 1x1 conv -> norm -> SiLU, gate per channel, zero at init.
+    """Queries from x (c channels), average-pooled qpool x qpool; keys/values from one or more source maps
+    (channels csrc), pooled to <= tokens positions in all (shared evenly), concatenated along the token axis.
+    Output x + gate * up(proj(attention)), proj = 1x1 conv -> norm -> SiLU, up = bilinear back to x's grid
+    (qpool 1: no pooling, no up), gate per channel, zero at init.
 
     With need_attn, also returns per source the key-attention map (B, h', w') over its pooled grid,
     averaged over heads and queries (rows sum to 1 over all sources). It is computed from queries pooled
     to the same budget, never from the full (B, heads, HW, N) weights; SDPA does not return those."""
 
-    def __init__(self, c, csrc, dim=64, heads=4, tokens=256):
+    def __init__(self, c, csrc, dim=64, heads=4, tokens=256, qpool=1):
         super().__init__()
         assert dim % heads == 0, f"attention width {dim} not divisible by {heads} heads"
-        self.heads, self.tokens = heads, tokens
+        self.heads, self.tokens, self.qpool = heads, tokens, qpool
         self.q = nn.Conv2d(c, dim, 1, bias=False)
         self.kv = nn.ModuleList(nn.Conv2d(cs, 2 * dim, 1, bias=False) for cs in csrc)
         self.proj = Conv(dim, c, 1)
@@ -290,10 +291,16 @@ class CrossAttention(nn.Module):
     def forward(self, x, sources, need_attn=False):
         b, _, h, w = x.shape
         k, v, pooled = self.keys_values(sources)
-        q = self.split_heads(self.q(x))  # (B, heads, HW, d)
-        o = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, d), stored as (B, HW, heads, d)
-        o = o.transpose(1, 2).reshape(b, h, w, -1).permute(0, 3, 1, 2)  # (B, D, H, W) channels_last, no copy
-        y = x + self.gate.view(1, -1, 1, 1) * self.proj(o)
+        # the values are pooled to ~16x16 tokens, so a query grid finer than stride 16 px mostly adds SDPA work
+        # (at 512 px, P3's three attentions hold 3/4 of it); pooling before the 1x1 conv gives the same queries
+        hq, wq = max(1, h // self.qpool), max(1, w // self.qpool)
+        xq = x if self.qpool == 1 else F.adaptive_avg_pool2d(x, (hq, wq))  # (B, C, hq, wq)
+        q = self.split_heads(self.q(xq))  # (B, heads, hq*wq, d)
+        o = F.scaled_dot_product_attention(q, k, v)  # (B, heads, hq*wq, d), stored as (B, hq*wq, heads, d)
+        o = self.proj(o.transpose(1, 2).reshape(b, hq, wq, -1).permute(0, 3, 1, 2))  # (B, c, hq, wq), no copy
+        if (hq, wq) != (h, w):
+            o = F.interpolate(o, (h, w), mode="bilinear", align_corners=False)  # (B, c, H, W)
+        y = x + self.gate.view(1, -1, 1, 1) * o
         return y, (self.key_attention(x, k, pooled) if need_attn else None)
 
     def attention_maps(self, x, sources):
@@ -330,9 +337,10 @@ class CSAM(nn.Module):
     """Cross-scale attention: each finer level attends to all coarser ones (in parallel, from the inputs);
     the coarsest passes through unchanged."""
 
-    def __init__(self, ch, **kw):
+    def __init__(self, ch, qpools=None, **kw):
         super().__init__()
-        self.attn = nn.ModuleList(CrossAttention(c, ch[i + 1:], **kw) for i, c in enumerate(ch[:-1]))
+        qpools = qpools or (1,) * len(ch)  # query pooling per level, as CrossAttention's qpool
+        self.attn = nn.ModuleList(CrossAttention(c, ch[i + 1:], qpool=qpools[i], **kw) for i, c in enumerate(ch[:-1]))
 
     def forward(self, xs):
         return [a(x, xs[i + 1:])[0] for i, (a, x) in enumerate(zip(self.attn, xs))] + list(xs[-1:])

@@ -179,9 +179,38 @@ def test_attention_map_is_the_mean_attention_when_queries_fit_the_budget():
 
 
 def test_attention_cost_grows_linearly_with_image_area():
-    m = camtl(attn_tokens=16)  # keys pooled to the same grid at all sizes: only the query count grows
+    m = camtl(attn_tokens=16, attn_query_stride=8)  # keys pooled to the same grid at all sizes, queries all kept
     f1, f2, f3 = (gflops(m, s) for s in (128, 256, 384))  # areas 1 : 4 : 9
     assert (f3 - f2) / 5 == pytest.approx((f2 - f1) / 3, rel=1e-9)  # affine in area (pooled keys: a constant)
+    pooled = [gflops(camtl(attn_tokens=16, attn_query_stride=q), 384) for q in (16, 32)]  # P3's queries 2x2, 4x4
+    assert f3 > pooled[0] > pooled[1]
+
+
+def test_attn_query_stride_sets_each_levels_query_pooling():
+    def qpools(m):  # P3, P4, P5 attentions: seg stream, CTAM, CSAM (P5 has no CSAM)
+        return [(m.fpma3.qpool, m.ctam[0].qpool, m.csam.attn[0].qpool),
+                (m.fpma4.qpool, m.ctam[1].qpool, m.csam.attn[1].qpool), (m.ctam[2].qpool,)]
+    assert qpools(camtl()) == [(2, 2, 2), (1, 1, 1), (1,)]  # default 16 px: P3 pooled 2x2
+    assert qpools(camtl(attn_query_stride=8)) == [(1, 1, 1), (1, 1, 1), (1,)]
+    assert qpools(camtl(attn_query_stride=32)) == [(4, 4, 4), (2, 2, 2), (1,)]
+
+
+def test_queries_are_pooled_and_the_output_upsampled_to_the_grid():
+    torch.manual_seed(0)
+    a = CrossAttention(8, (6,), dim=8, heads=2, tokens=16, qpool=2).eval()
+    x, s = torch.rand(2, 8, 8, 8, requires_grad=True), torch.rand(2, 6, 8, 8)  # 64 queries -> a 4x4 grid
+    assert torch.equal(a(x, [s])[0], x)  # gate zero: the identity, pooled queries or not
+    a.gate.data.uniform_(0.5, 1)
+    y, _ = a(x, [s])
+
+    def heads(t):  # (2, 8, 16) -> (2, heads 2, 16 positions, d 4)
+        return t.view(2, 2, 4, 16).transpose(2, 3)
+    k, v = a.kv[0](F.adaptive_avg_pool2d(s, 4)).flatten(2).chunk(2, 1)
+    o = F.scaled_dot_product_attention(heads(a.q(F.adaptive_avg_pool2d(x, 4)).flatten(2)), heads(k), heads(v))
+    o = a.proj(o.transpose(2, 3).reshape(2, 8, 4, 4))  # (2, heads, 16, d) -> (2, heads * d, 4, 4)
+    assert torch.allclose(y, x + a.gate.view(1, -1, 1, 1) * F.interpolate(o, (8, 8), mode="bilinear"), atol=1e-6)
+    y.square().sum().backward()
+    assert a.q.weight.grad.abs().sum() > 0 and a.kv[0].weight.grad.abs().sum() > 0
 
 
 # ----------------------------------------------------------------------------- normalisation

@@ -52,13 +52,14 @@ def test_channels_last_gives_the_same_outputs_and_gradients():
 
 
 class Block(torch.nn.Module):
-    """The unusual part of the network for a compiler: a DualBN Conv, then CTAM's attention (SDPA on strided
-    views, pooled keys, the key-attention maps) in channels_last."""
+    """The unusual part of the network for a compiler: a DualBN Conv, then CTAM's attention as P3 runs it (queries
+    pooled 2x2, SDPA on strided views, pooled keys, the output upsampled back, the key-attention maps) in
+    channels_last."""
 
     def __init__(self):
         super().__init__()
         self.conv = to_dualbn(Conv(8, 16, 3))
-        self.ctam = CTAM(16, (8,), dim=16, heads=4, tokens=16)
+        self.ctam = CTAM(16, (8,), dim=16, heads=4, tokens=16, qpool=2)
         torch.nn.init.uniform_(self.ctam.gate, -1, 1)
 
     def forward(self, x):

@@ -182,6 +182,7 @@ ROWS = [
      "names 2 GPUs, and one process drives one GPU: run `CUDA_VISIBLE_DEVICES=0,1 torchrun --nproc_per_node=2"),
     ("attn_dim % heads", "exit", setting("attn_dim=30"), "attn_dim must be divisible by attn_heads"),
     ("gn_groups=0", "exit", setting("gn_groups=0"), "key 'gn_groups' must be"),
+    ("attn_query_stride=12", "exit", setting("attn_query_stride=12"), "key 'attn_query_stride' must be one of 8"),
     ("synthetic_n=0", "exit", setting("synthetic_n=0"), "key 'synthetic_n' must be >= 1"),
     ("lambda<0", "exit", setting("lambda_cons=-0.1"), "key 'lambda_cons' must be >= 0"),
     ("group_regex=(", "exit", setting("group_regex=("), "key 'group_regex' must be a Python regular expression"),
