@@ -19,6 +19,14 @@ ROOT = Path(__file__).resolve().parent
 STAGES = ("domainshift1", "camtl")  # in training order; each has its configs/{stage}.py
 DEFAULTS = runpy.run_path(str(ROOT / "configs" / "defaults.py"))["config"]
 SCALE_NAMES = ("n", "s", "m", "l", "x")  # model.SCALES; repeated here because model imports config
+# keys added after checkpoints were written, at the value those older runs trained with (not today's default)
+BEFORE = {"attn_query_stride": 8}
+
+
+def saved_config(saved):
+    """The full config of a checkpoint's saved one: a key it lacks takes BEFORE's value if it has one (what that
+    run computed), else today's default."""
+    return {**DEFAULTS, **{k: v for k, v in BEFORE.items() if k not in saved}, **saved}
 
 # -----------------------------------------------------------------------------
 # what each key allows, beyond its type: key -> (test of the value, what is allowed)

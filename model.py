@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from config import DEFAULTS, STAGES
+from config import DEFAULTS, STAGES, saved_config
 from modules import (CSAM, CTAM, FPMA, C2f, Conv, Detect, DualBatchNorm2d, EMAttention, SegHeadMulti, SPPF,
                      to_dualbn, to_groupnorm)
 
@@ -545,7 +545,7 @@ class CAMTL(YOLOv8):
         if stage_ckpt:
             ckpt = read_checkpoint(stage_ckpt, "the stage checkpoint yolov8{S}-{stage}.pt that train.py writes; "
                                                "replace or delete it, or train that stage again")
-        base = {k: v for k, v in (ckpt or {}).get("config", {}).items() if k in CAMTL_DEFAULTS}
+        base = {k: v for k, v in saved_config((ckpt or {}).get("config", {})).items() if k in CAMTL_DEFAULTS}
         model = cls({**base, **(cfg or {})}, verbose=False)
         coco = {p: map_ultralytics(read_coco(p), model.nc) for p in {det, seg} if p}
         said = []
@@ -662,7 +662,7 @@ def load_checkpoint(path, device="cpu"):
         ckpt = _read_ours(path)
     except ValueError as e:
         raise ValueError(f"{path}: {e}; expected a nanoCAMTL checkpoint") from None
-    cfg = {**DEFAULTS, **ckpt.get("config", {})}
+    cfg = saved_config(ckpt.get("config", {}))
     cfg["stage"] = stage = ckpt.get("stage") or cfg.get("stage") or "camtl"
     model = CAMTL.from_pretrained(camtl_config(cfg, stage), stage=stage, verbose=False)
     which = "ema" if ckpt.get("ema") else "model"

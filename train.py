@@ -32,7 +32,7 @@ import data
 import evaluate
 import plots
 import synthetic
-from config import DEFAULTS, STAGES, check_device, format_config, load_config, next_run_dir, parse_set
+from config import DEFAULTS, STAGES, check_device, format_config, load_config, next_run_dir, parse_set, saved_config
 from losses import MultiTaskLoss, TermMeter
 from model import CAMTL, camtl_config, count_params, read_checkpoint
 
@@ -238,7 +238,7 @@ def open_run(cfg, args, master, log):
     if ckpt["epoch"] + 1 >= epochs:
         raise SystemExit(f"--resume: {last.parent.parent} has finished its {ckpt['epoch'] + 1} epochs; to train on, "
                          f"add --set epochs=N with N > {ckpt['epoch'] + 1}")
-    cfg = {**DEFAULTS, **ckpt["config"], "epochs": epochs}  # keys added since the run started take their defaults
+    cfg = {**saved_config(ckpt["config"]), "epochs": epochs}  # keys added since: what the run computed
     ignored = sorted(set_keys - {"epochs"})
     log(f"resuming {last.parent.parent} from epoch {ckpt['epoch'] + 2} with the run's own config"
         + (f" (--set {', '.join(ignored)} ignored: only epochs can change on resume)" if ignored else ""))

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import CAMTL, YOLOv8, gflops, read_ultralytics, stage_setup
+from model import CAMTL, YOLOv8, gflops, load_checkpoint, read_ultralytics, stage_setup
 from modules import Conv, CrossAttention, DualBatchNorm2d, gn_groups, to_dualbn, to_groupnorm, token_grid
 
 FIX = Path(__file__).parent / "fixtures"
@@ -263,6 +263,21 @@ def test_dualbn_checkpoint_round_trip(tmp_path):
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad(), m.eval().domain("target"), m2.eval().domain("target"):
         assert torch.equal(m(x)[0], m2(x)[0])
+
+
+def test_a_checkpoint_from_before_attn_query_stride_keeps_every_query(tmp_path):
+    m = camtl(attn_query_stride=8).eval()
+    open_gates(m)
+    saved = {k: v for k, v in m.cfg.items() if k != "attn_query_stride"}  # written before the key existed
+    torch.save({"model": m.state_dict(), "config": saved, "stage": "camtl"}, tmp_path / "old.pt")
+    old, cfg = load_checkpoint(tmp_path / "old.pt")
+    assert cfg["attn_query_stride"] == 8 and old.fpma3.qpool == 1  # what it was trained with, not today's default
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(old(x)[1]["full"], m(x)[1]["full"]) and torch.equal(old(x)[0], m(x)[0])
+    assert CAMTL.from_pretrained(stage_ckpt=str(tmp_path / "old.pt"), verbose=False).ctam[0].qpool == 1
+    torch.save({"model": m.state_dict(), "config": {**saved, "attn_query_stride": 16}}, tmp_path / "new.pt")
+    assert load_checkpoint(tmp_path / "new.pt")[0].fpma3.qpool == 2  # a saved value wins
 
 
 def test_plain_bn_checkpoint_seeds_both_dualbn_branches(tmp_path):
