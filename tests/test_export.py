@@ -1,6 +1,9 @@
 """export.py: fused == unfused, the .pt2 program == the eager model (also at a batch size it was not traced with),
 predictions from a .pt2 equal predictions from the checkpoint it came from, and the int8 program stays close to the
 fp32 model (when the optional torchao is installed; without it, --int8 says so in one line)."""
+import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import synthetic
 from model import CAMTL, load_checkpoint, load_weights
 
 FIX = Path(__file__).parent / "fixtures"
+REPO = Path(__file__).resolve().parent.parent
 TINY = {"scale": [0.33, 0.125, 1024], "dual_bn": True, "imgsz": 64}
 
 
@@ -45,6 +49,31 @@ def camtl_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("ck") / "best.pt"
     torch.save({"model": model.state_dict(), "config": {**model.cfg, "workers": 0}, "stage": "camtl"}, path)
     return path
+
+
+@pytest.fixture(scope="module")
+def cli_builds(camtl_ckpt, tmp_path_factory):
+    """`python export.py` twice at once, as a user runs it: the default compiled artefact of camtl_ckpt and, when
+    torchao is installed, --int8 of a lively tiny checkpoint calibrated on synthetic images. Each is mostly one
+    single-threaded C++ build, so on two cores the pair takes about the time of one. -> {"compiled" | "int8":
+    (output path, exit code, printed text)}; the int8 entry also gives its checkpoint and data root."""
+    d = tmp_path_factory.mktemp("cli")
+    jobs = {"compiled": (d / "camtl_aoti.pt2", ["--weights", str(camtl_ckpt), "--out", str(d / "camtl_aoti.pt2")])}
+    if importlib.util.find_spec("torchao"):
+        torch.manual_seed(0)
+        model = lively(randomise(CAMTL(TINY, verbose=False)))
+        ck = d / "best.pt"
+        torch.save({"model": model.state_dict(), "config": {**model.cfg, "workers": 0}, "stage": "camtl"}, ck)
+        root = synthetic.make_synthetic(d / "syn", n=6, imgsz=64)  # 4 training images per task
+        argv = ["--weights", str(ck), "--int8", "--calib-data", str(root), "--calib", "8"]
+        jobs["int8"] = (d / "best.int8.pt2", argv)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = {k: subprocess.Popen([sys.executable, "export.py", *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True) for k, (_, argv) in jobs.items()}
+    out = {k: (jobs[k][0], p.wait(timeout=900), p.stdout.read()) for k, p in procs.items()}
+    if "int8" in out:
+        out["int8"] += (ck, root)
+    return out
 
 
 def test_yolov8_from_ultralytics_pt2_equals_eager(tmp_path):
@@ -112,10 +141,9 @@ def test_camtl_cli_dynamic_batch_pt2_equals_eager_and_predicts_alike(camtl_ckpt,
     assert masks[0].shape == (70, 150) and (masks[0] != masks[1]).mean() < 1e-3
 
 
-def test_compiled_artefact_is_the_default_equals_eager_and_predicts(camtl_ckpt, tmp_path, capsys):
-    out = tmp_path / "camtl_aoti.pt2"
-    export.main(["--weights", str(camtl_ckpt), "--out", str(out)])  # the CLI default: compiled by AOTInductor
-    assert "compiled by AOTInductor" in capsys.readouterr().out
+def test_compiled_artefact_is_the_default_equals_eager_and_predicts(cli_builds, camtl_ckpt, tmp_path):
+    out, code, text = cli_builds["compiled"]  # the CLI without flags
+    assert code == 0 and f"wrote {out} (compiled by AOTInductor" in text, text
     run, meta = export.load_program(out)
     assert meta["compiled"] and meta["imgsz"] == 64 and meta["model"] == "CAMTL"
     eager = export.deployable(load_checkpoint(camtl_ckpt)[0])
@@ -168,16 +196,11 @@ def test_int8_cli_needs_torchao_one_line_and_rejects_what_it_cannot_do(camtl_ckp
     assert not camtl_ckpt.with_suffix(".int8.pt2").exists()
 
 
-def test_int8_cli_artefact_is_close_to_fp32_and_predicts(tmp_path):
+def test_int8_cli_artefact_is_close_to_fp32_and_predicts(cli_builds, tmp_path):
     pytest.importorskip("torchao", reason="--int8 needs the optional package torchao (not a nanoCAMTL requirement)")
-    torch.manual_seed(0)
-    model = lively(randomise(CAMTL(TINY, verbose=False)))
-    ck = tmp_path / "best.pt"
-    torch.save({"model": model.state_dict(), "config": {**model.cfg, "workers": 0}, "stage": "camtl"}, ck)
-    root = synthetic.make_synthetic(tmp_path / "syn", n=6, imgsz=64)  # 4 training images per task
-    paths = export.main(["--weights", str(ck), "--int8", "--calib-data", str(root), "--calib", "8"])  # imgsz 64
-    assert paths == [tmp_path / "best.int8.pt2"]
-    run, meta = export.load_program(paths[0])
+    out, code, text, ck, root = cli_builds["int8"]  # --weights best.pt --int8: next to it, best.int8.pt2
+    assert code == 0 and f"wrote {out} (int8, compiled by AOTInductor" in text, text
+    run, meta = export.load_program(out)
     assert meta["model"] == "CAMTL" and meta["imgsz"] == 64 and meta["compiled"]
     assert meta["int8"]["calib_counts"] == {"angiography_detection": 4, "angiography_segmentation": 4}
 
@@ -198,7 +221,7 @@ def test_int8_cli_artefact_is_close_to_fp32_and_predicts(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     Image.fromarray((np.random.default_rng(0).random((70, 150, 3)) * 255).astype(np.uint8)).save(src / "a.png")
-    res = evaluate.main(["--weights", str(paths[0]), "--source", str(src), "--save-dir", str(tmp_path / "pred"),
+    res = evaluate.main(["--weights", str(out), "--source", str(src), "--save-dir", str(tmp_path / "pred"),
                          "--conf", "0.001", "--device", "cpu"])
     assert res["saved"] == ["a"] and (tmp_path / "pred/masks/a.png").is_file()
     assert (tmp_path / "pred/labels/a.txt").is_file()
