@@ -51,6 +51,17 @@ def camtl_ckpt(tmp_path_factory):
     return path
 
 
+def predicts_a_folder(program, tmp_path):
+    """`evaluate.py --weights PROGRAM --source DIR` on one odd-sized image writes its mask and its labels."""
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray((np.random.default_rng(0).random((70, 150, 3)) * 255).astype(np.uint8)).save(src / "a.png")
+    res = evaluate.main(["--weights", str(program), "--source", str(src), "--save-dir", str(tmp_path / "pred"),
+                         "--conf", "0.001", "--device", "cpu"])
+    assert res["saved"] == ["a"] and (tmp_path / "pred/masks/a.png").is_file()
+    assert (tmp_path / "pred/labels/a.txt").is_file()
+
+
 @pytest.fixture(scope="module")
 def cli_builds(camtl_ckpt, tmp_path_factory):
     """`python export.py` twice at once, as a user runs it: the default compiled artefact of camtl_ckpt and, when
@@ -153,12 +164,7 @@ def test_compiled_artefact_is_the_default_equals_eager_and_predicts(cli_builds, 
     assert (det - ref_det).abs().max() < 1e-3 and (full - ref_full).abs().max() < 1e-3  # decoded outputs
     with pytest.raises(ValueError, match="compiled for cpu, asked to run on meta"):
         export.load_program(out, "meta")
-    src = tmp_path / "src"
-    src.mkdir()
-    Image.fromarray((np.random.default_rng(0).random((70, 150, 3)) * 255).astype(np.uint8)).save(src / "a.png")
-    res = evaluate.main(["--weights", str(out), "--source", str(src), "--save-dir", str(tmp_path / "pred"),
-                         "--conf", "0.001", "--device", "cpu"])
-    assert res["saved"] == ["a"] and (tmp_path / "pred/masks/a.png").is_file()
+    predicts_a_folder(out, tmp_path)
 
 
 # -----------------------------------------------------------------------------
@@ -218,10 +224,4 @@ def test_int8_cli_artefact_is_close_to_fp32_and_predicts(cli_builds, tmp_path):
     box8, box = torch.cat([g[0][:, :4] for g in got]), torch.cat([r[0][:, :4] for r in ref])  # xywh, canvas px
     assert (box8 - box).abs().mean() < 0.2  # working: < 0.1 px; mis-calibrated: > 0.38 px
 
-    src = tmp_path / "src"
-    src.mkdir()
-    Image.fromarray((np.random.default_rng(0).random((70, 150, 3)) * 255).astype(np.uint8)).save(src / "a.png")
-    res = evaluate.main(["--weights", str(out), "--source", str(src), "--save-dir", str(tmp_path / "pred"),
-                         "--conf", "0.001", "--device", "cpu"])
-    assert res["saved"] == ["a"] and (tmp_path / "pred/masks/a.png").is_file()
-    assert (tmp_path / "pred/labels/a.txt").is_file()
+    predicts_a_folder(out, tmp_path)
