@@ -8,7 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import CAMTL, YOLOv8, gflops, load_checkpoint, read_ultralytics, stage_setup
-from modules import Conv, CrossAttention, DualBatchNorm2d, gn_groups, to_dualbn, to_groupnorm, token_grid
+from modules import (Conv, CrossAttention, DualBatchNorm2d, SegHeadMulti, gn_groups, to_dualbn, to_groupnorm,
+                     token_grid, upsample_bilinear)
 
 FIX = Path(__file__).parent / "fixtures"
 T = (1 / 3, 0.125, 1024)  # the fixtures' tiny scale: fast, and COCO-like weights exist for it
@@ -213,7 +214,33 @@ def test_queries_are_pooled_and_the_output_upsampled_to_the_grid():
     assert a.q.weight.grad.abs().sum() > 0 and a.kv[0].weight.grad.abs().sum() > 0
 
 
-# ----------------------------------------------------------------------------- normalisation
+
+@pytest.mark.parametrize("shape,size", [((2, 1, 8, 8), (64, 64)), ((1, 3, 5, 7), (13, 29)), ((2, 2, 9, 6), (4, 3)),
+                                        ((1, 1, 1, 4), (3, 8))])
+def test_upsample_bilinear_is_f_interpolate_in_value_and_gradient(shape, size):
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(*shape[:2], *size, dtype=torch.float64)
+    y = upsample_bilinear(x, size)
+    ref = F.interpolate(x, size, mode="bilinear", align_corners=False)
+    assert y.shape == ref.shape and torch.allclose(y, ref, atol=1e-12)  # up, down, odd ratios, one-pixel rows
+    gx, = torch.autograd.grad(y, x, g)
+    gref, = torch.autograd.grad(ref, x, g)
+    assert torch.allclose(gx, gref, atol=1e-12)
+    xf = x.detach().float().contiguous(memory_format=torch.channels_last)  # the seg head's case: fp32, channels_last
+    assert torch.allclose(upsample_bilinear(xf, size), ref.float(), atol=1e-5)
+
+
+def test_seg_head_full_logits_are_the_fused_logits_upsampled():
+    torch.manual_seed(0)
+    head = SegHeadMulti((16, 32, 32))
+    xs = [torch.randn(2, 16, 8, 8), torch.randn(2, 32, 4, 4), torch.randn(2, 32, 2, 2)]
+    for mode in (True, False):  # training: the matmul upsample; eval: F.interpolate
+        out = head.train(mode)(xs, (64, 64))
+        up = torch.cat([out["p3"]] + [F.interpolate(out[k], (8, 8), mode="bilinear") for k in ("p4", "p5")], 1)
+        fused = (head.gate(up).softmax(1) * up).sum(1, keepdim=True)  # refine starts as the identity
+        assert out["full"].shape == (2, 1, 64, 64)
+        assert torch.allclose(out["full"], F.interpolate(fused, (64, 64), mode="bilinear"), atol=1e-5)
 
 
 def test_groupnorm_conversion_keeps_affine_parameters():
