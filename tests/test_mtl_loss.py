@@ -105,10 +105,10 @@ def test_align_zero_when_attention_follows_the_vessels():
 def test_l2sp_is_zero_at_the_anchor_and_grows_with_distance():
     m = nn.Linear(3, 2)
     anchor = {k: p.detach().clone() for k, p in m.named_parameters()}
-    assert float(l2sp_loss(m, anchor)) == 0
+    assert float(l2sp_loss(m, anchor).detach()) == 0
     with torch.no_grad():
         m.weight.add_(0.5)
-    assert math.isclose(float(l2sp_loss(m, anchor)), 6 * 0.25, rel_tol=1e-6)
+    assert math.isclose(float(l2sp_loss(m, anchor).detach()), 6 * 0.25, rel_tol=1e-6)
 
 
 def test_det_batch_with_seg_and_attention_reports_cons_and_align():
