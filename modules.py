@@ -392,8 +392,8 @@ class SegHeadMulti(nn.Module):
         up = torch.cat([p[0]] + [F.interpolate(t, p[0].shape[-2:], mode="bilinear", align_corners=False)
                                  for t in p[1:]], 1)  # (B, 3, H/8, W/8)
         fused = (self.gate(up).softmax(1) * up).sum(1, keepdim=True)  # (B, 1, H/8, W/8)
-        # in training as two matmuls, whose backward is the fast one on a CPU; else ATen's kernel, whose forward is
-        # (and costs no FLOPs that grow with the cube of the side): what validation, gflops and export run
+        # training: two matmuls, whose backward is the fast one on a CPU; eval (validation, gflops, export): ATen's
+        # kernel, the faster forward, and no matmul FLOPs that grow with the cube of the side
         r = self.refine(fused)  # (B, 1, H/8, W/8)
         full = upsample_bilinear(r, size) if self.training else F.interpolate(r, size, mode="bilinear")  # (B,1,H,W)
         return {"p3": p[0], "p4": p[1], "p5": p[2], "full": full}

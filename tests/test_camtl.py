@@ -214,7 +214,6 @@ def test_queries_are_pooled_and_the_output_upsampled_to_the_grid():
     assert a.q.weight.grad.abs().sum() > 0 and a.kv[0].weight.grad.abs().sum() > 0
 
 
-
 @pytest.mark.parametrize("shape,size", [((2, 1, 8, 8), (64, 64)), ((1, 3, 5, 7), (13, 29)), ((2, 2, 9, 6), (4, 3)),
                                         ((1, 1, 1, 4), (3, 8))])
 def test_upsample_bilinear_is_f_interpolate_in_value_and_gradient(shape, size):
@@ -241,6 +240,9 @@ def test_seg_head_full_logits_are_the_fused_logits_upsampled():
         fused = (head.gate(up).softmax(1) * up).sum(1, keepdim=True)  # refine starts as the identity
         assert out["full"].shape == (2, 1, 64, 64)
         assert torch.allclose(out["full"], F.interpolate(fused, (64, 64), mode="bilinear"), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- normalisation
 
 
 def test_groupnorm_conversion_keeps_affine_parameters():
