@@ -31,8 +31,8 @@ Three kinds of .pt2, all loaded by `load_program(path)` and by `python evaluate.
   fused eager time (0.4x the compiled fp32 program) on this machine's CPU (AVX512-VNNI, 2 threads). Making it
   needs the optional package torchao (its PT2E quantiser, and the Inductor passes that turn its quantize/dequantize
   pairs into oneDNN int8 convolutions); running it needs only torch. Not the default: it does not equal eager
-  within 1e-3, and its accuracy cost depends on the checkpoint (demo models: 1.5 points of mAP50, or none; README:
-  speed).
+  within 1e-3, and its accuracy cost depends on the checkpoint (demo models: 1.5 points of mAP50 on one of three,
+  none on the others; README: speed).
 ONNX (`--format onnx`, also writes the .pt2) needs the `onnx` and `onnxscript` packages, which nanoCAMTL does not
 require.
 """

@@ -32,7 +32,7 @@ import data
 import evaluate
 import plots
 import synthetic
-from config import DEFAULTS, STAGES, check_device, format_config, load_config, next_run_dir, parse_set, saved_config
+from config import STAGES, check_device, format_config, load_config, next_run_dir, parse_set, saved_config
 from losses import MultiTaskLoss, TermMeter
 from model import CAMTL, camtl_config, count_params, read_checkpoint
 
