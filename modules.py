@@ -395,7 +395,8 @@ class SegHeadMulti(nn.Module):
         # training: two matmuls, whose backward is the fast one on a CPU; eval (validation, gflops, export): ATen's
         # kernel, the faster forward, and no matmul FLOPs that grow with the cube of the side
         r = self.refine(fused)  # (B, 1, H/8, W/8)
-        full = upsample_bilinear(r, size) if self.training else F.interpolate(r, size, mode="bilinear")  # (B,1,H,W)
+        full = (upsample_bilinear(r, size) if self.training  # (B, 1, H, W)
+                else F.interpolate(r, size, mode="bilinear", align_corners=False))
         return {"p3": p[0], "p4": p[1], "p5": p[2], "full": full}
 
 

@@ -79,9 +79,12 @@ def cli_builds(camtl_ckpt, tmp_path_factory):
         argv = ["--weights", str(ck), "--int8", "--calib-data", str(root), "--calib", "8"]
         jobs["int8"] = (d / "best.int8.pt2", argv)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = {k: subprocess.Popen([sys.executable, "export.py", *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
+    logs = {k: open(d / f"{k}.log", "w") for k in jobs}  # files: an unread pipe, once full, blocks its writer
+    procs = {k: subprocess.Popen([sys.executable, "export.py", *argv], cwd=REPO, env=env, stdout=logs[k],
                                  stderr=subprocess.STDOUT, text=True) for k, (_, argv) in jobs.items()}
-    out = {k: (jobs[k][0], p.wait(timeout=900), p.stdout.read()) for k, p in procs.items()}
+    out = {k: (jobs[k][0], p.wait(timeout=900), (d / f"{k}.log").read_text()) for k, p in procs.items()}
+    for f in logs.values():
+        f.close()
     if "int8" in out:
         out["int8"] += (ck, root)
     return out
