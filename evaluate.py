@@ -478,14 +478,12 @@ def overlay(img, boxes=None, gt=None, prob=None, thr=0.5):
 def load_predictor(weights, device="cpu", imgsz=None):
     """Our .pt checkpoint, an Ultralytics yolov8*.pt or an export.py .pt2 -> (run, imgsz). run(x (B, 3, S, S)) ->
     (detections (B, 4+nc, A), vessel logits (B, 1, S, S)) for CA-MTL, (detections,) for a plain detector:
-    the eager model goes through the same fused wrapper that export.py traces, so both predict alike."""
+    the eager model goes through the same fused wrapper that export.py traces, so both predict alike.
+    ValueError (a CheckpointError for a .pt) naming the file when it is not one."""
     if Path(weights).suffix == ".pt2":
-        try:
-            run, meta = export.load_program(weights, device)
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
+        run, meta = export.load_program(weights, device)
         if imgsz and imgsz != meta["imgsz"]:
-            raise SystemExit(f"--imgsz {imgsz}: {weights} was exported for {meta['imgsz']} px; "
+            raise ValueError(f"--imgsz {imgsz}: {weights} was exported for {meta['imgsz']} px; "
                              f"re-export with --imgsz {imgsz}")
         return run, meta["imgsz"]
     model, cfg = load_weights(weights)
@@ -592,7 +590,10 @@ def main(argv=None):
         if not ok:
             raise SystemExit(f"{flag} {v}: must be {allowed}")
     if a.source:
-        run, imgsz = load_predictor(a.weights, device, a.imgsz)
+        try:
+            run, imgsz = load_predictor(a.weights, device, a.imgsz)
+        except ValueError as e:  # not a checkpoint / program, or the wrong size for a program: one line
+            raise SystemExit(str(e)) from None
         save_dir = a.save_dir or next_run_dir("runs", "predict", a.name, a.exist_ok)
         return predict_folder(run, a.source, save_dir, imgsz, a.conf, a.iou, device)
     if Path(a.weights).suffix == ".pt2":

@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from checkpoints import CheckpointError
 from model import CAMTL, check_imgsz, count_params, gflops, load_weights
 
 META = "nanocamtl.json"  # stored inside the .pt2: input size, output names, classes, model config
@@ -355,8 +356,15 @@ def main(argv=None):
             torchao_pt2e()
         except ImportError as e:
             raise SystemExit(str(e)) from None
-    model, cfg = load_weights(a.weights)
-    imgsz = a.imgsz or (cfg or {}).get("imgsz", 640)
+    try:
+        model, cfg = load_weights(a.weights)
+    except CheckpointError as e:
+        raise SystemExit(str(e)) from None
+    trained = (cfg or {}).get("imgsz", 640)
+    imgsz = a.imgsz or trained
+    if imgsz != trained:
+        print(f"--imgsz {imgsz}: {a.weights} was trained at {trained} px; an export at another size can predict "
+              "differently (small objects above all). Leave --imgsz out to export at the training size.")
     try:
         if a.int8:
             return export_int8_cli(model, cfg, imgsz, a)

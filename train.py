@@ -34,7 +34,8 @@ import plots
 import synthetic
 from config import STAGES, check_device, format_config, load_config, next_run_dir, parse_set, saved_config
 from losses import MultiTaskLoss, TermMeter
-from model import CAMTL, camtl_config, count_params, read_checkpoint
+from checkpoints import CheckpointError, read_checkpoint
+from model import CAMTL, camtl_config, count_params
 
 # -----------------------------------------------------------------------------
 # pieces of the loop: checkpoints, EMA, optimizer, schedule
@@ -624,6 +625,8 @@ def main(argv=None):
     args.set_keys = set(parse_set(args.set))
     try:
         return train(cfg, args)
+    except CheckpointError as e:  # a weights file that is not what it should be: one line, no traceback
+        raise SystemExit(str(e)) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import CAMTL, YOLOv8, gflops, load_checkpoint, read_ultralytics, stage_setup
+from checkpoints import read_ultralytics
+from model import CAMTL, YOLOv8, gflops, load_checkpoint, stage_setup
 from modules import (Conv, CrossAttention, DualBatchNorm2d, SegHeadMulti, gn_groups, to_dualbn, to_groupnorm,
                      token_grid, upsample_bilinear)
 

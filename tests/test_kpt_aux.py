@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from losses import DetectionLoss, keypoint_loss
-from model import CAMTL, YOLOv8, count_params, load_matching
+from checkpoints import load_matching
+from model import CAMTL, YOLOv8, count_params
 
 TINY = (0.33, 0.125, 1024)
 

@@ -5,6 +5,8 @@ Kinds of rows:
     cli   a command line, run as a subprocess from the repo root (all of them at once, in parallel, when the first
           one is needed); it must exit non-zero, print the fragment and no "Traceback"
     exit  a call that must stop with SystemExit whose message (one line) holds the fragment
+    error a library call that must raise ValueError (a CheckpointError for weights files) whose message (one line)
+          holds the fragment; the commands' `main` turns it into that one-line exit
     warn  a call that must go on, printing the fragment (a warning, or a bad file named and skipped)
 
 Then the legacy-pickle case: Ultralytics checkpoints as older releases wrote them (protocol 2, numpy scalars in the
@@ -28,6 +30,7 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
 import config
 import data
 import evaluate
@@ -256,26 +259,26 @@ ROWS = [
      "notes.pt: a text file, not a PyTorch checkpoint"),
     ("export: truncated .pt", "cli", lambda w: ["export.py", "--weights", w.cut],
      "truncated, or not a checkpoint at all?"),
-    ("COCO weights not a checkpoint", "exit", lambda w: CAMTL.from_pretrained(TINY, det=str(w.notes), verbose=False),
+    ("COCO weights not a checkpoint", "error", lambda w: CAMTL.from_pretrained(TINY, det=str(w.notes), verbose=False),
      "expected an official Ultralytics yolov8*.pt"),
-    ("stage hand-over truncated", "exit",
+    ("stage hand-over truncated", "error",
      lambda w: CAMTL.from_pretrained(TINY, stage_ckpt=str(w.cut), stage="camtl", verbose=False),
      "last.pt: not a readable PyTorch checkpoint"),
-    ("stage hand-over expected", "exit",
+    ("stage hand-over expected", "error",
      lambda w: CAMTL.from_pretrained(TINY, stage_ckpt=str(w.notes), stage="camtl", verbose=False),
      "expected the stage checkpoint yolov8{S}-{stage}.pt"),
-    ("--resume truncated last.pt", "exit", lambda w: model.read_checkpoint(w.cut, **RESUME),
+    ("--resume truncated last.pt", "error", lambda w: checkpoints.read_checkpoint(w.cut, **RESUME),
      "expected the last.pt of a run to resume"),
-    ("--resume an Ultralytics file", "exit", lambda w: model.read_checkpoint(FIX / "det.pt", **RESUME),
+    ("--resume an Ultralytics file", "error", lambda w: checkpoints.read_checkpoint(FIX / "det.pt", **RESUME),
      "a pickle that names ultralytics.nn.tasks.DetectionModel"),
-    ("--resume a directory", "exit", lambda w: model.read_checkpoint(w.tmp, **RESUME), "a directory, not a file"),
-    ("--resume best-only file", "exit", lambda w: model.read_checkpoint(w.best, **RESUME),
+    ("--resume a directory", "error", lambda w: checkpoints.read_checkpoint(w.tmp, **RESUME), "a directory, not a file"),
+    ("--resume best-only file", "error", lambda w: checkpoints.read_checkpoint(w.best, **RESUME),
      "a dict without 'optimizer', 'epoch'"),
-    ("weights that do not fit", "exit", lambda w: model.load_weights(w.misfit),
+    ("weights that do not fit", "error", lambda w: model.load_weights(w.misfit),
      "do not fit the model its config describes"),
-    ("a .pt renamed .pt2", "exit", lambda w: evaluate.load_predictor(w.renamed),
+    ("a .pt renamed .pt2", "error", lambda w: evaluate.load_predictor(w.renamed),
      "a PyTorch checkpoint (.pt), not a torch.export program"),
-    ("code in a weights file", "exit", lambda w: model.load_weights(w.evil), "refusing to load global"),
+    ("code in a weights file", "error", lambda w: model.load_weights(w.evil), "refusing to load global"),
 ]
 
 
@@ -304,8 +307,8 @@ def test_mistake_gets_a_clear_answer(rid, kind, what, fragment, w, cli_runs, cap
         assert "Traceback" not in out, out
         assert status != 0, out
         assert fragment in out, out
-    elif kind == "exit":
-        with pytest.raises(SystemExit) as e:
+    elif kind in ("exit", "error"):
+        with pytest.raises(SystemExit if kind == "exit" else ValueError) as e:
             what(w)
         msg = str(e.value)
         assert fragment in msg, msg
@@ -319,7 +322,7 @@ def test_mistake_gets_a_clear_answer(rid, kind, what, fragment, w, cli_runs, cap
 def test_what_the_mistakes_left_behind(w, cli_runs):
     """`data.py check` wrote nothing; the payload never ran."""
     assert not (w.badfiles / "splits.json").exists()
-    with pytest.raises(SystemExit):
+    with pytest.raises(checkpoints.CheckpointError):
         model.load_weights(w.evil)
     assert not w.marker.exists()
 
@@ -369,7 +372,7 @@ def _write_like_older_ultralytics(path, zip_format, numpy1_names, monkeypatch):
     under numpy 1's name `numpy.core.multiarray.scalar` when numpy1_names), in the zip format or in the format of
     torch < 1.6. Its classes keep their names: torch.nn's are the real ones, Ultralytics' are stand-ins registered
     under their names while pickling (Ultralytics is not installed)."""
-    ckpt = torch.load(FIX / "det.pt", map_location="cpu", pickle_module=model._safe_pickle, weights_only=False)
+    ckpt = torch.load(FIX / "det.pt", map_location="cpu", pickle_module=checkpoints._safe_pickle, weights_only=False)
     fakes = set()
 
     def named(module, name, obj=None):
@@ -394,7 +397,7 @@ def _write_like_older_ultralytics(path, zip_format, numpy1_names, monkeypatch):
 
     class Pickler(pickle.Pickler):
         def reducer_override(self, obj):
-            if isinstance(obj, model._Record):  # back to the class it stands for, pickled as NEWOBJ + state
+            if isinstance(obj, checkpoints._Record):  # back to the class it stands for, pickled as NEWOBJ + state
                 obj.__class__ = named(*obj._origin.rsplit(".", 1))
                 state = {k: v for k, v in vars(obj).items() if k not in ("_args", "_state")}
                 return copyreg.__newobj__, (obj.__class__,), state
@@ -423,7 +426,7 @@ def _write_like_older_ultralytics(path, zip_format, numpy1_names, monkeypatch):
 @pytest.mark.parametrize("zip_format,numpy1_names", [(True, True), (False, False)], ids=["zip+numpy1", "pre-1.6"])
 def test_older_ultralytics_checkpoint_loads_and_predicts_the_same(tmp_path, monkeypatch, zip_format, numpy1_names):
     path = _write_like_older_ultralytics(tmp_path / "yolov8-old.pt", zip_format, numpy1_names, monkeypatch)
-    meta = torch.load(path, map_location="cpu", pickle_module=model._safe_pickle, weights_only=False)
+    meta = torch.load(path, map_location="cpu", pickle_module=checkpoints._safe_pickle, weights_only=False)
     assert type(meta["best_fitness"]) is np.float64 and meta["best_fitness"] == np.float64(0.6123)
     assert meta["updates"] == 1200 and meta["train_metrics"]["fitness"] == np.float32(0.61)
     ref = YOLOv8.from_ultralytics(str(FIX / "det.pt"), verbose=False).eval()
@@ -450,4 +453,4 @@ def test_the_allowed_legacy_globals_only_make_data(tmp_path, payload, msg):
     path = tmp_path / "x.pt"
     torch.save({"model": payload}, path, pickle_protocol=2)
     with pytest.raises(ValueError, match=msg):
-        model.read_ultralytics(str(path))
+        checkpoints.read_ultralytics(str(path))

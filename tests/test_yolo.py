@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from losses import DetectionLoss, bbox_ciou, task_aligned_assign
-from model import YOLOv8, read_ultralytics
+from checkpoints import read_ultralytics
+from model import YOLOv8
 from modules import Conv
 
 FIX = Path(__file__).parent / "fixtures"
