@@ -23,7 +23,8 @@ import export
 import plots
 import synthetic
 from config import check_device, next_run_dir
-from losses import MultiTaskLoss, TermMeter, xywh2xyxy
+from box_ops import box_iou, xywh2xyxy
+from losses import MultiTaskLoss, TermMeter
 from model import load_checkpoint, load_weights
 
 # IoU thresholds 0.50:0.05:0.95. Built in float32 exactly like the reference so that an IoU sitting right on a
@@ -35,17 +36,7 @@ IOU_THRESHOLDS = torch.linspace(0.5, 0.95, 10).numpy()
 VAL_NMS = dict(conf=0.001, iou=0.7, max_det=300, multi_label=True)
 
 # -----------------------------------------------------------------------------
-# box helpers and NMS
-
-
-def box_iou(a, b, eps=1e-7):
-    """Pairwise IoU of xyxy boxes a (M, 4) and b (N, 4) -> (M, N). float32, same arithmetic as the reference."""
-    a, b = a.float()[:, None], b.float()[None]
-    wh = (torch.min(a[..., 2:], b[..., 2:]) - torch.max(a[..., :2], b[..., :2])).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
-    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-    return inter / (area_a + area_b - inter + eps)
+# NMS
 
 
 @torch.no_grad()
@@ -151,7 +142,7 @@ def compute_ap(recall, precision):
     return float(np.sum((y[1:] + y[:-1]) * np.diff(x)) / 2)  # == np.trapezoid(y, x)
 
 
-def smooth(y, f=0.05):
+def box_filter(y, f=0.05):
     """Box filter of odd width ~ 2*f*len(y), edges padded with the end values (so the output has len(y))."""
     nf = round(len(y) * f * 2) // 2 + 1
     pad = np.ones(nf // 2)
@@ -185,7 +176,7 @@ def ap_per_class(tp, conf, pred_cls, target_cls, eps=1e-16):
         pr_precision[ci] = np.interp(grid, *precision_envelope(recall[:, 0], precision[:, 0]))
         ap[ci] = [compute_ap(recall[:, j], precision[:, j]) for j in range(tp.shape[1])]
     f1_curve = 2 * p_curve * r_curve / (p_curve + r_curve + eps)
-    best = smooth(f1_curve.mean(0), 0.1).argmax() if len(classes) else 0  # one operating point for all classes
+    best = box_filter(f1_curve.mean(0), 0.1).argmax() if len(classes) else 0  # one operating point for all classes
     return dict(classes=classes.astype(int), n_labels=n_labels, p=p_curve[:, best], r=r_curve[:, best],
                 f1=f1_curve[:, best], ap_per_iou=ap, ap50=ap[:, 0], ap=ap.mean(1), conf_best=float(grid[best]),
                 px=grid, p_curve=p_curve, r_curve=r_curve, f1_curve=f1_curve, pr_precision=pr_precision)
@@ -232,6 +223,37 @@ class DetMeter:
         maps[s["classes"]] = s["ap"]
         return dict(precision=mean(s["p"]), recall=mean(s["r"]), map50=mean(s["ap50"]), map50_95=mean(s["ap"]),
                     maps=maps, **s)
+
+
+def confusion_matrix(preds, targets, nc, conf=0.25, iou=0.45):
+    """
+    Detection confusion matrix as YOLOv8's validator builds it -> (nc + 1, nc + 1) int array,
+    rows = predicted class, columns = true class, index nc = background.
+    preds: per image (N, 6) x1, y1, x2, y2, conf, cls; targets: per image (M, 5) cls, x1, y1, x2, y2 (pixels).
+    Detections with conf > `conf` are matched to labels whatever their class: pairs with IoU > `iou`, each
+    detection keeps its best label, then each label its best detection (ties: lower index). A matched pair counts at
+    [pred cls, true cls] (a wrong class is off the diagonal), an unmatched label at [background, true cls] (missed,
+    FN), an unmatched detection at [pred cls, background] (FP). The reference skips those FPs in an image where
+    nothing matched at all; here every unmatched detection counts.
+    """
+    m = np.zeros((nc + 1, nc + 1), np.int64)
+    for p, t in zip(preds, targets):
+        p, t = torch.as_tensor(p).double().reshape(-1, 6).numpy(), torch.as_tensor(t).double().reshape(-1, 5).numpy()
+        p = p[p[:, 4] > conf]
+        pc, tc = p[:, 5].astype(int), t[:, 0].astype(int)
+        det_of_label = np.full(len(t), -1)
+        if len(p) and len(t):
+            ious = box_iou(torch.from_numpy(t[:, 1:]), torch.from_numpy(p[:, :4])).numpy()  # (M, N)
+            best = ious.argmax(0)  # each detection's best label
+            for j in np.flatnonzero(ious[best, np.arange(len(p))] > iou):
+                g = best[j]
+                if det_of_label[g] < 0 or ious[g, j] > ious[g, det_of_label[g]]:
+                    det_of_label[g] = j
+        for g, j in enumerate(det_of_label):
+            m[pc[j] if j >= 0 else nc, tc[g]] += 1
+        for j in sorted(set(range(len(p))) - set(det_of_label.tolist())):
+            m[pc[j], nc] += 1
+    return m
 
 
 def detection_metrics(preds, targets, nc, greedy=True):
@@ -318,8 +340,8 @@ def class_names(nc):
 @torch.no_grad()
 def validate(model, loaders, cfg, device, crit=None, plot_dir=None, log=None):
     """Loss terms, Dice/IoU per scale and detection P/R/mAP on the val loaders {"det": ..., "seg": ...}.
-    No augmentation; each batch in its own domain. The detection head runs in its training graph (raw maps,
-    BN running statistics) so the loss can be computed, and is decoded here. Loss terms are per-image means over
+    No augmentation; each batch in its own domain. The detection head returns its raw maps (with BN running
+    statistics) so the loss can be computed, and they are decoded here. Loss terms are per-image means over
     the images of the batches that report them (val/det over detection images, val/seg over segmentation images),
     computed as in training, the alignment term included; L2-SP, a property of the weights, is not a val term.
     plot_dir: also write the validation pictures (PR/F1/P/R curves, confusion matrix, first batches).
@@ -338,12 +360,8 @@ def validate(model, loaders, cfg, device, crit=None, plot_dir=None, log=None):
             tasks = ("det", "seg") if task == "det" else ("seg",)
             need_attn = crit is not None and bool(cfg["lambda_align"])
             t1 = time.perf_counter()
-            model.detect.training = True  # raw maps out of the head, every BN still in eval
-            try:
-                with model.domain(batch["domain"]):
-                    det_out, seg_out = model(img, tasks=tasks, need_attn=need_attn)
-            finally:
-                model.detect.training = False
+            with model.domain(batch["domain"]):  # raw head maps for the loss, every BN in eval
+                det_out, seg_out = model(img, tasks=tasks, need_attn=need_attn, raw=True)
             t2 = time.perf_counter()
             if crit is not None:  # per-image means: each batch weighs by its image count
                 losses.update(crit(det_out, seg_out, dev_batch)[1], img.shape[0])
@@ -357,7 +375,7 @@ def validate(model, loaders, cfg, device, crit=None, plot_dir=None, log=None):
                 for t in targets:
                     per_class_images[np.unique(t[:, 0].long().numpy())] += 1
                 if plot_dir is not None:
-                    cm += plots.confusion_matrix(preds, targets, nc)
+                    cm += confusion_matrix(preds, targets, nc)
                     if bi == 0:
                         plot_det_batch(batch, preds, seg_out, Path(plot_dir), names)
             else:

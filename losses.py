@@ -12,34 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from modules import dfl_expectation, dist2bbox, make_anchors
-
-# -----------------------------------------------------------------------------
-# box helpers
-
-
-def xywh2xyxy(x):
-    xy, wh = x[..., :2], x[..., 2:4] / 2
-    return torch.cat((xy - wh, xy + wh), -1)
-
-
-def bbox_ciou(b1, b2, eps=1e-7):
-    """Complete IoU of paired xyxy boxes (..., 4) -> (...): IoU - centre distance² / enclosing diagonal² - α·v."""
-    (x1, y1, x2, y2), (u1, v1, u2, v2) = b1.unbind(-1), b2.unbind(-1)
-    w1, h1 = x2 - x1, y2 - y1 + eps
-    w2, h2 = u2 - u1, v2 - v1 + eps
-    inter = (x2.minimum(u2) - x1.maximum(u1)).clamp(0) * (y2.minimum(v2) - y1.maximum(v1)).clamp(0)
-    union = w1 * h1 + w2 * h2 - inter + eps
-    iou = inter / union
-    cw = x2.maximum(u2) - x1.minimum(u1)  # enclosing box
-    ch = y2.maximum(v2) - y1.minimum(v1)
-    c2 = cw.pow(2) + ch.pow(2) + eps
-    rho2 = ((u1 + u2 - x1 - x2).pow(2) + (v1 + v2 - y1 - y2).pow(2)) / 4
-    v = (4 / math.pi**2) * (torch.atan(w2 / h2) - torch.atan(w1 / h1)).pow(2)  # aspect-ratio consistency
-    with torch.no_grad():
-        alpha = v / (1 - iou + v + eps)
-    return iou - (rho2 / c2 + v * alpha)
-
+from box_ops import bbox_ciou, dist2bbox, xywh2xyxy
+from modules import dfl_expectation, make_anchors
 
 def df_loss(pred_dist, target, reg_max=16):
     """Distribution focal loss: cross-entropy to the two bins around each target distance, weighted by

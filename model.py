@@ -154,8 +154,9 @@ class YOLOv8(nn.Module):
         check_imgsz(*x.shape[-2:])
         return self.neck(*self.backbone(x))
 
-    def forward(self, x):
-        return self.detect(self.features(x))
+    def forward(self, x, raw=None):
+        """raw (default: in training mode): the head's three raw maps, as the loss takes them; else decoded."""
+        return self.detect(self.features(x), raw)
 
     def strip_aux(self):
         """Remove the centre-keypoint auxiliary branch (training only); detections are unchanged."""
@@ -201,11 +202,11 @@ DUALBN_PARTS = ("backbone", "neck", "detect")
 
 
 class CAMTL(YOLOv8):
-    """Multi-task CA-MTL network. forward(x, tasks=("det", "seg"), need_attn=False) -> (det_out, seg_out):
-    det_out as YOLOv8's (train: 3 raw maps; eval: (B, 4+nc, A)) or None; seg_out {p3, p4, p5, full} logits
-    (B, 1, H/s, W/s) and (B, 1, H, W), or None. A task not asked for is not computed: "seg" alone runs no
-    CTAM/CSAM/Detect; "det" alone runs the seg stream (CTAM's keys) but not the seg head. With need_attn (tasks
-    including "seg"), seg_out["attn"] = CTAM's key-attention maps, 3 x (B, h', w'), each summing to 1; with "seg"
+    """Multi-task CA-MTL network. forward(x, tasks=("det", "seg"), need_attn=False, raw=None) -> (det_out,
+    seg_out): det_out as YOLOv8's (raw, by default in training mode: 3 raw maps; else (B, 4+nc, A)) or None;
+    seg_out {p3, p4, p5, full} logits (B, 1, H/s, W/s) and (B, 1, H, W), or None. A task not asked for is not
+    computed: "seg" alone runs no CTAM/CSAM/Detect; "det" alone runs the seg stream (CTAM's keys) but not the seg
+    head. With need_attn (tasks including "seg"), seg_out["attn"] = CTAM's key-attention maps, 3 x (B, h', w'), each summing to 1; with "seg"
     alone they come from CTAM's queries and keys only, without running CTAM's output, CSAM or Detect."""
 
     def __init__(self, cfg=None, verbose=True):
@@ -241,7 +242,7 @@ class CAMTL(YOLOv8):
         if verbose:
             print(self.summary())
 
-    def forward(self, x, tasks=TASKS, need_attn=False):
+    def forward(self, x, tasks=TASKS, need_attn=False, raw=None):
         tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
         if not tasks or any(t not in TASKS for t in tasks):
             raise ValueError(f"tasks {tasks!r}: expected a non-empty subset of {TASKS}")
@@ -255,7 +256,7 @@ class CAMTL(YOLOv8):
         det_out, pairs = None, list(zip(self.ctam, (n3, n4, n5), (s3, s4, s5)))
         if "det" in tasks:
             d, maps = zip(*(m(n, [s], need_attn) for m, n, s in pairs))
-            det_out = self.detect(self.csam(list(d)))
+            det_out = self.detect(self.csam(list(d)), raw)
         elif need_attn:  # a seg batch's alignment term: CTAM's maps only, no CSAM/Detect (nor their BN statistics)
             maps = [m.attention_maps(n, [s]) for m, n, s in pairs]
         if need_attn:

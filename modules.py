@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from box_ops import dist2bbox
+
 # -----------------------------------------------------------------------------
 # helpers
 
@@ -27,15 +29,6 @@ def make_anchors(feats, strides, offset=0.5):
         points.append(torch.stack((sx, sy), -1).view(-1, 2))
         stride_col.append(torch.full((h * w, 1), float(s), device=f.device, dtype=f.dtype))
     return torch.cat(points), torch.cat(stride_col)
-
-
-def dist2bbox(dist, anchors, xywh=True, dim=-1):
-    """(left, top, right, bottom) distances from anchor points -> boxes, xywh or xyxy."""
-    lt, rb = dist.chunk(2, dim)
-    x1y1, x2y2 = anchors - lt, anchors + rb
-    if xywh:
-        return torch.cat(((x1y1 + x2y2) / 2, x2y2 - x1y1), dim)
-    return torch.cat((x1y1, x2y2), dim)
 
 
 def dfl_expectation(x, bins):
@@ -200,13 +193,13 @@ class Detect(nn.Module):
             a[-1].bias.data[:] = 1.0
             b[-1].bias.data[: self.nc] = math.log(5 / self.nc / (640 / s) ** 2)
 
-    def forward(self, x):
-        aux = self.cv4 is not None and self.training
+    def forward(self, x, raw=None):
+        """x: [P3, P4, P5] features. raw (default: self.training): the three maps the loss takes, else decoded."""
+        raw = self.training if raw is None else raw
+        aux = self.cv4 is not None and raw
         x = [torch.cat((self.cv2[i](x[i]), self.cv3[i](x[i])) + ((self.cv4[i](x[i]),) if aux else ()), 1)
              for i in range(self.nl)]  # (B, 64+nc, H, W), +3 keypoint channels when the auxiliary trains
-        if self.training:
-            return x
-        return self.decode(x)
+        return x if raw else self.decode(x)
 
     def strip_aux(self):
         """Drop the keypoint auxiliary: the deployed detector is exactly the plain one."""

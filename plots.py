@@ -5,7 +5,7 @@ YOLOv8 user finds their way in a run folder:
     results.png                          plot_results            losses and metrics per epoch, from results.csv
     PR_curve.png, F1_curve.png,          plot_curves             precision-recall; F1, P and R against confidence
       P_curve.png, R_curve.png
-    confusion_matrix.png                 confusion_matrix + plot_confusion_matrix
+    confusion_matrix.png                 plot_confusion_matrix (counted by evaluate.confusion_matrix)
     labels.png                           plot_labels             instances per class, box centres, box sizes in px
     train_batch0.png, val_batch0_*.png   plot_batch              mosaic: boxes, vessel mask, file names
     val_seg_batch0.png                   plot_seg_batch          image / ground-truth mask / predicted mask
@@ -216,7 +216,7 @@ def blues(v):
     return (lo + (hi - lo) * t).round().astype(np.uint8)
 
 
-def smooth(y, sigma):
+def gaussian_smooth(y, sigma):
     """Gaussian smoothing that skips NaNs (each output is the weighted mean of the finite values near it)."""
     y = np.asarray(y, np.float64)
     ok = np.isfinite(y)
@@ -296,7 +296,7 @@ def plot_results(csv_path, out_path, cols=5, panel=(300, 230)):
             ax.line(epoch, y, MEAN, 1)
             ax.dots(epoch, y, MEAN)
             if np.isfinite(y).sum() >= 3:
-                ax.line(epoch, smooth(y, min(3.0, len(y) / 10)), SMOOTH, 2)
+                ax.line(epoch, gaussian_smooth(y, min(3.0, len(y) / 10)), SMOOTH, 2)
     return save(img, out_path)
 
 
@@ -344,7 +344,7 @@ def plot_mc_curve(px, py, out_path, names=(), ylabel="Metric"):
     py = to_numpy(py).reshape(-1, len(px))
     mean, mean_label = None, ""
     if len(py):
-        mean = smooth(py.mean(0), 0.05 * len(px) / math.sqrt(3))  # about a moving average over 10% of the grid
+        mean = gaussian_smooth(py.mean(0), 0.05 * len(px) / math.sqrt(3))  # about a moving average over 10% of the grid
         best = int(np.nanargmax(mean))
         mean_label = f"all classes {mean[best]:.2f} at {px[best]:.3f}"
     labels = [name(names, i) for i in range(len(py))]
@@ -373,45 +373,6 @@ def plot_curves(save_dir, px, p, r, f1, pr_recall, pr_precision, ap50, names):
 
 # -----------------------------------------------------------------------------
 # confusion_matrix.png
-
-
-def _iou(a, b):
-    """IoU of xyxy boxes a (M, 4) and b (N, 4) -> (M, N), numpy."""
-    lt, rb = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clip(0).prod(2)
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])
-    return inter / (area(a)[:, None] + area(b)[None] - inter + 1e-7)
-
-
-def confusion_matrix(preds, targets, nc, conf=0.25, iou=0.45):
-    """
-    Detection confusion matrix as YOLOv8's validator builds it -> (nc + 1, nc + 1) int array,
-    rows = predicted class, columns = true class, index nc = background.
-    preds: per image (N, 6) x1, y1, x2, y2, conf, cls; targets: per image (M, 5) cls, x1, y1, x2, y2 (pixels).
-    Detections with conf > `conf` are matched to labels whatever their class: pairs with IoU > `iou`, each
-    detection keeps its best label, then each label its best detection (ties: lower index). A matched pair counts at
-    [pred cls, true cls] (a wrong class is off the diagonal), an unmatched label at [background, true cls] (missed,
-    FN), an unmatched detection at [pred cls, background] (FP). The reference skips those FPs in an image where
-    nothing matched at all; here every unmatched detection counts.
-    """
-    m = np.zeros((nc + 1, nc + 1), np.int64)
-    for p, t in zip(preds, targets):
-        p, t = to_numpy(p).reshape(-1, 6), to_numpy(t).reshape(-1, 5)
-        p = p[p[:, 4] > conf]
-        pc, tc = p[:, 5].astype(int), t[:, 0].astype(int)
-        det_of_label = np.full(len(t), -1)
-        if len(p) and len(t):
-            ious = _iou(t[:, 1:], p[:, :4])  # (M, N)
-            best = ious.argmax(0)  # each detection's best label
-            for j in np.flatnonzero(ious[best, np.arange(len(p))] > iou):
-                g = best[j]
-                if det_of_label[g] < 0 or ious[g, j] > ious[g, det_of_label[g]]:
-                    det_of_label[g] = j
-        for g, j in enumerate(det_of_label):
-            m[pc[j] if j >= 0 else nc, tc[g]] += 1
-        for j in sorted(set(range(len(p))) - set(det_of_label.tolist())):
-            m[pc[j], nc] += 1
-    return m
 
 
 def plot_confusion_matrix(matrix, names, out_path, normalize=True):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from evaluate import (DetMeter, SegMeter, detection_metrics, match_greedy, match_predictions, nms, seg_scores,
-                      xywh2xyxy)
+from box_ops import xywh2xyxy
+from evaluate import DetMeter, SegMeter, detection_metrics, match_greedy, match_predictions, nms, seg_scores
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "map_case.pt")
 EMPTY_P, EMPTY_T = torch.zeros(0, 6), torch.zeros(0, 5)

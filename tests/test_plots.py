@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+import evaluate
 import plots
 
 
@@ -45,10 +46,10 @@ def test_y_axis_gets_3_to_5_round_ticks():
 
 def test_smooth_skips_nans_and_keeps_length():
     y = np.array([1.0, np.nan, 3.0, 4.0, 5.0])
-    s = plots.smooth(y, 1.0)
+    s = plots.gaussian_smooth(y, 1.0)
     assert s.shape == y.shape and np.isfinite(s).all()
-    assert np.allclose(plots.smooth(np.full(7, 2.5), 3.0), 2.5)  # a kernel longer than the series
-    assert np.isnan(plots.smooth(np.full(3, np.nan), 1.0)).all()
+    assert np.allclose(plots.gaussian_smooth(np.full(7, 2.5), 3.0), 2.5)  # a kernel longer than the series
+    assert np.isnan(plots.gaussian_smooth(np.full(3, np.nan), 1.0)).all()
 
 
 # -----------------------------------------------------------------------------
@@ -137,7 +138,7 @@ def test_confusion_matrix_counts_by_hand():
         [[*box(0, 0), 0.9, 0], [0, 0, 10, 9, 0.8, 0]],  # both on the label: one TP, one FP
     ]
     targets = [np.array(t, np.float32).reshape(-1, 5) for t in targets]
-    m = plots.confusion_matrix([torch.tensor(p).reshape(-1, 6) for p in preds], targets, nc)
+    m = evaluate.confusion_matrix([torch.tensor(p).reshape(-1, 6) for p in preds], targets, nc)
     want = np.zeros((3, 3), int)  # rows predicted, columns true, index 2 background
     want[0, 0] = 2  # image 0, image 4
     want[0, 1] = 1  # class-1 label predicted as class 0
@@ -151,11 +152,11 @@ def test_confusion_matrix_counts_by_hand():
 def test_confusion_matrix_each_detection_keeps_its_best_label_and_iou_is_strict():
     t = [np.array([[0, 0, 0, 10, 10], [0, 5, 0, 15, 10]], np.float32)]
     p = [np.array([[4, 0, 14, 10, 0.9, 0], [0, 0, 10, 10, 0.8, 0]], np.float32)]  # det 0: IoU .43 / .82
-    assert (plots.confusion_matrix(p, t, 1) == [[2, 0], [0, 0]]).all()
+    assert (evaluate.confusion_matrix(p, t, 1) == [[2, 0], [0, 0]]).all()
     half = [np.array([[0, 0, 10, 10, 0.9, 0]], np.float32)]  # IoU 0.5 exactly with the label below
     lab = [np.array([[0, 0, 0, 10, 20]], np.float32)]
-    assert (plots.confusion_matrix(half, lab, 1, iou=0.5) == [[0, 1], [1, 0]]).all()
-    assert (plots.confusion_matrix(half, lab, 1, iou=0.45) == [[1, 0], [0, 0]]).all()
+    assert (evaluate.confusion_matrix(half, lab, 1, iou=0.5) == [[0, 1], [1, 0]]).all()
+    assert (evaluate.confusion_matrix(half, lab, 1, iou=0.45) == [[1, 0], [0, 0]]).all()
 
 
 @pytest.mark.parametrize("nc,normalize", [(1, True), (1, False), (3, True), (25, True)])

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from losses import DetectionLoss, bbox_ciou, task_aligned_assign
+from box_ops import bbox_ciou
+from losses import DetectionLoss, task_aligned_assign
 from checkpoints import read_ultralytics
 from model import YOLOv8
 from modules import Conv
