@@ -156,8 +156,8 @@ _LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFi
 
 def read_ultralytics(path):
     """Ultralytics checkpoint -> float32 state dict named `model.{i}.…` (EMA weights when present).
-    CheckpointError naming the path for anything else: a missing, empty, text or truncated file, a foreign pickle, a refused
-    global (nothing from the file is run)."""
+    CheckpointError naming the path for anything else: a missing, empty, text or truncated file, a foreign pickle,
+    a refused global (nothing from the file is run)."""
     why = _not_a_file(path)
     if why:
         raise CheckpointError(f"{path}: {why}")
@@ -179,7 +179,8 @@ def read_ultralytics(path):
             raise CheckpointError(f"{path}: no Ultralytics model inside (expected a dict with 'model' or 'ema')")
         sd = _module_tensors(model, "", {})
     if not any(k.startswith("model.0.") for k in sd):
-        raise CheckpointError(f"{path}: holds no Ultralytics layer 'model.0' ({len(sd)} tensors); not a YOLOv8 checkpoint")
+        raise CheckpointError(f"{path}: holds no Ultralytics layer 'model.0' ({len(sd)} tensors); "
+                              "not a YOLOv8 checkpoint")
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
 
 

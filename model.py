@@ -206,8 +206,9 @@ class CAMTL(YOLOv8):
     seg_out): det_out as YOLOv8's (raw, by default in training mode: 3 raw maps; else (B, 4+nc, A)) or None;
     seg_out {p3, p4, p5, full} logits (B, 1, H/s, W/s) and (B, 1, H, W), or None. A task not asked for is not
     computed: "seg" alone runs no CTAM/CSAM/Detect; "det" alone runs the seg stream (CTAM's keys) but not the seg
-    head. With need_attn (tasks including "seg"), seg_out["attn"] = CTAM's key-attention maps, 3 x (B, h', w'), each summing to 1; with "seg"
-    alone they come from CTAM's queries and keys only, without running CTAM's output, CSAM or Detect."""
+    head. With need_attn (tasks including "seg"), seg_out["attn"] = CTAM's key-attention maps, 3 x (B, h', w'),
+    each summing to 1; with "seg" alone they come from CTAM's queries and keys only, without running CTAM's output,
+    CSAM or Detect."""
 
     def __init__(self, cfg=None, verbose=True):
         cfg = dict(cfg or {})
