@@ -155,6 +155,16 @@ def test_camtl_cli_dynamic_batch_pt2_equals_eager_and_predicts_alike(camtl_ckpt,
     assert masks[0].shape == (70, 150) and (masks[0] != masks[1]).mean() < 1e-3
 
 
+def test_export_defaults_to_the_training_size_and_says_so_when_asked_for_another(camtl_ckpt, tmp_path, capsys):
+    export.main(["--weights", str(camtl_ckpt), "--portable", "--out", str(tmp_path / "a.pt2")])
+    assert "was trained at" not in capsys.readouterr().out
+    assert evaluate.load_predictor(tmp_path / "a.pt2")[1] == 64  # the checkpoint's imgsz
+    export.main(["--weights", str(camtl_ckpt), "--portable", "--imgsz", "96", "--out", str(tmp_path / "b.pt2")])
+    out = capsys.readouterr().out
+    assert "--imgsz 96: " in out and "was trained at 64 px" in out, out
+    assert evaluate.load_predictor(tmp_path / "b.pt2")[1] == 96  # asked for, and done
+
+
 def test_compiled_artefact_is_the_default_equals_eager_and_predicts(cli_builds, camtl_ckpt, tmp_path):
     out, code, text = cli_builds["compiled"]  # the CLI without flags
     assert code == 0 and f"wrote {out} (compiled by AOTInductor" in text, text
