@@ -403,7 +403,7 @@ def child(name, a, *extra):
 
 SECTIONS = {"infer": bench_infer, "train": bench_train, "loss": bench_loss, "loader": bench_loader, "iter": bench_iter,
             "export": bench_export, "camtl": bench_camtl, "levers": bench_levers, "steplevers": bench_steplevers}
-HIDDEN = {"step_memory": bench_step_memory}
+CHILD_ONLY = {"step_memory": bench_step_memory}  # sections other sections run in a child process, not --only
 
 
 def main():
@@ -419,7 +419,7 @@ def main():
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     if a.child:  # run one section in this process and hand back JSON
-        print(json.dumps({**SECTIONS, **HIDDEN}[a.child](a)))
+        print(json.dumps({**SECTIONS, **CHILD_ONLY}[a.child](a)))
         return
     print(f"torch {torch.__version__}, {a.threads} threads, {os.cpu_count()} cpus, scale {a.scale}, "
           f"median of {a.repeats}")
