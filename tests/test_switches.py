@@ -1,14 +1,16 @@
 """Every part of CA-MTL can be switched off (ctam, csam, fpma; stage1 for the camtl stage's init) and the two-way
 exchange (xtam) switched on: what each switch removes, that what is left trains, that checkpoints rebuild the same
 model, and the det-only camtl_ratio [1, 0]. Tiny widths and 64 px keep each test to seconds."""
+import csv
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import synthetic
 import train
-from config import DEFAULTS, saved_config
+from config import DEFAULTS, load_config, saved_config
 from losses import MultiTaskLoss
 from model import CAMTL, YOLOv8, count_params, load_checkpoint, stage_setup
 from modules import CrossAttention
@@ -16,6 +18,8 @@ from modules import CrossAttention
 FIX = Path(__file__).parent / "fixtures"
 T = (1 / 3, 0.125, 1024)  # the fixtures' tiny scale
 SMALL = {"scale": T, "attn_dim": 16, "attn_heads": 2, "attn_tokens": 16}
+TINY = ["scale=[0.33,0.125,1024]", "imgsz=64", "batch=2", "workers=0", "attn_dim=16", "attn_heads=2",
+        "attn_tokens=16", "log_interval=1", "nbs=2", "warmup_min_iters=2", "plots=False"]
 OFF = {"ctam": ("ctam.",), "csam": ("csam.",), "fpma": ("fpma4.", "fpma3.")}  # switch -> its state-dict prefixes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -219,3 +223,83 @@ def test_a_checkpoint_from_before_the_switches_builds_the_full_model(tmp_path):
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(old(x)[0], m(x)[0])
+
+
+# ----------------------------------------------------------------------------- stage1, and the det-only ratio
+
+
+def stage1_file(tmp_path, **switches):
+    """A yolov8c-domainshift1.pt in tmp_path/weights (its seg head's weights all 0.5) -> (path, camtl config)."""
+    m = camtl(**switches)
+    m.seg_head.heads[0][-1].weight.data.fill_(0.5)
+    path = tmp_path / "weights" / "yolov8c-domainshift1.pt"
+    path.parent.mkdir()
+    torch.save({"model": m.state_dict(), "config": {**DEFAULTS, **m.cfg, "stage": "domainshift1"}}, path)
+    sets = TINY + [f"weights_dir={path.parent}", f"project={tmp_path / 'runs'}"]
+    return path, sets
+
+
+def test_stage1_false_ignores_an_existing_stage1_checkpoint_and_says_so(tmp_path):
+    path, sets = stage1_file(tmp_path)
+    logs = []
+    model, found = train.build_model(load_config("camtl", None, sets), "camtl", logs.append, verbose=False)
+    assert found == path and torch.equal(model.seg_head.heads[0][-1].weight, torch.full_like(
+        model.seg_head.heads[0][-1].weight, 0.5))
+    logs.clear()
+    model, found = train.build_model(load_config("camtl", None, sets + ["stage1=False"]), "camtl", logs.append,
+                                     verbose=False)
+    assert found is None and not (model.seg_head.heads[0][-1].weight == 0.5).all()
+    said = [line for line in logs if "stage1=False" in line]
+    assert len(said) == 1 and str(path) in said[0] and "COCO" in said[0]
+    assert not any("WARNING" in line for line in logs)  # nothing is missing: it was asked for
+
+
+def test_a_stage1_checkpoint_with_other_seg_switches_is_warned_about(tmp_path):
+    path, sets = stage1_file(tmp_path, fpma=False)
+    logs = []
+    train.build_model(load_config("camtl", None, sets), "camtl", logs.append, verbose=False)
+    warned = [line for line in logs if line.startswith("WARNING") and str(path) in line]
+    assert len(warned) == 1 and "fpma=False" in warned[0] and "fpma=True" in warned[0]
+    logs.clear()
+    train.build_model(load_config("camtl", None, sets + ["fpma=False"]), "camtl", logs.append, verbose=False)
+    assert not any(line.startswith("WARNING") for line in logs)
+
+
+def test_det_only_ratio_and_ctam_off_skip_the_terms_that_need_seg_or_ctam():
+    det, seg = batches()
+    cfg = {**DEFAULTS, "stage": "camtl"}
+    assert train.tasks_for(det, cfg) == (("det", "seg"), True)
+    assert train.tasks_for(det, {**cfg, "camtl_ratio": [1, 0]}) == (("det",), False)  # no seg batch, no seg terms
+    assert train.tasks_for(det, {**cfg, "camtl_ratio": [1, 0, 1]}) == (("det", "seg"), True)  # replay: seg batches
+    assert train.tasks_for(seg, {**cfg, "ctam": False}) == (("seg",), False)  # no CTAM maps to align
+    assert train.tasks_for(det, {**cfg, "ctam": False}) == (("det", "seg"), False)  # cons still needs the vessels
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("switches")
+    synthetic.make_synthetic(tmp / "synth", n=6, imgsz=64, seed=0)
+    return tmp
+
+
+def run_camtl(tmp, name, *sets):
+    run_dir, metrics = train.main(["--stage", "camtl", "--set", *TINY, f"data={tmp / 'synth'}", f"name={name}",
+                                   f"project={tmp / 'runs'}", f"weights_dir={tmp / 'weights'}", "epochs=1", *sets])
+    with open(run_dir / "results.csv", newline="") as f:
+        return run_dir, metrics, next(csv.DictReader(f))
+
+
+def test_camtl_det_only_trains_detection_alone(synth):
+    _, metrics, row = run_camtl(synth, "det_only", "camtl_ratio=[1,0]")
+    assert float(row["train/det"]) > 0
+    assert not {"train/seg", "train/cons", "train/align"} & set(row)  # no seg batch, no term that needs seg
+    assert "map50" in metrics
+
+
+def test_camtl_with_every_part_switched_off_trains_and_its_checkpoint_rebuilds_it(synth, capsys):
+    run_dir, _, row = run_camtl(synth, "off", "ctam=False", "csam=False", "fpma=False", "xtam=True")
+    assert capsys.readouterr().out.count("align term is skipped") == 1
+    assert float(row["train/seg"]) > 0 and "train/align" not in row
+    model, cfg = load_checkpoint(run_dir / "weights" / "yolov8c-camtl.pt")
+    assert model.ctam is None and model.csam is None and model.xtam is not None and not cfg["fpma"]
+    assert not any(k.startswith(("ctam.", "csam.", "fpma")) for k in model.state_dict())
