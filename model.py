@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from checkpoints import CheckpointError, infer_scale, load_matching, map_ultralytics, read_checkpoint, read_ultralytics
 from config import DEFAULTS, STAGES, saved_config
-from modules import (CSAM, CTAM, FPMA, C2f, Conv, Detect, DualBatchNorm2d, EMAttention, SegHeadMulti, SPPF,
+from modules import (CSAM, CTAM, FPMA, XTAM, C2f, Conv, Detect, DualBatchNorm2d, EMAttention, SegHeadMulti, SPPF, UpAdd,
                      to_dualbn, to_groupnorm)
 
 # (depth, width, max_channels) of the official scales
@@ -189,15 +189,18 @@ class YOLOv8(nn.Module):
 #   backbone -> neck -> N3, N4, N5
 #   seg stream:  S5 = s5(N5);  S4 = fpma4(N4 <- S5);  S3 = fpma3(N3 <- S4);  seg_head(S3, S4, S5) -> p3, p4, p5, full
 #   det stream:  D_k = ctam[k](N_k <- S_k);  D3', D4', D5' = csam(D3 <- D4, D5;  D4 <- D5;  D5);  detect(D')
+#   xtam (opt.): S_k' = xtam[k](S_k <- N_k) into the seg head instead of S_k: the exchange's seg <- det direction
 #
-# Every attention branch is gated at zero, so with COCO weights CAMTL detects exactly as YOLOv8.
+# Every attention branch is gated at zero, so with COCO weights CAMTL detects exactly as YOLOv8. Each part can be
+# switched off for ablations (configs/defaults.py): ctam (D_k = N_k), csam (D' = D), fpma (S4 = N4 + up(proj(S5)),
+# S3 alike, a plain FPN); the model then holds none of that part's parameters.
 
 # the model's keys of a config, with their defaults and meaning in configs/defaults.py (imgsz: of the summary)
 MODEL_KEYS = ("scale", "nc", "attn_dim", "attn_heads", "attn_tokens", "attn_query_stride", "ema_attention",
-              "gn_groups", "dual_bn", "imgsz", "kpt_aux")
+              "gn_groups", "dual_bn", "imgsz", "kpt_aux", "ctam", "csam", "fpma", "xtam")
 CAMTL_DEFAULTS = {k: DEFAULTS[k] for k in MODEL_KEYS}
 TASKS = ("det", "seg")
-GN_PARTS = ("s5", "fpma4", "fpma3", "ctam", "csam", "seg_head")  # GroupNorm in both stages
+GN_PARTS = ("s5", "fpma4", "fpma3", "fpn4", "fpn3", "ctam", "xtam", "csam", "seg_head")  # GroupNorm, both stages
 DUALBN_PARTS = ("backbone", "neck", "detect")
 
 
@@ -205,10 +208,11 @@ class CAMTL(YOLOv8):
     """Multi-task CA-MTL network. forward(x, tasks=("det", "seg"), need_attn=False, raw=None) -> (det_out,
     seg_out): det_out as YOLOv8's (raw, by default in training mode: 3 raw maps; else (B, 4+nc, A)) or None;
     seg_out {p3, p4, p5, full} logits (B, 1, H/s, W/s) and (B, 1, H, W), or None. A task not asked for is not
-    computed: "seg" alone runs no CTAM/CSAM/Detect; "det" alone runs the seg stream (CTAM's keys) but not the seg
-    head. With need_attn (tasks including "seg"), seg_out["attn"] = CTAM's key-attention maps, 3 x (B, h', w'),
-    each summing to 1; with "seg" alone they come from CTAM's queries and keys only, without running CTAM's output,
-    CSAM or Detect."""
+    computed: "seg" alone runs no CTAM/CSAM/Detect; "det" alone runs the seg stream (CTAM's keys; nothing of it
+    without CTAM) but not the seg head. With need_attn (tasks including "seg"), seg_out["attn"] = CTAM's
+    key-attention maps, 3 x (B, h', w'), each summing to 1; with "seg" alone they come from CTAM's queries and keys
+    only, without running CTAM's output, CSAM or Detect. With ctam off there are no maps: seg_out has no "attn",
+    and the alignment term is skipped."""
 
     def __init__(self, cfg=None, verbose=True):
         cfg = dict(cfg or {})
@@ -227,14 +231,22 @@ class CAMTL(YOLOv8):
         cs5 = math.ceil(min(256, mc) * w / 8) * 8  # S5 has 256 * width channels
         a = dict(dim=cfg["attn_dim"], heads=cfg["attn_heads"], tokens=cfg["attn_tokens"])
         qp = [max(1, cfg["attn_query_stride"] // s) for s in (8, 16, 32)]  # query pooling at P3, P4, P5
+        seg_ch = (c3, c4, cs5)
         self.s5 = Conv(c5, cs5, 1)
-        self.fpma4 = FPMA(c4, cs5, qpool=qp[1], **a)
-        self.fpma3 = FPMA(c3, c4, qpool=qp[0], **a)
-        self.seg_head = SegHeadMulti((c3, c4, cs5))
-        self.ctam = nn.ModuleList(CTAM(c, (cs,), qpool=p, **a) for c, cs, p in zip(self.channels, (c3, c4, cs5), qp))
-        self.csam = CSAM(self.channels, qpools=qp, **a)
+        if cfg["fpma"]:
+            self.fpma4 = FPMA(c4, cs5, qpool=qp[1], **a)
+            self.fpma3 = FPMA(c3, c4, qpool=qp[0], **a)
+        else:
+            self.fpn4, self.fpn3 = UpAdd(c4, cs5), UpAdd(c3, c4)
+        self.seg_head = SegHeadMulti(seg_ch)
+        self.ctam = (nn.ModuleList(CTAM(c, (cs,), qpool=p, **a) for c, cs, p in zip(self.channels, seg_ch, qp))
+                     if cfg["ctam"] else None)
+        self.csam = CSAM(self.channels, qpools=qp, **a) if cfg["csam"] else None
+        self.xtam = (nn.ModuleList(XTAM(cs, c, qpool=p, **a) for cs, c, p in zip(seg_ch, self.channels, qp))
+                     if cfg["xtam"] else None)
         for name in GN_PARTS:
-            to_groupnorm(getattr(self, name), cfg["gn_groups"])
+            if getattr(self, name, None) is not None:
+                to_groupnorm(getattr(self, name), cfg["gn_groups"])
         if cfg["dual_bn"]:
             for name in DUALBN_PARTS:
                 to_dualbn(getattr(self, name))
@@ -249,20 +261,42 @@ class CAMTL(YOLOv8):
             raise ValueError(f"tasks {tasks!r}: expected a non-empty subset of {TASKS}")
         if need_attn and "seg" not in tasks:
             raise ValueError("need_attn needs the seg task: the attention maps are compared with the predicted vessels")
-        n3, n4, n5 = self.features(x)
-        s5 = self.s5(n5)  # (B, 256w, H/32, W/32)
-        s4 = self.fpma4(n4, s5)  # (B, C4, H/16, W/16)
-        s3 = self.fpma3(n3, s4)  # (B, C3, H/8, W/8)
-        seg_out = self.seg_head([s3, s4, s5], x.shape[-2:]) if "seg" in tasks else None
-        det_out, pairs = None, list(zip(self.ctam, (n3, n4, n5), (s3, s4, s5)))
+        n = self.features(x)  # [N3, N4, N5]
+        s = self.seg_stream(*n) if "seg" in tasks or self.ctam is not None else None  # [S3, S4, S5]: CTAM's keys
+        seg_out = self.seg_head(self.exchange(s, n), x.shape[-2:]) if "seg" in tasks else None
+        det_out, maps = None, None
         if "det" in tasks:
-            d, maps = zip(*(m(n, [s], need_attn) for m, n, s in pairs))
-            det_out = self.detect(self.csam(list(d)), raw)
-        elif need_attn:  # a seg batch's alignment term: CTAM's maps only, no CSAM/Detect (nor their BN statistics)
-            maps = [m.attention_maps(n, [s]) for m, n, s in pairs]
-        if need_attn:
+            d, maps = self.cross_task(n, s, need_attn)
+            det_out = self.detect(self.csam(d) if self.csam is not None else d, raw)
+        elif need_attn and self.ctam is not None:  # a seg batch's alignment term: CTAM's maps only, no CSAM/Detect
+            maps = [m.attention_maps(nk, [sk]) for m, nk, sk in zip(self.ctam, n, s)]
+        if need_attn and maps is not None:
             seg_out["attn"] = [m[0] for m in maps]  # (B, h', w') per scale over S_k's pooled grid
         return det_out, seg_out
+
+    def seg_stream(self, n3, n4, n5):
+        """Neck outputs -> [S3, S4, S5], (B, C3 | C4 | 256w, H/s, W/s): the top-down path by FPMA, or a plain FPN."""
+        s5 = self.s5(n5)  # (B, 256w, H/32, W/32)
+        top4, top3 = (self.fpma4, self.fpma3) if self.cfg["fpma"] else (self.fpn4, self.fpn3)
+        s4 = top4(n4, s5)  # (B, C4, H/16, W/16)
+        s3 = top3(n3, s4)  # (B, C3, H/8, W/8)
+        return [s3, s4, s5]
+
+    def cross_task(self, n, s, need_attn):
+        """-> ([D3, D4, D5] with N_k's shapes, per scale CTAM's maps or None): D_k = CTAM(N_k <- S_k), or N_k."""
+        if self.ctam is None:
+            return list(n), None
+        d, maps = zip(*(m(nk, [sk], need_attn) for m, nk, sk in zip(self.ctam, n, s)))
+        return list(d), maps
+
+    def exchange(self, s, n):
+        """The seg head's inputs: [S_k], or with xtam [S_k + gate * attn(S_k <- N_k)], S_k's shapes. The det features
+        are N_k, not D_k: a seg-only forward (every seg batch) runs no det stream, so D_k does not exist there, and
+        the vessels must not depend on which tasks were asked for. N_k is what the det stream starts from, what
+        Detect sees while CTAM's and CSAM's gates are closed. Both directions read the features before the exchange."""
+        if self.xtam is None:
+            return s
+        return [m(sk, nk) for m, sk, nk in zip(self.xtam, s, n)]
 
     # ---- domain switch for DualBatchNorm2d
 
@@ -297,8 +331,11 @@ class CAMTL(YOLOv8):
     # ---- summary and loading
 
     def parts(self):
-        return {"backbone": [self.backbone], "neck": [self.neck], "seg stream": [self.s5, self.fpma4, self.fpma3],
-                "CTAM": [self.ctam], "CSAM": [self.csam], "seg head": [self.seg_head], "Detect": [self.detect]}
+        """{name: modules} of the parts this model has (a switched-off one is absent)."""
+        top = [self.fpma4, self.fpma3] if self.cfg["fpma"] else [self.fpn4, self.fpn3]
+        parts = {"backbone": [self.backbone], "neck": [self.neck], "seg stream": [self.s5, *top], "CTAM": [self.ctam],
+                 "xTAM": [self.xtam], "CSAM": [self.csam], "seg head": [self.seg_head], "Detect": [self.detect]}
+        return {k: ms for k, ms in parts.items() if ms[0] is not None}
 
     def summary(self, imgsz=None):
         """Parameters per part and GFLOPs (attention included) of one image at imgsz (default cfg imgsz)."""
@@ -359,8 +396,10 @@ class CAMTL(YOLOv8):
                 raise CheckpointError(f"{e}; expected COCO weights of this model's scale {self.scale}") from None
             fresh = f" (class branch fresh: nc {self.nc} vs {ck_nc})" if what == "Detect" and ck_nc != self.nc else ""
             said.append(f"{what} <- {path}{fresh}")
-        ema = ", EMA attention" if self.cfg["ema_attention"] else ""
-        return said + ["random: seg stream, CTAM, CSAM, seg head" + ema]
+        fresh = [name for name, on in (("seg stream", True), ("CTAM", self.ctam is not None),
+                                       ("CSAM", self.csam is not None), ("xTAM", self.xtam is not None),
+                                       ("seg head", True), ("EMA attention", self.cfg["ema_attention"])) if on]
+        return said + ["random: " + ", ".join(fresh)]
 
     def load_stage(self, ckpt, path, verbose=True):
         """Our stage checkpoint's weights ({"model": state dict, ...}); plain BN loads into both DualBN branches."""
@@ -386,7 +425,8 @@ def stage_setup(model, stage):
         raise ValueError(f"stage {stage!r}: expected one of {STAGES}")
     model.requires_grad_(True)
     model.detect.dfl.requires_grad_(False)  # DFL's bins are constants
-    model.frozen = ("detect", "ctam", "csam") if stage == "domainshift1" else ()
+    parts = ("detect", "ctam", "csam") if stage == "domainshift1" else ()
+    model.frozen = tuple(name for name in parts if getattr(model, name) is not None)  # a switched-off part is None
     for name in model.frozen:
         getattr(model, name).requires_grad_(False)
     return model.train(model.training)

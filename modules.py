@@ -1,8 +1,8 @@
 """Building blocks of nanoCAMTL: YOLOv8's layers and the attention/normalisation modules of CA-MTL.
 
 Read top to bottom: helpers, YOLOv8 blocks (Conv, Bottleneck, C2f, SPPF, DFL, Detect), EMA attention,
-CA-MTL's gated cross-attention (FPMA, CTAM, CSAM), the segmentation head, and the normalisation
-helpers (GroupNorm, DualBatchNorm2d) with their converters.
+CA-MTL's gated cross-attention (FPMA and its plain counterpart UpAdd, CTAM, XTAM, CSAM), the segmentation head,
+and the normalisation helpers (GroupNorm, DualBatchNorm2d) with their converters.
 Attribute names (`conv`, `bn`, `cv1`, `cv2`, `cv3`, `m`, `dfl`) follow YOLOv8 so that its checkpoints
 map onto ours by name.
 """
@@ -344,9 +344,32 @@ class FPMA(CrossAttention):
         return super().forward(fine, [coarse])[0]
 
 
+class UpAdd(nn.Module):
+    """FPMA's plain counterpart (`fpma=False`): a feature pyramid's top-down step, fine + up(proj(coarse)), proj a
+    1x1 Conv to the fine map's channels (before the upsample: cheaper), up nearest as in YOLOv8's neck."""
+
+    def __init__(self, c_fine, c_coarse):
+        super().__init__()
+        self.proj = Conv(c_coarse, c_fine, 1)
+
+    def forward(self, fine, coarse):
+        return fine + F.interpolate(self.proj(coarse), size=fine.shape[-2:], mode="nearest")  # (B, C_fine, h, w)
+
+
 class CTAM(CrossAttention):
     """Cross-task attention: detection queries (target) attend to segmentation features (one or more sources)
     of the same scale, so the detector looks where the vessels are. forward(target, sources, need_attn)."""
+
+
+class XTAM(CrossAttention):
+    """The other direction of DenseMTL's two-way exchange (CTAM is det <- seg): segmentation queries attend to the
+    detection features of the same scale. forward(seg, det) -> seg's shape."""
+
+    def __init__(self, c_seg, c_det, **kw):
+        super().__init__(c_seg, (c_det,), **kw)
+
+    def forward(self, seg, det):
+        return super().forward(seg, [det])[0]
 
 
 class CSAM(nn.Module):

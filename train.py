@@ -260,16 +260,34 @@ def find_stage1(cfg):
     return runs[-1] if runs else None
 
 
+# switches of seg-stream parts that stage 1 trains: a camtl run with other values cannot carry them over
+STAGE1_SWITCHES = ("fpma", "xtam")
+
+
 def build_model(cfg, stage, log, verbose=True):
     """-> (CAMTL set up for the stage, the stage-1 checkpoint it started from or None). domainshift1 starts from
-    COCO weights in weights_dir (or random init); camtl from yolov8{S}-domainshift1.pt (else COCO/random)."""
+    COCO weights in weights_dir (or random init); camtl from yolov8{S}-domainshift1.pt (else, or with stage1=False,
+    COCO/random)."""
     wd, S = Path(cfg["weights_dir"]), scale_tag(cfg)
     coco = {"det": wd / f"yolov8{S}.pt", "seg": wd / f"yolov8{S}-seg.pt"}
     coco = {k: str(v) if v.is_file() else None for k, v in coco.items()}
-    stage_ckpt = find_stage1(cfg) if stage == "camtl" else None
-    if stage == "camtl" and stage_ckpt is None:
+    found = find_stage1(cfg) if stage == "camtl" else None
+    stage_ckpt = found if cfg["stage1"] else None
+    if stage == "camtl" and not cfg["stage1"]:
+        log(f"stage1=False: camtl starts from COCO weights or random init{f', not from {found}' if found else ''}")
+    elif stage == "camtl" and found is None:
         log(f"WARNING: no yolov8{S}-domainshift1.pt in {wd}/ or {cfg['project']}/domainshift1/*/weights/; "
             "starting camtl from COCO weights or random init. Run `python train.py --stage domainshift1` first.")
+    if stage_ckpt is not None:
+        was = saved_config(read_checkpoint(stage_ckpt).get("config", {}))
+        diff = [k for k in STAGE1_SWITCHES if was[k] != cfg[k]]
+        if diff:
+            then, now = (" ".join(f"{k}={c[k]}" for k in diff) for c in (was, cfg))
+            log(f"WARNING: {stage_ckpt} was trained with {then}, this run has {now}: what stage 1 trained there does "
+                f"not carry over, the parts this run has start fresh (--set {then} to continue from it)")
+    if not cfg["ctam"] and cfg["lambda_align"]:
+        log(f"ctam=False: the align term is skipped (it aligns CTAM's attention with the vessels; lambda_align "
+            f"{cfg['lambda_align']} unused)")
     if stage_ckpt is None and not any(coco.values()):
         log(f"no COCO weights (yolov8{S}.pt, yolov8{S}-seg.pt) in {wd}/: random init")
     model = CAMTL.from_pretrained(camtl_config(cfg, stage), det=None if stage_ckpt else coco["det"],
@@ -337,9 +355,12 @@ def plot_labels(loader, cfg, path):
 def tasks_for(batch, cfg):
     """-> (tasks, need_attn): what the forward must compute for this batch's losses. Seg outputs on det batches
     only feed the consistency and alignment terms; a seg batch's alignment term needs CTAM's attention maps,
-    which the model computes without CSAM and Detect."""
-    need_attn = bool(cfg["lambda_align"])
+    which the model computes without CSAM and Detect. Det only (camtl_ratio [k, 0]: no seg batch) trains no term
+    that needs the seg head; without CTAM (ctam=False) there is no attention to align."""
+    need_attn = bool(cfg["lambda_align"]) and cfg["ctam"]
     if batch["task"] == "det":
+        if not any(cfg["camtl_ratio"][1:]):  # no seg batches: the vessels are not a task of this run
+            return ("det",), False
         return (("det", "seg") if cfg["lambda_cons"] or need_attn else ("det",)), need_attn
     return ("seg",), need_attn
 

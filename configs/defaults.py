@@ -16,6 +16,12 @@ config = {
     "ema_attention": False,  # Efficient Multi-scale Attention after N3/N4/N5
     "gn_groups": 32,  # GroupNorm groups in the seg stream: the first of 32,16,...,1 dividing C, at most this
     "dual_bn": False,  # DualBatchNorm2d: separate BN statistics per domain; on in configs/camtl.py (camtl only)
+    # switches of CA-MTL's parts, for ablations; off = the plain YOLOv8 equivalent, without the part's parameters
+    "ctam": True,  # cross-task attention det <- seg; off: N_k go straight to CSAM/Detect, and the align term (which
+    # compares CTAM's attention with the vessels) is skipped
+    "csam": True,  # cross-scale attention; off: D_k go straight to Detect
+    "fpma": True,  # the seg stream's top-down attention; off: a plain FPN, S4 = N4 + up(1x1 conv(S5)), S3 alike
+    "xtam": False,  # DenseMTL's two-way exchange: seg <- det too, S_k += gate * attn(S_k <- N_k), gates zero at init
     "kpt_aux": False,  # centre-keypoint auxiliary on Detect (training only; stripped at export). README ablation:
     # best with the seed recipe box=0.01 dfl=0.01, within seed spread of the plain detector
     # --- data
@@ -28,6 +34,7 @@ config = {
     "camtl_ratio": [1, 2],  # batches per cycle: [det, seg] or [det, seg, source replay]
     "augment": True,
     # --- weights and output
+    "stage1": True,  # camtl starts from yolov8{S}-domainshift1.pt when found; False: from COCO weights or random init
     "weights_dir": "weights",  # yolov8{S}.pt / yolov8{S}-seg.pt / yolov8{S}-domainshift1.pt looked up here
     "project": "runs",  # runs/{stage}/{name}
     "name": "",  # empty = exp, exp2, ...
