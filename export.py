@@ -9,7 +9,8 @@ eval mode, and a forward that takes one tensor and returns a tuple of tensors.
     python export.py --weights best.pt --int8                                  # -> best.int8.pt2 (needs torchao)
     python export.py --weights best.pt --int8 --calib-data data/arcade --calib 128
 
-The program takes x (B, 3, S, S): RGB in [0, 1], letterboxed to S as data.transform does (pad 114/255), and returns
+S is the checkpoint's training size unless --imgsz asks for another (an Ultralytics file: 640). The program takes
+x (B, 3, S, S): RGB in [0, 1], letterboxed to S as data.transform does (pad 114/255), and returns
     CA-MTL: (detections (B, 4+nc, A), vessel_logits (B, 1, S, S))
     YOLOv8: (detections (B, 4+nc, A),)
 detections: per anchor xywh in input pixels, then one sigmoid score per class (evaluate.nms turns them into boxes);
@@ -17,9 +18,9 @@ A = (S/8)^2 + (S/16)^2 + (S/32)^2. A CA-MTL model with DualBatchNorm is exported
 
 Three kinds of .pt2, all loaded by `load_program(path)` and by `python evaluate.py --weights best.pt2 --source DIR`:
 - compiled (the CLI's default): the torch.export program compiled ahead of time by AOTInductor into machine code
-  for this machine's CPU (or the GPU it was exported on) and packaged; YOLOv8n at 640 px runs in 0.79x the
-  fused eager time on this machine's CPU (README: speed). It runs where it was compiled (same kind of device and
-  CPU features); if compiling fails (no C++ compiler), export.py says so and writes the portable program.
+  for this machine's CPU (or the GPU it was exported on) and packaged, faster than the fused eager model (speed:
+  docs/benchmarks.md). It runs where it was compiled (same kind of device and CPU features); if compiling fails (no
+  C++ compiler), export.py says so and writes the portable program.
 - portable (`--portable`): the torch.export program itself, runs wherever torch runs, at eager speed.
 - int8 (`--int8`, -> best.int8.pt2): static post-training quantisation, then compiled as above (so it runs where it
   was made). Weights int8 per output channel, activations uint8 per tensor, their ranges observed on --calib (64)
@@ -27,12 +28,11 @@ Three kinds of .pt2, all loaded by `load_program(path)` and by `python evaluate.
   through the fused target-domain program: the images it is deployed on (camtl: angiogram detection and vessel
   images; a YOLOv8: detection images). Only the convolution stacks are int8 (INT8_PARTS: backbone, neck, s5, the
   seg head's and Detect's conv branches), and their last convs still return fp32 logits; attention, the seg head's
-  gated fusion and the decode (DFL softmax, anchors, sigmoid) stay fp32. YOLOv8n at 640 px runs in 0.33x the
-  fused eager time (0.4x the compiled fp32 program) on this machine's CPU (AVX512-VNNI, 2 threads). Making it
-  needs the optional package torchao (its PT2E quantiser, and the Inductor passes that turn its quantize/dequantize
-  pairs into oneDNN int8 convolutions); running it needs only torch. Not the default: it does not equal eager
-  within 1e-3, and its accuracy cost depends on the checkpoint (demo models: 1.5 points of mAP50 on one of three,
-  none on the others; README: speed).
+  gated fusion and the decode (DFL softmax, anchors, sigmoid) stay fp32. Its speed depends on the CPU's int8
+  instructions (AVX512-VNNI and the like). Making it needs the optional package torchao (its PT2E quantiser, and the
+  Inductor passes that turn its quantize/dequantize pairs into oneDNN int8 convolutions); running it needs only
+  torch. Not the default: it does not equal eager within 1e-3, and its accuracy cost depends on the checkpoint
+  (speed and accuracy: docs/benchmarks.md).
 ONNX (`--format onnx`, also writes the .pt2) needs the `onnx` and `onnxscript` packages, which nanoCAMTL does not
 require.
 """

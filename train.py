@@ -628,14 +628,29 @@ def train(cfg, args, log=print):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=STAGES, required=True)
-    p.add_argument("--config", help="a config file (default configs/synthetic.py)")
+    p = argparse.ArgumentParser(formatter_class=argparse.RawDescriptionHelpFormatter, description="""\
+Train CA-MTL-YOLOv8 in two stages: domainshift1 (fundus vessels, the source domain) first, then camtl (angiogram
+stenoses and vessels, the target domain), which starts from domainshift1's weights.
+
+  python train.py --stage domainshift1 && python train.py --stage camtl     # the demo, on built-in synthetic data
+  python train.py --stage camtl --config configs/angiography.py --set data=/data/arcade epochs=50
+  python train.py --stage camtl epochs=30 batch=16 device=0                 # key=value, as YOLOv8 takes them
+  python train.py --stage camtl --resume                                    # continue the newest camtl run
+  torchrun --nproc_per_node=2 train.py --stage camtl                        # several GPUs or processes
+
+Every config key and its default: configs/defaults.py. Each run writes runs/{stage}/exp (then exp2, ...):
+config.py, results.csv, pictures, weights/last.pt, best.pt and yolov8{S}-{stage}.pt. A mistake is answered with
+one line saying what to change (docs/troubleshooting.md).""")
+    p.add_argument("--stage", choices=STAGES, required=True,
+                   help="domainshift1 (fundus vessels, run first) or camtl (angiogram stenoses and vessels)")
+    p.add_argument("--config", help="a Python config file, config = {...}, e.g. configs/angiography.py "
+                   "(default: configs/synthetic.py, the built-in synthetic data)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="override config keys, e.g. epochs=5 camtl_ratio=[1,2]")
+                   help="override config keys, e.g. epochs=5 camtl_ratio=[1,2] data=/data/root")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN",
-                   help="continue a run (default: newest of this stage)")
-    p.add_argument("--device", help="cpu, cuda, cuda:0 (default: the config's 'device')")
+                   help="continue a run exactly: the newest of this stage, or RUN (a run folder or its last.pt); "
+                   "add --set epochs=N to extend a finished one")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or a GPU index N (default: the config's device, auto)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="the same as --set, YOLOv8-style: epochs=30 device=0")
     args = p.parse_args(argv)

@@ -1,5 +1,5 @@
 """Real processed data, the original's settings: 512 px, YOLOv8n. Point `data` at the processed root
-(see README: data layout), e.g.
+(layout: docs/data.md), e.g.
     python train.py --stage camtl --config configs/angiography.py --set data=/data/arcade"""
 config = {
     "data": "data/processed",

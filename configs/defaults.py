@@ -12,7 +12,7 @@ config = {
     "attn_heads": 4,
     "attn_tokens": 256,  # keys/values pooled to at most this many tokens: cost linear in image area
     "attn_query_stride": 16,  # queries average-pooled to this stride (px), output upsampled back: P3's 2x2.
-    # 8 keeps every query (as before); 16 takes the camtl step at 512 px from 1.6x to ~1.4x a YOLOv8n step
+    # 8 keeps every query, as the original; speed and accuracy of each: docs/benchmarks.md
     "ema_attention": False,  # Efficient Multi-scale Attention after N3/N4/N5
     "gn_groups": 32,  # GroupNorm groups in the seg stream: the first of 32,16,...,1 dividing C, at most this
     "dual_bn": False,  # DualBatchNorm2d: separate BN statistics per domain; on in configs/camtl.py (camtl only)
@@ -22,8 +22,8 @@ config = {
     "csam": True,  # cross-scale attention; off: D_k go straight to Detect
     "fpma": True,  # the seg stream's top-down attention; off: a plain FPN, S4 = N4 + up(1x1 conv(S5)), S3 alike
     "xtam": False,  # DenseMTL's two-way exchange: seg <- det too, S_k += gate * attn(S_k <- N_k), gates zero at init
-    "kpt_aux": False,  # centre-keypoint auxiliary on Detect (training only; stripped at export). README ablation:
-    # best with the seed recipe box=0.01 dfl=0.01, within seed spread of the plain detector
+    "kpt_aux": False,  # centre-keypoint auxiliary on Detect (training only; stripped at export); try it with
+    # box=0.01 dfl=0.01, the seed recipe (ablation: docs/benchmarks.md)
     # --- data
     "data": "",  # processed data root; empty = the built-in synthetic data (generated on first use)
     "synthetic_n": 300,  # images per synthetic task when generating
@@ -56,7 +56,7 @@ config = {
     "warmup_momentum": 0.8,
     "warmup_bias_lr": 0.1,
     "clip_grad": 10.0,
-    "channels_last": True,  # NHWC weights and activations: a train step in ~0.85x the time on CPU (README: speed)
+    "channels_last": True,  # NHWC weights and activations: the same numbers, faster (docs/benchmarks.md)
     "compile": "auto",  # torch.compile the model's forward: true / false / auto = on CUDA only (each graph takes
     # minutes to compile on a CPU); one graph per (tasks, domain, train/val), see train.compile_model
     "amp": True,  # autocast: fp16 (+ GradScaler) on CUDA only; bf16 on CUDA and CPU. fp16 on the CPU trains in fp32

@@ -1,8 +1,8 @@
-"""The built-in synthetic data (the default when no --config is given): 256 px images and short stages so
-both stages finish in about 12 minutes on a 2-core CPU, from random init (no COCO weights needed).
+"""The built-in synthetic data (the default when no --config is given): 256 px images and short stages, so both
+stages run in minutes on a CPU from random init (no COCO weights needed); times and metrics: docs/benchmarks.md.
 
-Measured recipe (README: results). Detection from scratch needs ~300 optimizer steps on det batches, so
-camtl weighs det batches 2:1 and every batch steps (nbs = batch); AdamW converges faster than SGD here."""
+The recipe: detection from scratch needs a few hundred optimizer steps on det batches, so camtl weighs det batches
+2:1 and every batch steps (nbs = batch); AdamW converges faster than SGD here."""
 config = {
     "data": "",
     "synthetic_n": 300,
