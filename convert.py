@@ -2,32 +2,38 @@
 layout with a splits.json, in one command each, followed by a summary of what was written.
 
     python convert.py SET SRC --root OUT [--val F] [--preprocess fov,green,resize=S] [--group REGEX] [--imgsz S]
-    python convert.py folder IMAGES MASKS --root OUT --task TASK_KEY      a folder of images + same-stem masks
-    python convert.py summary --root OUT [--imgsz S]                      the summary alone
+    python convert.py folder IMAGES MASKS --root OUT --task TASK_KEY [--prefix P]   images + same-stem masks
+    python convert.py summary --root OUT [--imgsz S]                                 the summary alone
 
-SET (README "Data layout" has the table of what each expects and produces):
+SET (docs/convert.md has the table of the layouts and download variants each accepts, and what it writes):
     angiography  arcade (stenosis boxes + syntax vessel segments), cadica (stenosis boxes, non-lesion negatives),
                  xcad, dca1 (vessel masks)
     fundus       drive, chase, stare, hrf, fives (vessel masks)
 
 Why a file of its own: data.py stays one concern (layout, splits, loading, checks), and the converters need data's
-writer helpers and layout (TASKS, _task_dir, _yolo_line, read_splits, write_splits), so data importing convert would
-be an import cycle. It sits next to data.py as synthetic.py does; imports go data <- convert, never back.
+writer helpers and layout (TASKS, _task_dir, _yolo_line, read_splits, split_root, write_splits), so data importing
+convert would be an import cycle. It sits next to data.py as synthetic.py does; imports go data <- convert, never back.
 
-Every converter is one small function that finds the set's files and hands each sample to one writer,
-`write_sample`: it copies the image (or saves it as PNG when the source format is not one the loader reads, or when
-preprocessing changes it), writes the vessel mask as a 0/255 PNG or the boxes as a YOLO .txt (an empty file for a
-negative), and returns the sample's splits.json entry with a grouping key ("group"): all images of one patient,
-video or eye pair share it.
+Every converter is one small function that finds the set's files and hands them, as {official split: samples}, to
+`finish`, which writes each with one writer, `write_sample`: it copies the image (or saves it as PNG when the source
+format is not one the loader reads, or when preprocessing changes it), writes the vessel mask as a 0/255 PNG or the
+boxes as a YOLO .txt (an empty file for a negative), and returns the sample's splits.json entry with a grouping key
+("group"): all images of one patient, video or eye pair share it. A sample met twice (one image in two files) is
+read once; an unreadable one is skipped.
 
-Splits (`assign_splits`): a set's official split is kept (official train -> train, val -> val, test -> test); a
-fraction --val of the official train's images, whole groups at a time (seeded), becomes val. Defaults: 0 for a set
-with an official val split (ARCADE), 0.2 for sets with only train/test (DRIVE, FIVES), 0.3 for sets without any
-(CADICA, XCAD, DCA1, CHASE_DB1, STARE, HRF). So frames of one patient or video never straddle train and val.
-Converting a second set into the same root adds to the task's lists: entries of other sets stay.
+Splits (`assign_splits`): a set's official split is kept (official train -> train, val -> val, test -> test) and
+recorded in each entry ("set": "DRIVE", "official": "test"; null for sets without one); a fraction --val of the
+official train's images, whole groups at a time (seeded), becomes val. Defaults: 0 for a set with an official val
+split (ARCADE), 0.2 for sets with only train/test (DRIVE, FIVES), 0.3 for sets without any (CADICA, XCAD, DCA1,
+CHASE_DB1, STARE, HRF). So frames of one patient or video never straddle train and val. `folder` and
+`python data.py split` re-split only what no set assigned (data.resplit), so no official val or test image reaches
+train.
 
-Output names carry the set, e.g. drive_21_training.tif, cadica_p3_v2_00022.png (ARCADE keeps {split}_{n}.png),
-so several sets share a task folder; `python data.py split --root OUT --group REGEX` regroups them by name.
+Several sets and folders share a root and a task folder. Output names carry the set, e.g. drive_21_training.tif,
+cadica_p3_v2_00022.png (ARCADE keeps {split}_{n}.png); entries record their owner, a set ("set") or a folder
+("folder"). A conversion never overwrites what splits.json lists for another owner: it stops before writing anything,
+naming the clash (`refuse_clashes`; folder --prefix names a folder's images apart). Converting a set or folder again
+replaces its own entries and deletes the files it wrote before and no longer writes, nothing else (`drop_own`).
 
 Preprocessing (--preprocess, comma-separated, numpy/PIL only, images saved as 8-bit PNG):
     fov       fundus only: pixels outside the field of view set to black (image and mask) and both cropped to the
@@ -41,17 +47,19 @@ import argparse
 import gzip
 import io
 import json
+import os
 import random
 import re
 import shutil
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from data import (IMG_EXTS, SPLITS, TASKS, TaskDataset, _pil_to_float, _task_dir, _yolo_line, log, make_splits,
-                  mask_threshold, read_splits, split_entries, task_files, write_splits)
+                  mask_threshold, read_splits, split_root, write_splits)
 
 DET, SEG, SRC = "angiography_detection", "angiography_segmentation", "retinography_segmentation"
 
@@ -211,11 +219,12 @@ def box_lines(boxes, W, H):
 
 def write_sample(root, key, name, image, mask=None, boxes=None, group=None, prep=None, fov=None):
     """One sample into root's layout -> its splits.json entry {image, mask | label, domain, group}, or None (skipped,
-    logged) when the mask's size differs from the image's.
+    logged) when the image or mask is unreadable or the mask's size differs from the image's.
 
     key: task key (data.TASKS); name: output stem, unique in the task folder; image: source path (any PIL format,
     .gz too). Copied as it is when the loader reads its format and prep is empty, else saved as PNG.
-    mask (segmentation): path, PIL image or bool (H, W) array -> labels/{name}.png, 0/255 8-bit.
+    mask (segmentation): path, PIL image, bool (H, W) array, or a function returning one (drawn only when written)
+    -> labels/{name}.png, 0/255 8-bit.
     boxes (detection): list of (x1, y1, x2, y2) pixels of the source image -> labels/{name}.txt, YOLO class 0,
     normalised; [] writes an empty file (a negative); a str is YOLO label text, written as it is.
     group: grouping key for splits (default: name). prep: parse_preprocess dict. fov: the set's FOV mask (path)."""
@@ -223,13 +232,17 @@ def write_sample(root, key, name, image, mask=None, boxes=None, group=None, prep
     if prep.get("fov") and key != SRC:
         raise ValueError("--preprocess fov is for fundus sets (retinography) only: it crops, which would move boxes")
     image = Path(image)
-    src_im = open_image(image) if prep or image.suffix.lower() not in IMG_EXTS else None
-    if src_im is None:
-        with Image.open(image) as im:  # the header is enough
-            W, H = im.size
-    else:
-        W, H = src_im.size
-    m = read_binary(mask) if mask is not None else None
+    try:
+        src_im = open_image(image) if prep or image.suffix.lower() not in IMG_EXTS else None
+        if src_im is None:
+            with Image.open(image) as im:  # the header is enough
+                W, H = im.size
+        else:
+            W, H = src_im.size
+        m = read_binary(mask() if callable(mask) else mask) if mask is not None else None
+    except (OSError, ValueError) as ex:  # PIL's UnidentifiedImageError and gzip's BadGzipFile are OSErrors
+        log(f"{image}: unreadable ({ex}) -> skipped")
+        return None
     if m is not None and m.shape != (H, W):
         log(f"{image}: mask {mask} is {m.shape[1]}x{m.shape[0]}, the image {W}x{H} -> skipped")
         return None
@@ -254,6 +267,74 @@ def write_sample(root, key, name, image, mask=None, boxes=None, group=None, prep
         e["mask"] = f"{folder}/labels/{name}.png"
         out_m.save(Path(root) / e["mask"])
     return e
+
+# -----------------------------------------------------------------------------
+# who wrote what: owners, clashes, replacing a conversion
+
+
+def owns(owner, e, prefixes=()):
+    """Is a splits.json entry this converter's? owner: {"set": NAME} or {"folder": PATH}. An entry that records neither
+    (an older convert.py's) is a set's when its file name starts with one of the set's prefixes (e.g. "drive_")."""
+    if "set" in e or "folder" in e:
+        return all(e.get(k) == v for k, v in owner.items())
+    return bool(prefixes) and Path(e["image"]).name.startswith(tuple(prefixes))
+
+
+def refuse_clashes(root, key, owner, names, splits, prefixes=()):
+    """SystemExit, before anything is written, when one of a conversion's output names (stems) is listed in splits's
+    task folder for another owner: another set, another folder, or no converter (by hand, `data.py split`). Files
+    splits.json does not list belong to no one (the loader ignores them) and may be overwritten."""
+    images = os.path.normpath(Path(root) / TASKS[key][0] / "images")
+    taken = {}
+    for e in (e for v in (splits or {}).get(key, {}).values() for e in v):
+        p = Path(os.path.normpath(Path(root) / e["image"]))
+        if str(p.parent) == images and not owns(owner, e, prefixes):
+            taken[p.stem] = e
+    clash = sorted(set(names) & set(taken))
+    if not clash:
+        return
+    e = taken[clash[0]]
+    who = f"set {e['set']}" if e.get("set") else f"folder {e['folder']}" if e.get("folder") else "no converter"
+    me, fix = (f"folder {owner['folder']}", "give --prefix P to name this folder's images apart") if "folder" in owner \
+        else (owner["set"], "move those files and their splits.json entries away, or convert their folder again with "
+              "--prefix P")
+    raise SystemExit(f"{me}: {len(clash)} output names are taken in {images}, e.g. {clash[0]} (listed in splits.json "
+                     f"for {who}); nothing written: {fix}")
+
+
+def write_all(root, key, owner, by_split, prep=None, prefixes=()):
+    """Write one conversion's samples -> {split: entries}. by_split: {split: [write_sample keyword dicts]}. A name met
+    twice (one image in two files, e.g. im0001.ppm and im0001.ppm.gz) is read once; names another owner holds stop
+    the conversion before anything is written (refuse_clashes)."""
+    todo, seen = {}, {}
+    for s, samples in by_split.items():
+        for smp in samples:
+            if smp["name"] in seen:
+                log(f"{smp['image']}: the same sample as {seen[smp['name']]} -> read once")
+                continue
+            seen[smp["name"]] = smp["image"]
+            todo.setdefault(s, []).append(smp)
+    refuse_clashes(root, key, owner, seen, read_splits(root), prefixes)
+    return {s: [e for e in (write_sample(root, key, prep=prep, **smp) for smp in v) if e] for s, v in todo.items()}
+
+
+def drop_own(root, per, owner, prefixes, written):
+    """A task's {split: entries} without this converter's earlier entries and those of the images just written ->
+    (per, files deleted). The files of its earlier entries that it no longer writes are deleted, for entries that
+    record this owner only: never a file it cannot show it wrote."""
+    root = Path(root)
+    keep = {os.path.normpath(root / e[k]) for e in written for k in ("image", "mask", "label") if k in e}
+    out, gone = {s: [] for s in SPLITS}, 0
+    for s in SPLITS:
+        for e in per.get(s, []):
+            files = [os.path.normpath(root / e[k]) for k in ("image", "mask", "label") if k in e]
+            if not owns(owner, e, prefixes) and files[0] not in keep:
+                out[s].append(e)
+            elif "set" in e or "folder" in e:
+                for f in (f for f in files if f not in keep and os.path.exists(f)):
+                    os.unlink(f)
+                    gone += 1
+    return out, gone
 
 # -----------------------------------------------------------------------------
 # splits
@@ -285,94 +366,135 @@ def assign_splits(by_split, val=0.0, seed=42, group_regex=None):
     return {s: sorted(v, key=lambda e: e["image"]) for s, v in out.items()}
 
 
-def record_splits(root, key, split, prefixes=()):
-    """Put one conversion's {split: entries} of a task into root/splits.json. The task's entries from earlier
-    conversions stay, except those of the same images or whose file name starts with one of prefixes (the same set,
-    converted again); other tasks are untouched. Without splits.json, data.py's default split of whatever the other
-    task folders hold is the start."""
-    splits = read_splits(root)
-    splits = make_splits(root) if splits is None else splits
-    new, old, prefixes = {e["image"] for v in split.values() for e in v}, splits.get(key, {}), tuple(prefixes)
+def finish(root, key, set_name, by_split, prep=None, val=0.0, seed=42, group_regex=None, official=False,
+           prefixes=()):
+    """Write one set's samples into root and record them in splits.json -> {split: entries} written.
 
-    def keep(e):
-        return e["image"] not in new and not (prefixes and Path(e["image"]).name.startswith(prefixes))
-
-    splits[key] = {s: sorted([e for e in old.get(s, []) if keep(e)] + split.get(s, []), key=lambda e: e["image"])
-                   for s in SPLITS}
+    by_split: {official split: [write_sample keyword dicts]} ("train" for a set without official splits:
+    official=False). Each entry records its "set" and "official" split (None without one); assign_splits keeps the
+    official splits and moves a fraction val of the train to val. The set's earlier entries are replaced and the
+    files it wrote before and no longer writes deleted (drop_own); other sets' and folders' entries stay. prefixes:
+    the set's output name prefixes, which claim entries of a splits.json written before sets were recorded."""
+    owner = {"set": set_name}
+    recorded = read_splits(root)
+    splits = recorded if recorded is not None else make_splits(root)  # before writing: what else is on disk
+    written = write_all(root, key, owner, by_split, prep, prefixes)
+    for s, es in written.items():
+        for e in es:
+            e.update(set=set_name, official=s if official else None)
+    split = assign_splits(written, val, seed, group_regex)
+    per, gone = drop_own(root, splits.get(key, {}), owner, prefixes, [e for v in split.values() for e in v])
+    splits[key] = {s: sorted(per[s] + split[s], key=lambda e: e["image"]) for s in SPLITS}
     write_splits(root, splits)
-
-
-def finish(set_name, root, key, by_split, val, seed=42, group_regex=None, prefixes=None):
-    """assign_splits + record_splits for one set's conversion; logs and returns {split: entries}."""
-    split = assign_splits(by_split, val, seed, group_regex)
-    record_splits(root, key, split, prefixes or (f"{set_name}_",))
     groups = len({e["group"] for v in split.values() for e in v})
-    log(f"{set_name} -> {key}: " + ", ".join(f"{s} {len(v)}" for s, v in split.items())
-        + f" images in {groups} groups -> {Path(root) / 'splits.json'}")
+    log(f"{set_name} -> {key}: " + ", ".join(f"{s} {len(v)}" for s, v in split.items()) + f" images in {groups} "
+        f"groups" + (f"; {gone} files it wrote before and no longer lists deleted" if gone else "")
+        + f" -> {Path(root) / 'splits.json'}")
     return split
 
 # -----------------------------------------------------------------------------
 # angiography: ARCADE (COCO-style JSON), CADICA, XCAD, DCA1
 
 
-def convert_coco(json_path, images_dir, root, task="detect", prefix="", prep=None):
-    """One COCO-style split -> the angiography layout; returns its entries (each its own group).
+def polygon_mask(anns, W, H):
+    """COCO annotations -> bool (H, W), every polygon filled (RLE dicts: ARCADE uses none)."""
+    mask = Image.new("L", (W, H), 0)
+    draw = ImageDraw.Draw(mask)
+    for a in anns:
+        for poly in a.get("segmentation") or []:
+            if isinstance(poly, list) and len(poly) >= 6:
+                draw.polygon([tuple(poly[j:j + 2]) for j in range(0, len(poly) - 1, 2)], fill=255)
+    return np.asarray(mask) > 0
 
-    detect: stenosis boxes (categories named 'stenosis' if any, else all) -> class 0 YOLO labels,
-    images without one get an empty label file (negatives). segment: all polygons -> vessel mask (PIL, filled)."""
+
+def coco_samples(json_path, images_dir, task="detect", prefix=""):
+    """One COCO-style split -> write_sample keyword dicts (each image its own group). detect: the stenosis boxes
+    (categories named 'stenosis' if any, else all) -> class 0; an image without one is a negative. segment: all its
+    polygons filled into one vessel mask, drawn when written."""
     coco = json.loads(Path(json_path).read_text())
-    key = DET if task == "detect" else SEG
     cats = {c["id"] for c in coco.get("categories", []) if str(c.get("name", "")).lower() == "stenosis"}
     anns = {}
     for a in coco.get("annotations", []):
         anns.setdefault(a["image_id"], []).append(a)
-    entries = []
+    out = []
     for im in coco["images"]:
-        src = Path(images_dir) / im["file_name"]
+        src, own = Path(images_dir) / im["file_name"], anns.get(im["id"], [])
         if not src.exists():
             log(f"{src}: listed in {json_path} but missing -> skipped")
             continue
-        W, H, name = im["width"], im["height"], prefix + Path(im["file_name"]).stem
+        smp = dict(name=prefix + Path(im["file_name"]).stem, image=src)
         if task == "detect":
-            boxes = [(a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3])
-                     for a in anns.get(im["id"], []) if not cats or a["category_id"] in cats]
-            e = write_sample(root, key, name, src, boxes=boxes, prep=prep)
+            smp["boxes"] = [(x, y, x + w, y + h) for a in own if not cats or a["category_id"] in cats
+                            for x, y, w, h in [a["bbox"]]]
         else:
-            mask = Image.new("L", (W, H), 0)
-            draw = ImageDraw.Draw(mask)
-            for a in anns.get(im["id"], []):
-                for poly in a.get("segmentation") or []:
-                    if isinstance(poly, list) and len(poly) >= 6:  # RLE dicts are not used by ARCADE
-                        draw.polygon([tuple(poly[j:j + 2]) for j in range(0, len(poly) - 1, 2)], fill=255)
-            e = write_sample(root, key, name, src, mask=np.asarray(mask) > 0, prep=prep)
-        if e is not None:
-            entries.append(e)
-    return entries
+            smp["mask"] = partial(polygon_mask, own, im["width"], im["height"])
+        out.append(smp)
+    return out
+
+
+def _coco_json(d, split, jsons):
+    """The annotation file of an ARCADE split folder d: the only one, or the one named {split}, {d.name} or
+    instances_default; else SystemExit naming them."""
+    named = [p for p in jsons if p.stem.lower() in (split, d.name.lower(), "instances_default")]
+    if len(named) == 1 or len(jsons) == 1:
+        return (named or jsons)[0]
+    listed = ", ".join(p.name for p in jsons)
+    raise SystemExit(f"arcade: {len(jsons)} annotation files in {d / 'annotations'} ({listed}); expected one, "
+                     f"or one named {split}.json, {d.name}.json or instances_default.json")
+
+
+def arcade_folders(src):
+    """ARCADE's split folders at any depth below src -> [(task or None, split, folder, annotation file)]. A split folder
+    holds images/ and annotations/*.json; its split is the train/val/test word of its name (train, sten_train,
+    test_cases_stenosis); its task the innermost folder name, from src's own on, that names one: "sten" -> detect,
+    "syntax" or "seg" -> segment."""
+    src, out = Path(src).resolve(), []
+    for ann in sorted(p for p in src.rglob("annotations") if p.is_dir()):
+        d = ann.parent
+        jsons = sorted(p for p in ann.iterdir() if p.suffix.lower() == ".json")
+        split = next((w for w in re.split(r"[^a-z]+", d.name.lower()) if w in SPLITS), None)
+        if not jsons or split is None or not (d / "images").is_dir():
+            continue
+        names = [n.lower() for n in reversed(d.relative_to(src.parent).parts)]
+        task = next(("detect" if "sten" in n else "segment" for n in names if re.search("sten|syntax|seg", n)), None)
+        out.append((task, split, d, _coco_json(d, split, jsons)))
+    return out
 
 
 def convert_arcade(src, root, task=None, val=0.0, prep=None, group=None, seed=42):
-    """ARCADE (Zenodo 10390295): src = the arcade/ folder, both parts converted (stenosis/ -> detection boxes,
-    syntax/ -> vessel masks from all segment polygons), or one part, {train,val,test}/{images/*.png,
-    annotations/*.json}, whose task comes from its name (stenosis -> detect, syntax -> segment) unless given.
-    ARCADE's own train/val/test are kept; names get the split as prefix (ARCADE reuses 1.png ...): train_1.png.
-    -> {split: entries} of the (last) part converted."""
-    src = Path(src)
-    parts = [(src / "stenosis", "detect"), (src / "syntax", "segment")]
-    if any(d.is_dir() for d, _ in parts) and not (src / "train").is_dir():
-        out = {}
-        for d, t in parts:
-            if d.is_dir():
-                out = convert_arcade(d, root, t, val, prep, group, seed)
-        return out
-    task = task or ("segment" if src.name.lower() == "syntax" else "detect")
-    jsons = {s: sorted(p for p in (src / s / "annotations").glob("*") if p.suffix.lower() == ".json") for s in SPLITS}
-    if not any(jsons.values()):
-        raise SystemExit(f"arcade: no stenosis/ or syntax/, nor {{train,val,test}}/annotations/*.json in {src}; "
-                         "expected ARCADE's arcade/ folder or one of its two parts")
-    by_split = {s: convert_coco(j[0], src / s / "images", root, task, f"{s}_", prep) if j else []
-                for s, j in jsons.items()}
-    return finish(f"ARCADE {src.name} ({task})", root, DET if task == "detect" else SEG, by_split, val, seed, group,
-                  prefixes=tuple(f"{s}_" for s in SPLITS))
+    """ARCADE, either release as extracted, from any folder above its split folders (arcade_folders): the Zenodo one
+    (10390295), arcade/{stenosis,syntax}/{train,val,test}/{images/N.png, annotations/{split}.json}; the challenge one
+    (8386059), arcade_challenge_datasets/dataset_phase_1/{stenosis_dataset/sten_{train,val}, segmentation_dataset/
+    seg_{train,val}}/ and dataset_final_phase/{test_cases_stenosis,test_case_segmentation}/, annotations sten_train.json
+    ... instances_default.json; or one part of either. stenosis -> detection boxes; syntax, segmentation -> vessel
+    masks of all segment polygons. task: that part only where both are there, else the task of the part (a lone part's
+    polygons may be read as the other task). ARCADE's own train/val/test are kept; names get the split as prefix (ARCADE
+    reuses 1.png ...): train_1.png. Both parts are checked for clashes before either is written.
+    -> {split: entries} of the last part converted."""
+    found = arcade_folders(src)
+    if not found:
+        raise SystemExit(f"arcade: no train/val/test folder with images/ and annotations/*.json below {src}; expected "
+                         "ARCADE's arcade/{stenosis,syntax}/ (Zenodo) or arcade_challenge_datasets/ (challenge)")
+    both, parts = {t for t, *_ in found} >= {"detect", "segment"}, {}
+    for t, s, d, js in found:
+        t = (t if both or not task else task) or "detect"
+        if both and task and t != task:
+            continue
+        if (t, s) in parts:
+            raise SystemExit(f"arcade: two ARCADE {s} folders for {t}: {parts[t, s][0]} and {d}; give one release's "
+                             "folder as SRC")
+        parts[t, s] = d, js
+    by_task = {}
+    for (t, s), (d, js) in sorted(parts.items()):
+        by_task.setdefault(t, {})[s] = coco_samples(js, d / "images", t, f"{s}_")
+    keys, prefixes, recorded = {"detect": DET, "segment": SEG}, ("train_", "val_", "test_"), read_splits(root)
+    for t, by_split in by_task.items():
+        refuse_clashes(root, keys[t], {"set": "ARCADE"}, [x["name"] for v in by_split.values() for x in v], recorded,
+                       prefixes)
+    out = {}
+    for t, by_split in by_task.items():
+        out = finish(root, keys[t], "ARCADE", by_split, prep, val, seed, group, official=True, prefixes=prefixes)
+    return out
 
 
 def _cadica_boxes(path, drop):
@@ -397,7 +519,7 @@ def convert_cadica(src, root, val=0.3, prep=None, group=None, seed=42, drop=()):
     every box has a grade in drop (e.g. p0_20), nor videos in neither list (not known to be lesion-free).
     Group: the patient, so no patient straddles train and val."""
     base = need_dir(src, "cadica", "selectedVideos", expected="CADICA's selectedVideos/pX/vY/{input,groundtruth}")
-    entries, skipped = [], 0
+    samples, skipped = [], 0
     for pdir in sorted((p for p in base.iterdir() if re.fullmatch(r"p\d+", p.name)), key=lambda p: int(p.name[1:])):
         lesion = [v.split("_")[-1] for v in _read_list(pdir / "lesionVideos.txt")]
         clean = [v.split("_")[-1] for v in _read_list(pdir / "nonlesionVideos.txt")]
@@ -410,11 +532,10 @@ def convert_cadica(src, root, val=0.3, prep=None, group=None, seed=42, drop=()):
                 if not img.exists() or v in lesion and not boxes:  # a lesion video's frame is never a negative
                     skipped += 1
                     continue
-                e = write_sample(root, DET, f"cadica_{stem}", img, boxes=boxes, group=f"cadica_{pdir.name}", prep=prep)
-                entries += [e] if e else []
+                samples.append(dict(name=f"cadica_{stem}", image=img, boxes=boxes, group=f"cadica_{pdir.name}"))
     if skipped:
         log(f"cadica: {skipped} key frames skipped (image or groundtruth missing, or every box dropped)")
-    return finish("cadica", root, DET, {"train": entries}, val, seed, group)
+    return finish(root, DET, "CADICA", {"train": samples}, prep, val, seed, group, prefixes=("cadica_",))
 
 
 def _pairs(images, masks, mask_name):
@@ -436,12 +557,13 @@ def _pairs(images, masks, mask_name):
 
 def convert_xcad(src, root, val=0.3, prep=None, group=None, seed=42):
     """XCAD (Ma et al., ICCV 2021): src/test/{images,masks}/<name>.png, its annotated angiograms (train/ holds only
-    unlabelled ones and synthetic vessels: not used) -> vessel masks. No patient ids in the names: one group each."""
+    unlabelled ones and synthetic vessels: not used) -> vessel masks. No patient ids in the names: one group each.
+    Its test/ is all there is to train on, not a test split: no official split."""
     test = need_dir(src, "xcad", "test", expected="XCAD's test/{images,masks}")
     pairs = _pairs(need_dir(test, "xcad", "images", expected="test/images"), need_dir(test, "xcad", "masks",
                    expected="test/masks"), lambda s: s)
-    entries = [write_sample(root, SEG, f"xcad_{s}", p, mask=m, prep=prep) for p, s, m in pairs]
-    return finish("xcad", root, SEG, {"train": [e for e in entries if e]}, val, seed, group)
+    samples = [dict(name=f"xcad_{s}", image=p, mask=m) for p, s, m in pairs]
+    return finish(root, SEG, "XCAD", {"train": samples}, prep, val, seed, group, prefixes=("xcad_",))
 
 
 def convert_dca1(src, root, val=0.3, prep=None, group=None, seed=42):
@@ -450,14 +572,14 @@ def convert_dca1(src, root, val=0.3, prep=None, group=None, seed=42):
     images = [p for p in sorted(Path(src).rglob("*.pgm")) if not p.stem.endswith("_gt")]
     if not images:
         raise SystemExit(f"dca1: no *.pgm images in {src}; expected DCA1's <n>.pgm + <n>_gt.pgm")
-    entries = []
+    samples = []
     for p in images:
         gt = p.with_name(f"{p.stem}_gt.pgm")
         if gt.exists():
-            entries.append(write_sample(root, SEG, f"dca1_{p.stem}", p, mask=gt, prep=prep))
+            samples.append(dict(name=f"dca1_{p.stem}", image=p, mask=gt))
         else:
             log(f"{p}: no {gt.name} -> skipped")
-    return finish("dca1", root, SEG, {"train": [e for e in entries if e]}, val, seed, group)
+    return finish(root, SEG, "DCA1", {"train": samples}, prep, val, seed, group, prefixes=("dca1_",))
 
 # -----------------------------------------------------------------------------
 # fundus: DRIVE, CHASE_DB1, STARE, HRF, FIVES
@@ -471,14 +593,13 @@ def convert_drive(src, root, val=0.2, prep=None, group=None, seed=42):
     for s, part in (("train", "training"), ("test", "test")):
         d = find_dir(src, part)
         if d is None or not (d / "images").is_dir() or not (d / "1st_manual").is_dir():
-            by_split[s] = []
             continue
         pairs = _pairs(d / "images", d / "1st_manual", lambda stem: f"{stem.split('_')[0]}_manual1.gif")
-        by_split[s] = [write_sample(root, SRC, f"drive_{stem}", p, mask=m, group=f"drive_{stem.split('_')[0]}",
-                                    prep=prep, fov=d / "mask" / f"{stem}_mask.gif") for p, stem, m in pairs]
-    if not by_split["train"] and not by_split["test"]:
+        by_split[s] = [dict(name=f"drive_{stem}", image=p, mask=m, group=f"drive_{stem.split('_')[0]}",
+                            fov=d / "mask" / f"{stem}_mask.gif") for p, stem, m in pairs]
+    if not any(by_split.values()):
         raise SystemExit(f"drive: no training/ or test/ with images/ and 1st_manual/ in {src}")
-    return finish("drive", root, SRC, {s: [e for e in v if e] for s, v in by_split.items()}, val, seed, group)
+    return finish(root, SRC, "DRIVE", by_split, prep, val, seed, group, official=True, prefixes=("drive_",))
 
 
 def convert_chase(src, root, val=0.3, prep=None, group=None, seed=42, observer="1st"):
@@ -487,46 +608,61 @@ def convert_chase(src, root, val=0.3, prep=None, group=None, seed=42, observer="
     images = sorted(p for p in Path(src).rglob("Image_*") if re.fullmatch(r"Image_\d+[LR]\.jpe?g", p.name, re.I))
     if not images:
         raise SystemExit(f"chase: no Image_NN[LR].jpg in {src}; expected CHASE_DB1's Image_01L.jpg + _1stHO.png")
-    entries = []
+    samples = []
     for p in images:
         m = p.with_name(f"{p.stem}_{observer}HO.png")
         child = re.match(r"Image_(\d+)", p.stem).group(1)
         if m.exists():
-            entries.append(write_sample(root, SRC, f"chase_{p.stem}", p, mask=m, group=f"chase_{child}", prep=prep))
+            samples.append(dict(name=f"chase_{p.stem}", image=p, mask=m, group=f"chase_{child}"))
         else:
             log(f"{p}: no {m.name} -> skipped")
-    return finish("chase", root, SRC, {"train": [e for e in entries if e]}, val, seed, group)
+    return finish(root, SRC, "CHASE_DB1", {"train": samples}, prep, val, seed, group, prefixes=("chase_",))
 
 
 def convert_stare(src, root, val=0.3, prep=None, group=None, seed=42, observer="ah"):
     """STARE: src (at any depth) holds imNNNN.ppm images and imNNNN.ah.ppm vessel labels (Hoover; .vk.ppm:
-    --observer vk), each possibly gzip-compressed (.ppm.gz as distributed) -> vessel masks. No official split; one
-    group per image."""
+    --observer vk), each possibly gzip-compressed (.ppm.gz as distributed; both, as `gunzip -k` leaves them, are
+    read once) -> vessel masks. No official split; one group per image."""
     files = {p.name.lower(): p for p in Path(src).rglob("im*") if p.is_file()}
     images = sorted(n for n in files if re.fullmatch(r"im\d+\.ppm(\.gz)?", n))
     if not images:
         raise SystemExit(f"stare: no imNNNN.ppm(.gz) in {src}; expected STARE's im0001.ppm + im0001.{observer}.ppm")
-    entries = []
+    samples = []
     for n in images:
         stem = n.split(".")[0]
         lab = files.get(f"{stem}.{observer}.ppm") or files.get(f"{stem}.{observer}.ppm.gz")
         if lab is None:
             log(f"{files[n]}: no {stem}.{observer}.ppm(.gz) -> skipped")
             continue
-        entries.append(write_sample(root, SRC, f"stare_{stem}", files[n], mask=lab, prep=prep))
-    return finish("stare", root, SRC, {"train": [e for e in entries if e]}, val, seed, group)
+        samples.append(dict(name=f"stare_{stem}", image=files[n], mask=lab))
+    return finish(root, SRC, "STARE", {"train": samples}, prep, val, seed, group, prefixes=("stare_",))
 
 
 def convert_hrf(src, root, val=0.3, prep=None, group=None, seed=42):
-    """HRF (all-images archive): src/{images/NN_{h,dr,g}.JPG, manual1/NN_{h,dr,g}.tif, mask/NN_{h,dr,g}_mask.tif}
-    -> vessel masks (the FOV mask feeds --preprocess fov). No official split; one group per image (45 eyes)."""
-    images = need_dir(src, "hrf", "images", expected="HRF's images/, manual1/, mask/")
-    if not (images.parent / "manual1").is_dir():
-        raise SystemExit(f"hrf: no manual1/ next to {images}; expected HRF's images/, manual1/, mask/")
-    pairs = _pairs(images, images.parent / "manual1", lambda stem: f"{stem}.tif")
-    entries = [write_sample(root, SRC, f"hrf_{stem}", p, mask=m, prep=prep,
-                            fov=images.parent / "mask" / f"{stem}_mask.tif") for p, stem, m in pairs]
-    return finish("hrf", root, SRC, {"train": [e for e in entries if e]}, val, seed, group)
+    """HRF: src (at any depth) holds NN_{h,dr,g}.jpg images, NN_{h,dr,g}.tif vessel masks and NN_{h,dr,g}_mask.tif
+    FOV masks (they feed --preprocess fov), as the all-images archive has them (images/, manual1/, mask/) or the
+    per-category downloads, each extracted to its own folder (healthy/, healthy_manualsegm/, healthy_fovmask/, the
+    same for diabetic_retinopathy and glaucoma) -> vessel masks. No official split; one group per image (45 eyes)."""
+    eye = r"\d+_(?:h|dr|g)"  # number, then healthy, diabetic retinopathy or glaucoma
+    kinds = {"image": eye + r"\.jpe?g", "vessels": eye + r"\.tiff?", "fov": eye + r"_mask\.tiff?"}
+    found = {k: [] for k in kinds}
+    for p in sorted(Path(src).rglob("*_*")):
+        kind = next((k for k, rx in kinds.items() if re.fullmatch(rx, p.name, re.I)), None)
+        if kind and p.is_file():
+            found[kind].append(p)
+    if not found["image"]:
+        raise SystemExit(f"hrf: no NN_{{h,dr,g}}.jpg in {src}; expected HRF's images/, manual1/, mask/ or its "
+                         "per-category folders (healthy/, healthy_manualsegm/, healthy_fovmask/, ...)")
+    vessels = {p.stem.lower(): p for p in reversed(found["vessels"])}  # the first found wins
+    fovs = {p.stem.lower()[:-5]: p for p in reversed(found["fov"])}
+    samples = []
+    for p in found["image"]:
+        stem = p.stem.lower()
+        if stem in vessels:
+            samples.append(dict(name=f"hrf_{p.stem}", image=p, mask=vessels[stem], fov=fovs.get(stem)))
+        else:
+            log(f"{p}: no {p.stem}.tif vessel mask in {src} -> skipped")
+    return finish(root, SRC, "HRF", {"train": samples}, prep, val, seed, group, prefixes=("hrf_",))
 
 
 def convert_fives(src, root, val=0.2, prep=None, group=None, seed=42):
@@ -537,23 +673,24 @@ def convert_fives(src, root, val=0.2, prep=None, group=None, seed=42):
     for s in ("train", "test"):
         d = find_dir(src, s)
         if d is None or not (d / "Original").is_dir():
-            by_split[s] = []
             continue
         pairs = _pairs(d / "Original", d / "Ground truth", lambda stem: stem)
-        by_split[s] = [write_sample(root, SRC, f"fives_{s}_{stem}", p, mask=m, prep=prep) for p, stem, m in pairs]
-    if not by_split["train"] and not by_split["test"]:
+        by_split[s] = [dict(name=f"fives_{s}_{stem}", image=p, mask=m) for p, stem, m in pairs]
+    if not any(by_split.values()):
         raise SystemExit(f"fives: no train/Original or test/Original in {src}; expected FIVES' {{train,test}}/"
                          "{Original,Ground truth}/")
-    return finish("fives", root, SRC, {s: [e for e in v if e] for s, v in by_split.items()}, val, seed, group)
+    return finish(root, SRC, "FIVES", by_split, prep, val, seed, group, official=True, prefixes=("fives_",))
 
 # -----------------------------------------------------------------------------
 # plain folders
 
 
-def convert_folder(images, masks, root, task_key, group_regex=None, prep=None):
-    """A folder of images + same-stem masks (seg keys; YOLO .txt for detection) -> root's task
-    folder (masks rewritten as 0/255 PNG), then that whole task is re-split 70/30 (grouped if asked)."""
-    task, n = TASKS[task_key][1], 0
+def convert_folder(images, masks, root, task_key, group_regex=None, prep=None, prefix="", seed=42):
+    """A folder of images + same-stem masks (seg keys; YOLO .txt for detection) -> root's task folder as prefix + stem
+    (masks rewritten as 0/255 PNG); its entries record the folder ("folder"), so converting it again replaces its own
+    files and another folder's are never overwritten. Then what no set assigned in the task is re-split 70/30
+    (grouped if asked: data.split_root); the sets' splits stay. -> images written."""
+    task, samples = TASKS[task_key][1], []
     for p in sorted(Path(images).iterdir()):
         if p.suffix.lower() not in IMG_EXTS:
             continue
@@ -562,19 +699,25 @@ def convert_folder(images, masks, root, task_key, group_regex=None, prep=None):
             if not lab.exists():
                 log(f"{p}: no {lab.name} in {masks} -> skipped")
                 continue
-            n += write_sample(root, task_key, p.stem, p, boxes=lab.read_text(), prep=prep) is not None
+            samples.append(dict(name=prefix + p.stem, image=p, boxes=lab.read_text()))
         else:
-            found = [q for q in Path(masks).glob(p.stem + ".*") if q.suffix.lower() in IMG_EXTS]
+            found = sorted(q for q in Path(masks).glob(p.stem + ".*") if q.suffix.lower() in IMG_EXTS)
             if not found:
                 log(f"{p}: no same-stem mask in {masks} -> skipped")
                 continue
-            n += write_sample(root, task_key, p.stem, p, mask=found[0], prep=prep) is not None
+            samples.append(dict(name=prefix + p.stem, image=p, mask=found[0]))
+    owner = {"folder": Path(images).resolve().as_posix()}
+    written = write_all(root, task_key, owner, {"train": samples}, prep).get("train", [])
+    for e in written:
+        e.update(owner)
     splits = read_splits(root)
-    splits = make_splits(root) if splits is None else splits
-    splits[task_key] = split_entries(task_files(root, task_key), group_regex=group_regex)
-    write_splits(root, splits)
-    log(f"{n} images -> {Path(root) / TASKS[task_key][0]}")
-    return n
+    if splits is not None:
+        splits[task_key], gone = drop_own(root, splits.get(task_key, {}), owner, (), written)
+        if gone:
+            log(f"{gone} files this folder wrote before and no longer holds deleted")
+    split_root(root, splits, keys=(task_key,), group_regex=group_regex, seed=seed, new={task_key: written})
+    log(f"{len(written)} images -> {Path(root) / TASKS[task_key][0]}")
+    return len(written)
 
 # -----------------------------------------------------------------------------
 # the summary
@@ -638,6 +781,8 @@ EXTRA = {  # per-set options: flag -> argparse keywords
     "cadica": {"--drop": dict(default="", help="stenosis grades whose boxes are left out, e.g. p0_20,p20_50")},
     "chase": {"--observer": dict(choices=("1st", "2nd"), default="1st")},
     "stare": {"--observer": dict(choices=("ah", "vk"), default="ah")},
+    "folder": {"--prefix": dict(default="", help="put before every output name, e.g. b_, so that a second folder "
+                                                 "whose stems repeat another's writes its own files")},
 }
 
 
@@ -645,7 +790,7 @@ def _run(args, prep):
     """Call the chosen converter with the parsed arguments."""
     fn = SETS[args.set][0]
     if args.set == "folder":
-        return fn(args.src, args.masks, args.root, args.task, args.group, prep)
+        return fn(args.src, args.masks, args.root, args.task, args.group, prep, args.prefix, args.seed)
     kw = dict(prep=prep, group=args.group, seed=args.seed)
     if args.val is not None:
         kw["val"] = args.val

@@ -22,7 +22,10 @@ Decisions on inputs the layout leaves open (docs/design.md §8):
 - A mask with 0 and one other value (or a palette mask) is vessel wherever it is > 0. Any other mask (JPEG-compressed,
   antialiased, soft) is vessel above half its largest value, and the scan reports it once ("thresholded").
 - A directory where a file should be is a bad file (named and skipped). splits.json of the wrong shape stops the
-  run naming it; images in the folders that it does not list get one warning (`python data.py split` rewrites it).
+  run naming it; images in the folders that it does not list get one warning (`python data.py split` lists them).
+- Entries written by convert.py record their set and official split ("set", "official"): `python data.py split`
+  re-splits only entries no set assigned (`--set NAME`: that set's too), keeping every official val/test split and
+  every test listing that records none (`pinned`), so no command moves test images into training.
 - Too little data for a stage (a task missing, fewer training images than one batch, too few batches for one
   camtl_ratio cycle) stops the run before any loader is built: `check_stage_data`.
 
@@ -200,18 +203,20 @@ def task_files(root, key):
     return out
 
 
-def split_entries(entries, ratios=(0.7, 0.3, 0.0), seed=42, group_regex=None):
-    """Shuffle whole groups into train/val/test. With group_regex (searched in the file name; its
-    first group, else the whole match, is the key) all images of a patient/video land in one split;
-    without it every image is its own group. Each split's list is sorted."""
-    def key(e):
-        name = Path(e["image"]).name
-        m = re.search(group_regex, name) if group_regex else None
-        return (m.group(1) if m.groups() else m.group(0)) if m else name
+def group_key(e, group_regex=None):
+    """The key that keeps an entry's patient/video together: group_regex searched in the file name (its first group,
+    else the whole match), else the entry's own "group" (converters record it), else the file name."""
+    name = Path(e["image"]).name
+    m = re.search(group_regex, name) if group_regex else None
+    return (m.group(1) if m.groups() else m.group(0)) if m else e.get("group") or name
 
+
+def split_entries(entries, ratios=(0.7, 0.3, 0.0), seed=42, group_regex=None):
+    """Shuffle whole groups (`group_key`) into train/val/test, so all images of a patient/video land in one split;
+    without group_regex or "group" fields every image is its own group. Each split's list is sorted."""
     groups = {}
     for e in entries:
-        groups.setdefault(key(e), []).append(e)
+        groups.setdefault(group_key(e, group_regex), []).append(e)
     order = sorted(groups)
     random.Random(seed).shuffle(order)
     n = len(entries)
@@ -243,8 +248,9 @@ _warned_unlisted = set()  # roots already warned about in this process
 
 def _splits_error(p, why):
     return SystemExit(f"{p}: {why}; expected {SPLITS_SHAPE}, task keys {', '.join(TASKS)}, each entry "
-                      '{"image": path, "label": path (detection) or "mask": path (segmentation)}. Rewrite it with '
-                      f"`python data.py split --root {p.parent}` (70/30/0; or re-run the converter that wrote it)")
+                      '{"image": path, "label": path (detection) or "mask": path (segmentation)}. Fix it, or delete it, '
+                      "re-run the converters that wrote it (they record the official splits) and list the rest with "
+                      f"`python data.py split --root {p.parent}` (70/30/0)")
 
 
 def read_splits(root):
@@ -280,7 +286,7 @@ def read_splits(root):
 
 def _warn_unlisted(root, splits):
     """Images in a task's folder that splits.json does not list (added after it was written) are never used: say so
-    once per root, with the count and the command that rewrites it."""
+    once per root, with the count and the command that lists them."""
     root = Path(root)
     if root.resolve() in _warned_unlisted:
         return
@@ -294,8 +300,8 @@ def _warn_unlisted(root, splits):
         extra = [p for p in on_disk if os.path.normpath(p) not in listed]
         if extra:
             log(f"WARNING {root / 'splits.json'} does not list {len(extra)} of the {len(on_disk)} images in {d} "
-                f"(e.g. {extra[0].name}): they are not used. `python data.py split --root {root}` rewrites it "
-                "(a new 70/30/0 split; --group REGEX keeps a patient's images together)")
+                f"(e.g. {extra[0].name}): they are not used. `python data.py split --root {root}` lists them "
+                "(70/30/0 with what no set assigned; --group REGEX keeps a patient's images together)")
 
 
 def load_splits(root, group_regex=None):
@@ -314,6 +320,99 @@ def load_splits(root, group_regex=None):
     log(f"wrote {p}: " + ", ".join(f"{k} {len(v['train'])}/{len(v['val'])}" for k, v in splits.items()))
     return splits
 
+
+def pinned(e, split, sets=()):
+    """The split a listed entry must stay in, or None when it may be re-split. A set's entries stay where its converter
+    put them unless the set is named in sets (lower case); then, as for every entry, an official val or test split
+    ("official") stays. An entry that records no official split (listed by hand or by an older convert.py) stays in
+    test: no command moves test images into training."""
+    if e.get("set") and e["set"].lower() not in sets:
+        return split
+    if "official" in e:
+        return e["official"] if e["official"] in ("val", "test") else None
+    return "test" if split == "test" else None
+
+
+def resplit(per, new=(), sets=(), ratios=(0.7, 0.3, 0.0), seed=42, group_regex=None):
+    """One task's {split: entries} plus new entries (listed nowhere yet) -> ({split: entries}, moves). What `pinned`
+    keeps stays; a free entry whose group (`group_key`) is kept in val or test joins it; the other free entries are
+    split by group (split_entries). moves: Counter of (set or None, from split or "new", to split)."""
+    out, free = {s: [] for s in SPLITS}, []
+    for s in SPLITS:
+        for e in per.get(s, []):
+            p = pinned(e, s, sets)
+            (out[p] if p else free).append((e, s))
+    free += [(e, "new") for e in new]
+    held = {group_key(e, group_regex): s for s in ("val", "test") for e, _ in out[s]}
+    rest = []
+    for e, frm in free:
+        s = held.get(group_key(e, group_regex))
+        (out[s] if s else rest).append((e, frm))
+    origin = {id(e): frm for e, frm in rest}
+    for s, es in split_entries([e for e, _ in rest], ratios, seed, group_regex).items():
+        out[s] += [(e, origin[id(e)]) for e in es]
+    moves = Counter((e.get("set"), frm, s) for s, v in out.items() for e, frm in v)
+    return {s: sorted((e for e, _ in v), key=lambda e: e["image"]) for s, v in out.items()}, moves
+
+
+def log_moves(key, moves):
+    """One line per set and former split of a task: how many images went to which split."""
+    order = {s: i for i, s in enumerate((*SPLITS, "new"))}
+    rows = {}
+    for (st, frm, to), n in sorted(moves.items(), key=lambda kv: (kv[0][0] or "", order[kv[0][1]], order[kv[0][2]])):
+        rows.setdefault((st, frm), []).append((to, n))
+    for (st, frm), tos in rows.items():
+        log(f"{key}: {st or 'no set'} {frm} {sum(n for _, n in tos)} -> " + ", ".join(f"{to} {n}" for to, n in tos))
+
+
+def split_root(root, splits, keys=tuple(TASKS), sets=(), group_regex=None, seed=42, new=None):
+    """(Re)split root/splits.json keeping what sets assigned: per task in keys, `resplit` of what splits lists (each
+    image once, its test listing first; those whose image is gone dropped) plus the task folder's images it does not
+    list, as new, and new[key] (entries a converter has just written). splits None (no splits.json): every task from
+    its folder. Logs the moves, writes splits.json and returns it."""
+    root, new = Path(root), new or {}
+    splits, keys = ({}, tuple(TASKS)) if splits is None else (splits, keys)
+    for key in keys:
+        written = new.get(key, [])
+        seen = {os.path.normpath(root / e["image"]) for e in written}
+        per, dropped = {s: [] for s in SPLITS}, 0
+        for s in ("test", "val", "train"):
+            for e in splits.get(key, {}).get(s, []):
+                p = os.path.normpath(root / e["image"])
+                if p in seen or not os.path.exists(p):
+                    dropped += 1
+                    continue
+                seen.add(p)
+                per[s].append(e)
+        if dropped:
+            log(f"{key}: {dropped} listings dropped (an image listed again, or gone from disk)")
+        fresh = written + [e for e in task_files(root, key) if os.path.normpath(root / e["image"]) not in seen]
+        splits[key], moves = resplit(per, fresh, sets, seed=seed, group_regex=group_regex)
+        log_moves(key, moves)
+    write_splits(root, splits)
+    return splits
+
+
+def recorded_sets(splits, names):
+    """The --set names (any case) -> lower-case names, each one splits.json records; else SystemExit naming them."""
+    known = sorted({e["set"] for per in (splits or {}).values() for v in per.values() for e in v if e.get("set")})
+    for n in names:
+        if n.lower() not in {k.lower() for k in known}:
+            raise SystemExit(f"--set {n}: splits.json records no such set; it records the sets "
+                             f"{', '.join(known) or '(none)'}")
+    return {n.lower() for n in names}
+
+
+def duplicates(root, splits):
+    """Images a task of splits lists more than once -> [(path, task key, [the splits listing it])]."""
+    out = []
+    for key, per in splits.items():
+        where = {}
+        for s in SPLITS:
+            for e in per.get(s, []):
+                where.setdefault(os.path.normpath(Path(root) / e["image"]), []).append(s)
+        out += [(p, key, v) for p, v in where.items() if len(v) > 1]
+    return out
 
 def _task_dir(root, key):
     """root/<the task's folder>, its images/ and labels/ created."""
@@ -741,9 +840,12 @@ def main(argv=None):
     """The CLI; returns the exit status (check: 1 if any file was skipped as bad)."""
     ap = argparse.ArgumentParser(description="nanoCAMTL data tools (synthetic data: python synthetic.py)")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("split", help="(re)write splits.json, optionally grouped by a file-name regex")
+    a = sub.add_parser("split", help="(re)split what no set assigned (and the images splits.json does not list yet) "
+                                     "70/30/0, optionally grouped by a file-name regex; sets' splits are kept")
     a.add_argument("--root", required=True)
-    a.add_argument("--group", default=None)
+    a.add_argument("--group", default=None, help="regex on file names: its first group keys the split")
+    a.add_argument("--set", action="append", default=[], metavar="NAME",
+                   help="re-split this set's images too (repeatable); its official val and test stay")
     a = sub.add_parser("check", help="scan every split for bad inputs (exit status 1 if any file is skipped); "
                                      "changes nothing on disk")
     a.add_argument("--root", required=True)
@@ -760,8 +862,8 @@ def main(argv=None):
         except re.error as e:
             raise SystemExit(f"--group {args.group!r}: not a valid regular expression ({e})") from None
     if args.cmd == "split":
-        (Path(args.root) / "splits.json").unlink(missing_ok=True)
-        load_splits(args.root, args.group)
+        splits = read_splits(args.root)
+        split_root(args.root, splits, sets=recorded_sets(splits, args.set), group_regex=args.group)
     elif args.cmd == "check":
         if args.nc < 1:
             raise SystemExit(f"--nc {args.nc}: must be >= 1")
@@ -782,11 +884,19 @@ def main(argv=None):
                 ds = TaskDataset(args.root, key, s, nc=args.nc, splits=splits)
                 skipped += sum(act == "skipped" for *_, act in ds.problems)
                 total += len(ds) + sum(act == "skipped" for *_, act in ds.problems)
+        dups = duplicates(args.root, splits)
+        for path, key, where in dups:
+            log(f"{path}: listed {len(where)} times in {key} ({', '.join(where)}) -> counted once")
+        total -= sum(len(where) - 1 for *_, where in dups)
         if not total:
             log(f"check: no images in any task folder of {args.root} (README: data layout)")
             return 1
         if skipped:
             log(f"check: {skipped} of {total} files skipped as bad (listed above)")
+        if dups:
+            log(f"check: {len(dups)} of {total} images listed more than once (above); `python data.py split --root "
+                f"{args.root}` lists each once, a test listing first")
+        if skipped or dups:
             return 1
         log(f"check: all {total} images usable")
     return 0

@@ -4,6 +4,7 @@ the preprocessing steps on small arrays; the summary; the CLI's answers to mista
 DRIVE trains one tiny camtl epoch (detection, vessels and fundus replay)."""
 import gzip
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -62,30 +63,47 @@ def _names(split):
 # angiography
 
 
-def _arcade(src, counts=(("train", 4), ("val", 2), ("test", 0))):
-    """arcade/{stenosis,syntax}/{split}/{images/N.png, annotations/{split}.json}: COCO-style, 64 x 64 images. stenosis:
-    category 26 'stenosis' boxes (image N: one box [8 + N, 10, 12, 8] px); syntax: segment polygons, categories 1-25
-    named after the SYNTAX segments ('1', '5', '16a', ...)."""
+def _coco_split(d, json_name, n, part):
+    """One ARCADE split folder: d/images/N.png (64 x 64) + d/annotations/json_name, COCO-style. stenosis: category 26
+    'stenosis' boxes (image N: one box [8 + N, 10, 12, 8] px); syntax: segment polygons, categories 1-25 named after
+    the SYNTAX segments ('1', '5', '16a', ...)."""
     cats = [{"id": i + 1, "name": n, "supercategory": "vessel"} for i, n in enumerate(["1", "2", "3", "4", "5", "16a"])]
+    images, anns = [], []
+    for i in range(1, n + 1):
+        _save(d / "images" / f"{i}.png", _angio(seed=i))
+        images.append({"id": i, "file_name": f"{i}.png", "width": 64, "height": 64})
+        if part == "stenosis":
+            x, y, w, h = 8 + i, 10, 12, 8
+            anns.append({"id": i, "image_id": i, "category_id": 26, "bbox": [x, y, w, h], "area": w * h,
+                         "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]], "iscrowd": 0})
+        else:  # two segments: a band across (category 1) and a bar down (category 6, '16a')
+            anns.append({"id": 2 * i, "image_id": i, "category_id": 1, "bbox": [4, 28, 56, 8], "area": 448,
+                         "segmentation": [[4, 28, 60, 28, 60, 36, 4, 36]], "iscrowd": 0})
+            anns.append({"id": 2 * i + 1, "image_id": i, "category_id": 6, "bbox": [30, 4, 4, 24],
+                         "area": 96, "segmentation": [[30, 4, 34, 4, 34, 28, 30, 28]], "iscrowd": 0})
+    coco = {"images": images, "categories": cats + [{"id": 26, "name": "stenosis", "supercategory": ""}],
+            "annotations": anns}
+    (d / "annotations").mkdir(parents=True, exist_ok=True)
+    (d / "annotations" / json_name).write_text(json.dumps(coco))
+
+
+def _arcade(src, counts=(("train", 4), ("val", 2), ("test", 0))):
+    """The Zenodo release, arcade/{stenosis,syntax}/{split}/{images/N.png, annotations/{split}.json}."""
     for part in ("stenosis", "syntax"):
         for split, n in counts:
-            images, anns = [], []
-            for i in range(1, n + 1):
-                _save(src / part / split / "images" / f"{i}.png", _angio(seed=i))
-                images.append({"id": i, "file_name": f"{i}.png", "width": 64, "height": 64})
-                if part == "stenosis":
-                    x, y, w, h = 8 + i, 10, 12, 8
-                    anns.append({"id": i, "image_id": i, "category_id": 26, "bbox": [x, y, w, h], "area": w * h,
-                                 "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]], "iscrowd": 0})
-                else:  # two segments: a band across (category 1) and a bar down (category 6, '16a')
-                    anns.append({"id": 2 * i, "image_id": i, "category_id": 1, "bbox": [4, 28, 56, 8], "area": 448,
-                                 "segmentation": [[4, 28, 60, 28, 60, 36, 4, 36]], "iscrowd": 0})
-                    anns.append({"id": 2 * i + 1, "image_id": i, "category_id": 6, "bbox": [30, 4, 4, 24],
-                                 "area": 96, "segmentation": [[30, 4, 34, 4, 34, 28, 30, 28]], "iscrowd": 0})
-            coco = {"images": images, "categories": cats + [{"id": 26, "name": "stenosis", "supercategory": ""}],
-                    "annotations": anns}
-            (src / part / split / "annotations").mkdir(parents=True, exist_ok=True)
-            (src / part / split / "annotations" / f"{split}.json").write_text(json.dumps(coco))
+            _coco_split(src / part / split, f"{split}.json", n, part)
+    return src
+
+
+def _arcade_challenge(src, counts=(3, 2, 1)):
+    """The challenge release, arcade_challenge_datasets/: dataset_phase_1/{stenosis_dataset/sten_{train,val},
+    segmentation_dataset/seg_{train,val}}/annotations/<folder>.json and dataset_final_phase/{test_cases_stenosis,
+    test_case_segmentation}/annotations/instances_default.json, each beside its images/."""
+    for part, sub, short, test in (("stenosis", "stenosis_dataset", "sten", "test_cases_stenosis"),
+                                   ("syntax", "segmentation_dataset", "seg", "test_case_segmentation")):
+        for split, n in zip(("train", "val"), counts):
+            _coco_split(src / "dataset_phase_1" / sub / f"{short}_{split}", f"{short}_{split}.json", n, part)
+        _coco_split(src / "dataset_final_phase" / test, "instances_default.json", counts[2], part)
     return src
 
 
@@ -104,6 +122,38 @@ def test_arcade_both_parts(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "angiography_detection/train" in out and "4 boxes, 0 negatives" in out and "(4 under 32 px)" in out
     assert "angiography_segmentation/val" in out and "mean vessel fraction" in out
+
+
+def test_arcade_in_its_archive_folder_and_the_challenge_release(tmp_path):
+    """ARCADE as extracted: the Zenodo zip's own arcade/ folder one level down; the challenge release (annotation files
+    sten_train.json, seg_val.json, instances_default.json in two phase folders) from the folder holding it, and one
+    of its parts alone. Its official train/val/test are kept and recorded."""
+    zen, root = tmp_path / "zenodo", tmp_path / "root"
+    _arcade(zen / "arcade", (("train", 2), ("val", 1), ("test", 1)))
+    convert.convert_arcade(zen, root)
+    s = _splits(root)
+    assert _names(s[DET]) == _names(s[SEG]) == {"train": ["train_1.png", "train_2.png"], "val": ["val_1.png"],
+                                                "test": ["test_1.png"]}
+    ch, root2 = tmp_path / "download", tmp_path / "root2"
+    _arcade_challenge(ch / "arcade_challenge_datasets")
+    assert convert.main(["arcade", str(ch), "--root", str(root2), "--imgsz", "64"]) == 0
+    s = _splits(root2)
+    want = {"train": ["train_1.png", "train_2.png", "train_3.png"], "val": ["val_1.png", "val_2.png"],
+            "test": ["test_1.png"]}
+    assert _names(s[DET]) == _names(s[SEG]) == want
+    assert {(e["set"], e["official"]) for e in s[SEG]["val"] + s[DET]["val"]} == {("ARCADE", "val")}
+    assert {e["official"] for e in s[DET]["test"]} == {"test"}
+    lab = np.loadtxt(root2 / "angiography/detect/labels/test_1.txt", ndmin=2)  # box [9, 10, 12, 8] px
+    assert np.allclose(lab, [[0, 15 / 64, 14 / 64, 12 / 64, 8 / 64]], atol=1e-6)
+    m = data.read_mask(root2 / "angiography/segment/labels/val_2.png")
+    assert m[32, 10] and m[10, 32] and not m[10, 10]
+    root3 = tmp_path / "root3"
+    convert.convert_arcade(ch / "arcade_challenge_datasets/dataset_phase_1/segmentation_dataset", root3)
+    s = _splits(root3)
+    assert _names(s[SEG])["val"] == ["val_1.png", "val_2.png"] and not any(s[DET].values())
+    _arcade(ch / "arcade", (("train", 1),))  # both releases under one folder: which train is meant?
+    with pytest.raises(SystemExit, match="two ARCADE train folders"):
+        convert.convert_arcade(ch, tmp_path / "root4")
 
 
 def _cadica(src):
@@ -258,6 +308,21 @@ def test_stare_plain_and_gzipped_ppm(tmp_path):
     assert [e["group"] for e in _splits(root)[SRC]["train"]] == ["stare_im0001", "stare_im0002", "stare_im0003"]
 
 
+def test_stare_with_a_gunzipped_copy_is_read_once(tmp_path, capsys):
+    """im0001.ppm next to im0001.ppm.gz (as `gunzip -k` leaves them): one image, listed once, and check agrees."""
+    src, root = tmp_path / "stare", tmp_path / "root"
+    for i in (1, 2):
+        plain = _save(src / f"stare-images/im000{i}.ppm", _fundus(seed=i)[0])
+        (src / f"stare-images/im000{i}.ppm.gz").write_bytes(gzip.compress(plain.read_bytes()))
+        _save(src / f"labels-ah/im000{i}.ah.ppm", np.repeat(_vessels()[..., None], 3, 2).astype(np.uint8) * 255)
+    split = convert.convert_stare(src, root, val=0.0)
+    assert _names(split) == {"train": ["stare_im0001.png", "stare_im0002.png"], "val": [], "test": []}
+    assert _names(_splits(root)[SRC])["train"] == ["stare_im0001.png", "stare_im0002.png"]
+    assert "read once" in capsys.readouterr().err
+    assert data.main(["check", "--root", str(root)]) == 0
+    assert "all 2 images usable" in capsys.readouterr().err
+
+
 def test_hrf_and_fives(tmp_path):
     hrf, fives, root = tmp_path / "HRF", tmp_path / "FIVES", tmp_path / "root"
     for stem in ("01_dr", "01_g", "01_h", "02_h"):
@@ -285,6 +350,26 @@ def test_hrf_and_fives(tmp_path):
     convert.convert_fives(fives, root, val=0.0)  # again: replaced, not doubled
     assert sum(map(len, _splits(root)[SRC].values())) == 10
 
+def test_hrf_per_category_downloads(tmp_path):
+    """HRF as nine downloads, each extracted to its own folder: healthy/ (one level deeper, as some unzip tools do),
+    healthy_manualsegm/, healthy_fovmask/, and the same for diabetic_retinopathy and glaucoma."""
+    src, root = tmp_path / "HRF", tmp_path / "root"
+    fov = np.zeros((48, 64), np.uint8)
+    fov[8:40, 8:56] = 255  # a 48 x 32 rectangle: its crop shows the FOV file was the one used
+    for cat, code in (("healthy", "h"), ("diabetic_retinopathy", "dr"), ("glaucoma", "g")):
+        for i in (1, 2):
+            stem = f"{i:02d}_{code}"
+            _save(src / cat / (cat if cat == "healthy" else "") / f"{stem}.jpg", _fundus(seed=i)[0], quality=95)
+            _save(src / f"{cat}_manualsegm" / f"{stem}.tif", _vessels().astype(np.uint8) * 255)
+            _save(src / f"{cat}_fovmask" / f"{stem}_mask.tif", fov)
+    split = convert.convert_hrf(src, root, val=0.0, prep={"fov": True})
+    assert _names(split)["train"] == [f"hrf_{i:02d}_{c}.png" for i in (1, 2) for c in ("dr", "g", "h")]
+    for name in ("hrf_01_h", "hrf_02_g"):
+        assert Image.open(root / f"retinography/images/{name}.png").size == (48, 32)
+        assert data.read_mask(root / f"retinography/labels/{name}.png").any()
+    assert {(e["set"], e["official"]) for e in _splits(root)[SRC]["train"]} == {("HRF", None)}
+
+
 # -----------------------------------------------------------------------------
 # a converted root trains
 
@@ -301,6 +386,141 @@ def test_converted_arcade_and_drive_train_one_camtl_epoch(tmp_path):
     assert (run_dir / "weights/best.pt").is_file() and 0 <= metrics["dice_full"] <= 1 and "map50" in metrics
     header = (run_dir / "results.csv").read_text().splitlines()[0]
     assert "train/det" in header and "train/seg" in header
+
+# -----------------------------------------------------------------------------
+# sets, folders and splits in one root
+
+
+def _folder(d, stems, value=40, size=(20, 30)):
+    """d/images/STEM.png + d/masks/STEM.png (0/255) for each stem -> (images, masks)."""
+    for stem in stems:
+        _save(d / "images" / f"{stem}.png", np.full((*size, 3), value, np.uint8))
+        _save(d / "masks" / f"{stem}.png", _vessels(*size).astype(np.uint8) * 255)
+    return d / "images", d / "masks"
+
+
+def _where(root, key):
+    return {Path(e["image"]).name: s for s, v in _splits(root)[key].items() for e in v}
+
+
+def test_folder_and_split_keep_what_sets_assigned(tmp_path, capsys):
+    """folder and data.py split re-split only entries that no set assigned (with --set NAME, that set's too, its
+    official test staying), say what moved where, and read a splits.json written before sets were recorded."""
+    root = tmp_path / "root"
+    convert.convert_drive(_drive(tmp_path / "DRIVE", 4, 2), root, val=0.25)
+    drive = _splits(root)[SRC]
+    assert {(e["set"], e["official"]) for e in drive["test"]} == {("DRIVE", "test")}
+    assert {(e["set"], e["official"]) for e in drive["train"] + drive["val"]} == {("DRIVE", "train")}
+    capsys.readouterr()
+    convert.convert_folder(*_folder(tmp_path / "mine", [f"p{i}_{j}" for i in range(3) for j in range(2)]), root, SRC)
+    err = capsys.readouterr().err
+    assert "retinography_segmentation: DRIVE test 2 -> test 2" in err and "DRIVE train 3 -> train 3" in err
+    assert "no set new 6 -> train 4, val 2" in err
+    s = _splits(root)[SRC]
+    assert {k: [e for e in v if e.get("set")] for k, v in s.items()} == drive  # DRIVE's entries as they were
+    assert data.main(["split", "--root", str(root), "--group", r"(p\d)_"]) == 0
+    err = capsys.readouterr().err
+    assert "DRIVE val 1 -> val 1" in err and "no set train 4 -> " in err
+    mine = {s: {Path(e["image"]).name[:2] for e in v if not e.get("set")} for s, v in _splits(root)[SRC].items()}
+    assert mine["train"] and mine["val"] and not mine["train"] & mine["val"] and not mine["test"]
+    assert data.main(["split", "--root", str(root), "--set", "drive"]) == 0  # DRIVE's train and val re-split too
+    assert "DRIVE test 2 -> test 2" in capsys.readouterr().err
+    where = _where(root, SRC)
+    assert [where[f"drive_0{i}_test.tif"] for i in (1, 2)] == ["test", "test"]
+    assert {where[f"drive_{i}_training.tif"] for i in range(21, 25)} <= {"train", "val"}
+    with pytest.raises(SystemExit, match="--set STARE: .* records the sets DRIVE"):
+        data.main(["split", "--root", str(root), "--set", "STARE"])
+    legacy = {k: {sp: [{f: v for f, v in e.items() if f in ("image", "mask", "label", "domain")} for e in es]
+                  for sp, es in per.items()} for k, per in _splits(root).items()}
+    (root / "splits.json").write_text(json.dumps(legacy))  # as an older convert.py wrote it
+    assert data.main(["split", "--root", str(root)]) == 0
+    where = _where(root, SRC)
+    assert [where[f"drive_0{i}_test.tif"] for i in (1, 2)] == ["test", "test"]  # a test listing stays in test
+    assert sum(v == "train" for v in where.values()) == 7 and len(where) == 12
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_official_val_and_test_never_reach_train(tmp_path, seed):
+    """Random sequences of conversions (DRIVE: train/test; ARCADE: train/val/test), folder conversions into the same
+    tasks and data.py split (plain, grouped, --set), each at least once, on one root: after each step every official
+    val and test image of the sets converted so far is listed in exactly its official split, and no image twice."""
+    root, rng = tmp_path / "root", random.Random(seed)
+    drive, arcade = _drive(tmp_path / "DRIVE", 4, 2), _arcade(tmp_path / "arcade", (("train", 3), ("val", 2),
+                                                                                     ("test", 2)))
+    fundus, angio = _folder(tmp_path / "fundus", [f"f{i}" for i in range(5)]), _folder(tmp_path / "angio", ["a0", "a1"])
+    official = {"DRIVE": {SRC: {f"drive_0{i}_test.tif": "test" for i in (1, 2)}},
+                "ARCADE": {k: {"val_1.png": "val", "val_2.png": "val", "test_1.png": "test", "test_2.png": "test"}
+                           for k in (DET, SEG)}}
+    done, history = set(), []
+    ops = {"drive": lambda: convert.convert_drive(drive, root, val=rng.choice([0.0, 0.25, 0.5])),
+           "arcade": lambda: convert.convert_arcade(arcade, root, val=rng.choice([0.0, 0.5])),
+           "folder fundus": lambda: convert.convert_folder(*fundus, root, SRC, group_regex=rng.choice([None, r"\d"])),
+           "folder angio": lambda: convert.convert_folder(*angio, root, SEG),
+           "split": lambda: data.main(["split", "--root", str(root)] + rng.choice(
+               [[], ["--group", r"_(\d)"]] + [["--set", name] for name in sorted(done)]))}
+    for op in rng.sample(sorted(ops), len(ops)) + rng.choices(sorted(ops), k=3):  # each op at least once
+        history.append(op)
+        ops[op]()
+        done |= {op.upper()} & set(official)
+        s = _splits(root)
+        for key, per in s.items():
+            names = [Path(e["image"]).name for v in per.values() for e in v]
+            assert len(names) == len(set(names)), history
+            where = _where(root, key)
+            for name, sp in (item for st in done for item in official[st].get(key, {}).items()):
+                assert where.get(name) == sp, (history, key, name)
+
+
+def test_a_conversion_never_overwrites_another_folder_or_set(tmp_path, capsys):
+    """A folder whose stems repeat another folder's, or a set's output names, is refused before anything is written,
+    naming the clash; --prefix names it apart; the same folder again replaces its own files. An unreadable image is
+    skipped, not fatal."""
+    root, a = tmp_path / "root", _folder(tmp_path / "a", ["x1", "x2"])
+    (a[0] / "broken.png").write_bytes(b"not a png")
+    _save(a[1] / "broken.png", np.zeros((20, 30), np.uint8))
+    assert convert.convert_folder(*a, root, SRC) == 2
+    assert "broken.png" in capsys.readouterr().err
+    images = root / "retinography/images"
+    before = {p.name: p.read_bytes() for p in images.iterdir()}
+    b = _folder(tmp_path / "b", ["x1", "x3"], value=200)
+    argv = ["folder", str(b[0]), str(b[1]), "--root", str(root), "--task", SRC]
+    with pytest.raises(SystemExit, match=r"x1 .*folder .*/a/images.*--prefix"):
+        convert.main(argv)
+    assert {p.name: p.read_bytes() for p in images.iterdir()} == before  # nothing written, not even x3
+    assert convert.main(argv + ["--prefix", "b_"]) == 0
+    assert sorted(_where(root, SRC)) == ["b_x1.png", "b_x3.png", "x1.png", "x2.png"]
+    assert convert.convert_folder(*a, root, SRC) == 2  # the same folder again: its own files
+    assert sorted(_where(root, SRC)) == ["b_x1.png", "b_x3.png", "x1.png", "x2.png"]
+    convert.convert_drive(_drive(tmp_path / "DRIVE", 1, 1), root, val=0.0)
+    c = _folder(tmp_path / "c", ["drive_01_test"], size=(48, 64))
+    with pytest.raises(SystemExit, match=r"drive_01_test .*set DRIVE"):
+        convert.convert_folder(*c, root, SRC)
+    convert.convert_folder(*_folder(tmp_path / "d", ["train_1"], size=(64, 64)), root, SEG)
+    with pytest.raises(SystemExit, match=r"train_1 .*folder .*/d/images"):  # nor a set a folder's: ARCADE's train_1
+        convert.convert_arcade(_arcade(tmp_path / "arcade", (("train", 1),)), root)
+    assert DET not in _splits(root) or not any(_splits(root)[DET].values())  # refused before either part was written
+
+
+def test_converting_again_removes_only_what_it_wrote_and_no_longer_lists(tmp_path):
+    root, src = tmp_path / "root", _drive(tmp_path / "DRIVE", 3, 1)
+    convert.convert_drive(src, root, val=0.0)
+    mine = _folder(tmp_path / "mine", ["m1", "m2"])
+    convert.convert_folder(*mine, root, SRC)
+    stray = _save(root / "retinography/images/drive_99_mine.png", np.zeros((8, 8), np.uint8))  # listed by no one
+    for p in (src / "training").rglob("22_*"):
+        p.unlink()  # DRIVE without image 22
+    convert.convert_drive(src, root, val=0.0)
+    files = sorted(p.relative_to(root / "retinography").as_posix() for p in (root / "retinography").rglob("*.*"))
+    assert files == ["images/drive_01_test.tif", "images/drive_21_training.tif", "images/drive_23_training.tif",
+                     "images/drive_99_mine.png", "images/m1.png", "images/m2.png", "labels/drive_01_test.png",
+                     "labels/drive_21_training.png", "labels/drive_23_training.png", "labels/m1.png", "labels/m2.png"]
+    assert stray.exists() and "drive_22_training.tif" not in _where(root, SRC)
+    (mine[0] / "m2.png").unlink()
+    convert.convert_folder(*mine, root, SRC)  # the folder again, without m2
+    assert not (root / "retinography/images/m2.png").exists() and not (root / "retinography/labels/m2.png").exists()
+    assert sorted(_where(root, SRC)) == ["drive_01_test.tif", "drive_21_training.tif", "drive_23_training.tif",
+                                         "drive_99_mine.png", "m1.png"]
+
 
 # -----------------------------------------------------------------------------
 # preprocessing, splits, summary, CLI

@@ -99,6 +99,48 @@ def test_grouped_split_never_leaks_a_group():
     assert 0.5 < len(s["train"]) / len(entries) < 0.9 and s["val"]
 
 
+def test_resplit_keeps_what_sets_and_tests_pinned():
+    """data.resplit: a set's entries stay where its converter put them; named with sets, its official val/test still
+    stay and the rest is pooled; an entry that records nothing stays in test; a pooled image whose group is held in
+    val or test joins it; moves count (set, from, to)."""
+    def e(name, **kw):
+        return {"image": f"retinography/images/{name}.png", "mask": f"retinography/labels/{name}.png", **kw}
+
+    per = {"train": [e("d1", set="D", official="train"), e("d2", set="D", official="train"), e("u1"), e("u2")],
+           "val": [e("a1", set="A", official="val"), e("u3")],
+           "test": [e("d3", set="D", official="test"), e("old", group="g")]}
+    new = [e("n1"), e("n2", group="g")]
+    out, moves = data.resplit(per, new)
+    where = {Path(x["image"]).stem: sp for sp, v in out.items() for x in v}
+    assert [where[k] for k in ("d1", "d2", "a1", "d3", "old")] == ["train", "train", "val", "test", "test"]
+    assert where["n2"] == "test"  # its group sits in test: a patient never straddles
+    assert {where[k] for k in ("u1", "u2", "u3", "n1")} <= {"train", "val"} and sum(map(len, out.values())) == 10
+    assert moves[("D", "test", "test")] == 1 and moves[("A", "val", "val")] == 1 and moves[(None, "new", "test")] == 1
+    out, _ = data.resplit(per, sets={"d"}, ratios=(0.0, 1.0, 0.0))  # D named: its official train pooled, test kept
+    where = {Path(x["image"]).stem: sp for sp, v in out.items() for x in v}
+    assert [where[k] for k in ("d1", "d2", "d3", "a1")] == ["val", "val", "test", "val"]
+    assert all(x["image"] < y["image"] for v in out.values() for x, y in zip(v, v[1:]))  # sorted
+
+
+def test_check_counts_an_image_listed_twice_once(tmp_path, capsys):
+    """An image splits.json lists twice (here in train and in test) is one image to check, which fails naming it;
+    data.py split lists it once, in test."""
+    for i in range(3):
+        _png(tmp_path / "retinography/images" / f"r{i}.png", np.full((8, 8, 3), 50, np.uint8))
+        _png(tmp_path / "retinography/labels" / f"r{i}.png", np.eye(8, dtype=np.uint8) * 255)
+    splits = data.make_splits(tmp_path, ratios=(1, 0, 0))
+    splits[SRC]["test"] = [dict(splits[SRC]["train"][0])]
+    data.write_splits(tmp_path, splits)
+    assert data.main(["check", "--root", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "r0.png: listed 2 times in retinography_segmentation (train, test)" in err and "3 images" in err
+    assert data.main(["split", "--root", str(tmp_path)]) == 0
+    s = json.loads((tmp_path / "splits.json").read_text())[SRC]
+    assert [Path(e["image"]).name for e in s["test"]] == ["r0.png"] and sum(map(len, s.values())) == 3
+    assert data.main(["check", "--root", str(tmp_path)]) == 0
+    assert "all 3 images usable" in capsys.readouterr().err
+
+
 # -----------------------------------------------------------------------------
 # bad inputs
 
