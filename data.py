@@ -248,8 +248,8 @@ _warned_unlisted = set()  # roots already warned about in this process
 
 def _splits_error(p, why):
     return SystemExit(f"{p}: {why}; expected {SPLITS_SHAPE}, task keys {', '.join(TASKS)}, each entry "
-                      '{"image": path, "label": path (detection) or "mask": path (segmentation)}. Fix it, or delete it, '
-                      "re-run the converters that wrote it (they record the official splits) and list the rest with "
+                      '{"image": path, "label": path (detection) or "mask": path (segmentation)}. Fix it, or '
+                      "delete it, re-run the converters that wrote it (they record the official splits) and list the rest with "
                       f"`python data.py split --root {p.parent}` (70/30/0)")
 
 
