@@ -20,13 +20,13 @@ STAGES = ("domainshift1", "camtl")  # in training order; each has its configs/{s
 DEFAULTS = runpy.run_path(str(ROOT / "configs" / "defaults.py"))["config"]
 SCALE_NAMES = ("n", "s", "m", "l", "x")  # model.SCALES; repeated here because model imports config
 # keys added after checkpoints were written, at the value those older runs trained with (not today's default)
-BEFORE = {"attn_query_stride": 8, "ctam": True, "csam": True, "fpma": True, "xtam": False}
+OLD_RUN_VALUES = {"attn_query_stride": 8, "ctam": True, "csam": True, "fpma": True, "xtam": False}
 
 
 def saved_config(saved):
-    """The full config of a checkpoint's saved one: a key it lacks takes BEFORE's value if it has one (what that
-    run computed), else today's default."""
-    return {**DEFAULTS, **{k: v for k, v in BEFORE.items() if k not in saved}, **saved}
+    """The full config of a checkpoint's saved one: a key it lacks takes its OLD_RUN_VALUES value if it has one
+    (what that run computed), else today's default."""
+    return {**DEFAULTS, **{k: v for k, v in OLD_RUN_VALUES.items() if k not in saved}, **saved}
 
 # -----------------------------------------------------------------------------
 # what each key allows, beyond its type: key -> (test of the value, what is allowed)
@@ -125,8 +125,8 @@ for _k in ("box", "cls", "dfl", "kpt", "kobj", "w_p3", "w_p4", "w_p5", "w_full",
     RULES[_k] = NON_NEGATIVE
 # keys without a rule: bools and paths/names (their type is all; paths are checked where used), and device
 # (check_device). A new key belongs in RULES or here (tests/test_mistakes.py checks that every key is in one).
-FREE = ("ema_attention", "dual_bn", "kpt_aux", "ctam", "csam", "fpma", "xtam", "stage1", "augment", "data",
-        "weights_dir", "name", "exist_ok", "device", "cos_lr", "amp", "ema", "plots", "channels_last")
+TYPE_ONLY = ("ema_attention", "dual_bn", "kpt_aux", "ctam", "csam", "fpma", "xtam", "stage1", "augment", "data",
+             "weights_dir", "name", "exist_ok", "device", "cos_lr", "amp", "ema", "plots", "channels_last")
 
 # -----------------------------------------------------------------------------
 # checking one value, a device, a merged config

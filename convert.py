@@ -11,7 +11,7 @@ SET (docs/convert.md has the table of the layouts and download variants each acc
     fundus       drive, chase, stare, hrf, fives (vessel masks)
 
 Why a file of its own: data.py stays one concern (layout, splits, loading, checks), and the converters need data's
-writer helpers and layout (TASKS, _task_dir, _yolo_line, read_splits, split_root, write_splits), so data importing
+writer helpers and layout (TASK_KEYS, task_dir, yolo_line, read_splits, split_root, write_splits), so data importing
 convert would be an import cycle. It sits next to data.py as synthetic.py does; imports go data <- convert, never back.
 
 Every converter is one small function that finds the set's files and hands them, as {official split: samples}, to
@@ -58,7 +58,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data import (IMG_EXTS, SPLITS, TASKS, TaskDataset, _pil_to_float, _task_dir, _yolo_line, log, make_splits,
+from data import (IMG_EXTS, SPLITS, TASK_KEYS, TaskDataset, pil_to_float, task_dir, yolo_line, log, make_splits,
                   mask_threshold, read_splits, split_root, write_splits)
 
 DET, SEG, SRC = "angiography_detection", "angiography_segmentation", "retinography_segmentation"
@@ -213,7 +213,7 @@ def box_lines(boxes, W, H):
     for x1, y1, x2, y2 in boxes:
         x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, W), min(y2, H)
         if x2 > x1 and y2 > y1:
-            out.append(_yolo_line((x1, y1, x2, y2), W, H))
+            out.append(yolo_line((x1, y1, x2, y2), W, H))
     return out
 
 
@@ -221,14 +221,14 @@ def write_sample(root, key, name, image, mask=None, boxes=None, group=None, prep
     """One sample into root's layout -> its splits.json entry {image, mask | label, domain, group}, or None (skipped,
     logged) when the image or mask is unreadable or the mask's size differs from the image's.
 
-    key: task key (data.TASKS); name: output stem, unique in the task folder; image: source path (any PIL format,
+    key: task key (data.TASK_KEYS); name: output stem, unique in the task folder; image: source path (any PIL format,
     .gz too). Copied as it is when the loader reads its format and prep is empty, else saved as PNG.
     mask (segmentation): path, PIL image, bool (H, W) array, or a function returning one (drawn only when written)
     -> labels/{name}.png, 0/255 8-bit.
     boxes (detection): list of (x1, y1, x2, y2) pixels of the source image -> labels/{name}.txt, YOLO class 0,
     normalised; [] writes an empty file (a negative); a str is YOLO label text, written as it is.
     group: grouping key for splits (default: name). prep: parse_preprocess dict. fov: the set's FOV mask (path)."""
-    prep, folder, d = prep or {}, TASKS[key][0], _task_dir(root, key)
+    prep, folder, d = prep or {}, TASK_KEYS[key][0], task_dir(root, key)
     if prep.get("fov") and key != SRC:
         raise ValueError("--preprocess fov is for fundus sets (retinography) only: it crops, which would move boxes")
     image = Path(image)
@@ -248,7 +248,7 @@ def write_sample(root, key, name, image, mask=None, boxes=None, group=None, prep
         return None
     if prep:
         f = read_binary(fov) if fov is not None and Path(fov).exists() else None
-        out_im, out_m = preprocess(_pil_to_float(src_im, keep_gray=True), m, prep, f)
+        out_im, out_m = preprocess(pil_to_float(src_im, keep_gray=True), m, prep, f)
     else:
         out_im, out_m = src_im, Image.fromarray(m.astype(np.uint8) * 255) if m is not None else None
     dst = d / "images" / (f"{name}{image.suffix}" if out_im is None else f"{name}.png")
@@ -258,8 +258,8 @@ def write_sample(root, key, name, image, mask=None, boxes=None, group=None, prep
         shutil.copy2(image, dst)
     else:
         out_im.save(dst)
-    e = {"image": f"{folder}/images/{dst.name}", "domain": TASKS[key][2], "group": group or name}
-    if TASKS[key][1] == "det":
+    e = {"image": f"{folder}/images/{dst.name}", "domain": TASK_KEYS[key][2], "group": group or name}
+    if TASK_KEYS[key][1] == "det":
         e["label"] = f"{folder}/labels/{name}.txt"
         text = boxes if isinstance(boxes, str) else "".join(box_lines(boxes or [], W, H))
         (Path(root) / e["label"]).write_text(text)
@@ -284,7 +284,7 @@ def refuse_clashes(root, key, owner, names, splits, prefixes=()):
     """SystemExit, before anything is written, when one of a conversion's output names (stems) is listed in splits's
     task folder for another owner: another set, another folder, or no converter (by hand, `data.py split`). Files
     splits.json does not list belong to no one (the loader ignores them) and may be overwritten."""
-    images = os.path.normpath(Path(root) / TASKS[key][0] / "images")
+    images = os.path.normpath(Path(root) / TASK_KEYS[key][0] / "images")
     taken = {}
     for e in (e for v in (splits or {}).get(key, {}).values() for e in v):
         p = Path(os.path.normpath(Path(root) / e["image"]))
@@ -690,7 +690,7 @@ def convert_folder(images, masks, root, task_key, group_regex=None, prep=None, p
     (masks rewritten as 0/255 PNG); its entries record the folder ("folder"), so converting it again replaces its own
     files and another folder's are never overwritten. Then what no set assigned in the task is re-split 70/30
     (grouped if asked: data.split_root); the sets' splits stay. -> images written."""
-    task, samples = TASKS[task_key][1], []
+    task, samples = TASK_KEYS[task_key][1], []
     for p in sorted(Path(images).iterdir()):
         if p.suffix.lower() not in IMG_EXTS:
             continue
@@ -716,7 +716,7 @@ def convert_folder(images, masks, root, task_key, group_regex=None, prep=None, p
         if gone:
             log(f"{gone} files this folder wrote before and no longer holds deleted")
     split_root(root, splits, keys=(task_key,), group_regex=group_regex, seed=seed, new={task_key: written})
-    log(f"{len(written)} images -> {Path(root) / TASKS[task_key][0]}")
+    log(f"{len(written)} images -> {Path(root) / TASK_KEYS[task_key][0]}")
     return len(written)
 
 # -----------------------------------------------------------------------------
@@ -734,7 +734,7 @@ def summary(root, imgsz=512):
     splits = make_splits(root) if splits is None else splits
     out = {}
     print(f"summary of {root} (box sizes: longest side in px at imgsz {imgsz})")
-    for key, (_, task, _) in TASKS.items():
+    for key, (_, task, _) in TASK_KEYS.items():
         for s in SPLITS:
             if not splits.get(key, {}).get(s):
                 continue
@@ -775,7 +775,7 @@ SETS = {  # CLI name -> (converter, what SRC is)
     "fives": (convert_fives, "FIVES: the folder holding train/ and test/ ({Original,Ground truth}/)"),
     "folder": (convert_folder, "a folder of images + a folder of same-stem masks (or YOLO .txt labels)"),
 }
-EXTRA = {  # per-set options: flag -> argparse keywords
+SET_OPTIONS = {  # per-set options: flag -> argparse keywords
     "arcade": {"--task": dict(choices=("detect", "segment"), default=None,
                               help="for one part only: default from its name (stenosis: detect, syntax: segment)")},
     "cadica": {"--drop": dict(default="", help="stenosis grades whose boxes are left out, e.g. p0_20,p20_50")},
@@ -812,8 +812,8 @@ def main(argv=None):
         a.add_argument("src", help="images folder" if name == "folder" else what)
         if name == "folder":
             a.add_argument("masks")
-            a.add_argument("--task", choices=list(TASKS), required=True)
-        for flag, kw in EXTRA.get(name, {}).items():
+            a.add_argument("--task", choices=list(TASK_KEYS), required=True)
+        for flag, kw in SET_OPTIONS.get(name, {}).items():
             a.add_argument(flag, **kw)
         a.add_argument("--root", required=True, help="the processed data root to write (created if needed)")
         a.add_argument("--val", type=float, default=None, help="fraction of the official train to move to val "

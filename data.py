@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-TASKS = {  # task key -> (directory under root, task, domain)
+TASK_KEYS = {  # task key -> (directory under root, task, domain)
     "retinography_segmentation": ("retinography", "seg", "source"),
     "angiography_segmentation": ("angiography/segment", "seg", "target"),
     "angiography_detection": ("angiography/detect", "det", "target"),
@@ -70,7 +70,7 @@ def log(msg):
 # reading files
 
 
-def _pil_to_float(im, keep_gray=False):
+def pil_to_float(im, keep_gray=False):
     """PIL image of any mode/bit depth -> float32 (H, W, 3) in [0, 1] ((H, W, 1) if gray and keep_gray)."""
     if im.mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
@@ -108,7 +108,7 @@ def read_image(path, keep_gray=False):
     try:
         with Image.open(path) as im:
             im.load()  # decode now: truncated files fail here, not later
-            return _pil_to_float(im, keep_gray)
+            return pil_to_float(im, keep_gray)
     except Exception as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
 
@@ -183,7 +183,7 @@ def parse_labels(text, nc):
 
 def task_files(root, key):
     """Every image of a task's folder (sorted) with the mask/label path that should go with it."""
-    folder, task, domain = TASKS[key]
+    folder, task, domain = TASK_KEYS[key]
     d = Path(root) / folder
     if not (d / "images").is_dir():
         return []
@@ -230,7 +230,7 @@ def split_entries(entries, ratios=(0.7, 0.3, 0.0), seed=42, group_regex=None):
 
 
 def make_splits(root, ratios=(0.7, 0.3, 0.0), seed=42, group_regex=None):
-    return {k: split_entries(task_files(root, k), ratios, seed, group_regex) for k in TASKS}
+    return {k: split_entries(task_files(root, k), ratios, seed, group_regex) for k in TASK_KEYS}
 
 
 def write_splits(root, splits):
@@ -247,10 +247,10 @@ _warned_unlisted = set()  # roots already warned about in this process
 
 
 def _splits_error(p, why):
-    return SystemExit(f"{p}: {why}; expected {SPLITS_SHAPE}, task keys {', '.join(TASKS)}, each entry "
+    return SystemExit(f"{p}: {why}; expected {SPLITS_SHAPE}, task keys {', '.join(TASK_KEYS)}, each entry "
                       '{"image": path, "label": path (detection) or "mask": path (segmentation)}. Fix it, or '
-                      "delete it, re-run the converters that wrote it (they record the official splits) and list the rest with "
-                      f"`python data.py split --root {p.parent}` (70/30/0)")
+                      "delete it, re-run the converters that wrote it (they record the official splits) and list "
+                      f"the rest with `python data.py split --root {p.parent}` (70/30/0)")
 
 
 def read_splits(root):
@@ -268,12 +268,12 @@ def read_splits(root):
     if not isinstance(splits, dict):
         raise _splits_error(p, f"a JSON {type(splits).__name__}, not an object of task keys")
     for key, per in splits.items():
-        if key not in TASKS:
+        if key not in TASK_KEYS:
             raise _splits_error(p, f"unknown task key {key!r}")
         if not isinstance(per, dict) or set(per) - set(SPLITS):
             what = f"split names {sorted(set(per) - set(SPLITS))}" if isinstance(per, dict) else type(per).__name__
             raise _splits_error(p, f"{key} holds {what}; splits are train, val, test")
-        need = "label" if TASKS[key][1] == "det" else "mask"
+        need = "label" if TASK_KEYS[key][1] == "det" else "mask"
         for split, entries in per.items():
             if not isinstance(entries, list):
                 raise _splits_error(p, f"{key}/{split} is a JSON {type(entries).__name__}, not a list of entries")
@@ -291,7 +291,7 @@ def _warn_unlisted(root, splits):
     if root.resolve() in _warned_unlisted:
         return
     _warned_unlisted.add(root.resolve())
-    for key, (folder, _, _) in TASKS.items():
+    for key, (folder, _, _) in TASK_KEYS.items():
         d = root / folder / "images"
         if not d.is_dir():
             continue
@@ -365,13 +365,13 @@ def log_moves(key, moves):
         log(f"{key}: {st or 'no set'} {frm} {sum(n for _, n in tos)} -> " + ", ".join(f"{to} {n}" for to, n in tos))
 
 
-def split_root(root, splits, keys=tuple(TASKS), sets=(), group_regex=None, seed=42, new=None):
+def split_root(root, splits, keys=tuple(TASK_KEYS), sets=(), group_regex=None, seed=42, new=None):
     """(Re)split root/splits.json keeping what sets assigned: per task in keys, `resplit` of what splits lists (each
     image once, its test listing first; those whose image is gone dropped) plus the task folder's images it does not
     list, as new, and new[key] (entries a converter has just written). splits None (no splits.json): every task from
     its folder. Logs the moves, writes splits.json and returns it."""
     root, new = Path(root), new or {}
-    splits, keys = ({}, tuple(TASKS)) if splits is None else (splits, keys)
+    splits, keys = ({}, tuple(TASK_KEYS)) if splits is None else (splits, keys)
     for key in keys:
         written = new.get(key, [])
         seen = {os.path.normpath(root / e["image"]) for e in written}
@@ -414,15 +414,15 @@ def duplicates(root, splits):
         out += [(p, key, v) for p, v in where.items() if len(v) > 1]
     return out
 
-def _task_dir(root, key):
+def task_dir(root, key):
     """root/<the task's folder>, its images/ and labels/ created."""
-    d = Path(root) / TASKS[key][0]
+    d = Path(root) / TASK_KEYS[key][0]
     for sub in ("images", "labels"):
         (d / sub).mkdir(parents=True, exist_ok=True)
     return d
 
 
-def _yolo_line(xyxy, W, H, cls=0):
+def yolo_line(xyxy, W, H, cls=0):
     """A box in pixels -> one YOLO label line, normalised cls xc yc w h."""
     x1, y1, x2, y2 = xyxy
     return f"{cls} {(x1 + x2) / 2 / W:.6f} {(y1 + y2) / 2 / H:.6f} {(x2 - x1) / W:.6f} {(y2 - y1) / H:.6f}\n"
@@ -544,7 +544,7 @@ def unletterbox_mask(mask, ratio, pad, orig_shape, mode="bilinear"):
 # datasets
 
 
-def _check(root, e, task, nc):
+def scan_entry(root, e, task, nc):
     """Scan one splits entry -> (item or None, problem or None); problem = (path, kind, detail, action)."""
     img = Path(root) / e["image"]
     if img.is_dir():
@@ -597,14 +597,14 @@ class TaskDataset(Dataset):
     def __init__(self, root, task_key, split="train", imgsz=256, augment=False, nc=1, strict=False,
                  hyp=None, verbose=True, splits=None):
         assert imgsz % 32 == 0, f"imgsz must be a multiple of 32 (the P5 stride), got {imgsz}"
-        if task_key not in TASKS:
-            raise KeyError(f"unknown task key {task_key!r}, expected one of {list(TASKS)}")
+        if task_key not in TASK_KEYS:
+            raise KeyError(f"unknown task key {task_key!r}, expected one of {list(TASK_KEYS)}")
         self.root, self.key, self.split, self.imgsz, self.augment = Path(root), task_key, split, imgsz, augment
-        _, self.task, self.domain = TASKS[task_key]
+        _, self.task, self.domain = TASK_KEYS[task_key]
         self.hyp = {**AUG, **(hyp or {})}
         entries = (load_splits(root) if splits is None else splits).get(task_key, {}).get(split, [])
         with ThreadPoolExecutor(8) as ex:  # decoding every file once; PIL releases the GIL
-            results = list(ex.map(lambda e: _check(root, e, self.task, nc), entries))
+            results = list(ex.map(lambda e: scan_entry(root, e, self.task, nc), entries))
         self.items = [it for it, _ in results if it is not None]
         self.problems = [p for _, p in results if p is not None]
         lines = [f"{p}: {kind}" + (f" ({detail})" if detail else "") + f" -> {act}"
@@ -767,7 +767,7 @@ def val_loaders(root, stage, split="val", imgsz=512, batch=8, workers=0, nc=1):
 
 def split_counts(splits):
     """{task_key: {split: images listed}} of a splits dict, every task and split present."""
-    return {k: {s: len(splits.get(k, {}).get(s, [])) for s in SPLITS} for k in TASKS}
+    return {k: {s: len(splits.get(k, {}).get(s, [])) for s in SPLITS} for k in TASK_KEYS}
 
 
 def check_stage_data(root, stage, batch, camtl_ratio=(1, 2), world_size=1, counts=None):
@@ -782,7 +782,7 @@ def check_stage_data(root, stage, batch, camtl_ratio=(1, 2), world_size=1, count
     if counts is None:
         splits = read_splits(root)
         counts = split_counts(splits if splits is not None else make_splits(root))
-    counts = {k: {s: (counts.get(k) or {}).get(s, 0) for s in SPLITS} for k in TASKS}  # any left out: 0
+    counts = {k: {s: (counts.get(k) or {}).get(s, 0) for s in SPLITS} for k in TASK_KEYS}  # any left out: 0
     ratio = list(camtl_ratio)
     if stage == "domainshift1":
         streams = [("retinography_segmentation", 1)]  # (task key, batches it must give per epoch)
@@ -799,7 +799,7 @@ def check_stage_data(root, stage, batch, camtl_ratio=(1, 2), world_size=1, count
             per_rank = math.ceil(n / world_size)
             ranks = f" per rank ({world_size} ranks)" if world_size > 1 else ""
             if n == 0:
-                out.append(f"{key} has no training images (folder {root / TASKS[key][0] / 'images'})")
+                out.append(f"{key} has no training images (folder {root / TASK_KEYS[key][0] / 'images'})")
             elif per_rank < b:
                 out.append(f"{key} has {n} training images, fewer than one batch of {b}{ranks}")
             elif math.ceil(per_rank / b) < nb:
@@ -879,7 +879,7 @@ def main(argv=None):
         else:
             _warn_unlisted(args.root, splits)
         skipped, total = 0, 0
-        for key in TASKS:
+        for key in TASK_KEYS:
             for s in SPLITS:
                 ds = TaskDataset(args.root, key, s, nc=args.nc, splits=splits)
                 skipped += sum(act == "skipped" for *_, act in ds.problems)

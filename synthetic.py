@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from data import TASKS, TaskDataset, _task_dir, _yolo_line, load_splits, log
+from data import TASK_KEYS, TaskDataset, task_dir, yolo_line, load_splits, log
 
 DEFAULT_ROOT = Path(__file__).resolve().parent / "data" / "synthetic"
 SYNTH = dict(n=300, imgsz=256, seed=0)  # the default synthetic set
@@ -168,8 +168,8 @@ def synth_fundus(rng, size=256):
 def _synth_one(job):
     """Generate and write one image (+ mask or labels); seeded by (seed, task, i) alone."""
     root, key, i, size, seed = job
-    rng = np.random.default_rng([seed, list(TASKS).index(key), i])
-    d = Path(root) / TASKS[key][0]
+    rng = np.random.default_rng([seed, list(TASK_KEYS).index(key), i])
+    d = Path(root) / TASK_KEYS[key][0]
     name = {"retinography_segmentation": "fundus", "angiography_segmentation": "angio",
             "angiography_detection": "sten"}[key] + f"_{i:04d}"
     if key == "retinography_segmentation":
@@ -178,7 +178,7 @@ def _synth_one(job):
         img, mask, boxes = synth_angiogram(rng, size, rng.choice(4, p=[0.15, 0.4, 0.3, 0.15]))
     Image.fromarray(img).save(d / "images" / f"{name}.png", compress_level=1)
     if key == "angiography_detection":
-        (d / "labels" / f"{name}.txt").write_text("".join(_yolo_line(b, size, size) for b in boxes))
+        (d / "labels" / f"{name}.txt").write_text("".join(yolo_line(b, size, size) for b in boxes))
     else:
         Image.fromarray(mask.astype(np.uint8) * 255).save(d / "labels" / f"{name}.png", compress_level=1)
 
@@ -187,10 +187,10 @@ def make_synthetic(root, n=SYNTH["n"], imgsz=SYNTH["imgsz"], seed=SYNTH["seed"],
     """Write n images per task key (deterministic in seed) in the layout, splits.json and a marker
     (written first, marked done last, so an interrupted run is recognised and redone)."""
     root, params = Path(root), dict(n=n, imgsz=imgsz, seed=seed, version=SYNTH_VERSION)
-    for key in TASKS:
-        _task_dir(root, key)
+    for key in TASK_KEYS:
+        task_dir(root, key)
     (root / "synthetic.json").write_text(json.dumps({**params, "done": False}))
-    jobs = [(str(root), key, i, imgsz, seed) for key in TASKS for i in range(n)]
+    jobs = [(str(root), key, i, imgsz, seed) for key in TASK_KEYS for i in range(n)]
     if workers is None:  # process start-up costs more than a handful of images
         workers = min(os.cpu_count() or 1, 8) if len(jobs) >= 64 else 1
     if workers > 1:
@@ -249,7 +249,7 @@ def save_grid(root=None, out=None, cols=3, tile=192):
     grid = Image.new("RGB", (2 * cols * tile, len(rows) * tile))
     for r, (key, split, aug) in enumerate(rows):
         ds = TaskDataset(root, key, split, tile, aug, verbose=False)
-        picks = [i for i in range(len(ds)) if TASKS[key][1] == "seg" or len(ds.items[i]["boxes"])][:cols]
+        picks = [i for i in range(len(ds)) if TASK_KEYS[key][1] == "seg" or len(ds.items[i]["boxes"])][:cols]
         for c, i in enumerate(picks):
             s = ds[(i, 0, 0)]
             raw = (s["img"].permute(1, 2, 0).numpy() * 255).astype(np.uint8)

@@ -66,8 +66,8 @@ def test_read_image_formats(tmp_path):
 def test_splits_written_and_read_back(synth, tmp_path):
     p = synth / "splits.json"
     splits = json.loads(p.read_text())
-    assert set(splits) == set(data.TASKS)
-    for key, (folder, task, domain) in data.TASKS.items():
+    assert set(splits) == set(data.TASK_KEYS)
+    for key, (folder, task, domain) in data.TASK_KEYS.items():
         tr, va = splits[key]["train"], splits[key]["val"]
         assert (len(tr), len(va), len(splits[key]["test"])) == (7, 3, 0)
         assert not {e["image"] for e in tr} & {e["image"] for e in va}

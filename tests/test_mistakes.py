@@ -329,7 +329,7 @@ def test_what_the_mistakes_left_behind(w, cli_runs):
 
 
 def test_every_key_has_a_rule_and_gpu_forms_are_accepted():
-    assert set(config.RULES) | set(config.FREE) == set(config.DEFAULTS)
+    assert set(config.RULES) | set(config.TYPE_ONLY) == set(config.DEFAULTS)
     assert config.load_config("camtl", None, ["device=0"])["device"] == "cuda:0"  # --set parses 0 as an int
     assert config.load_config("camtl", None, ["device='1'"])["device"] == "cuda:1"
     assert config.load_config("camtl", None, ["device=cuda:0"])["device"] == "cuda:0"
