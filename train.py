@@ -18,10 +18,11 @@ import pprint
 import random
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from copy import deepcopy
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -347,11 +348,48 @@ def tasks_for(batch, cfg):
 # the run, step by step
 
 
+@dataclass
+class Run:
+    """One stage's run: what `setup` builds, fixed from then on, and the loop's counters, which change as it
+    trains. The pieces below (restore, train_one_epoch, train_step, optimizer_step, validate_and_save,
+    finish_stage) each take the Run and read or advance it."""
+    # --- set-up, fixed for the run
+    cfg: dict  # the resolved config (on --resume the run's own, with `epochs` possibly raised)
+    device: torch.device  # where the model, each batch and every collective's tensors live
+    rank: int  # this process's DDP rank; 0 without DDP
+    world: int  # the number of DDP processes; 1 without DDP
+    log: Callable  # print on rank 0, a no-op on the other ranks
+    run_dir: Optional[Path]  # runs/{stage}/{name}; None on ranks > 0, which write nothing
+    loader: Iterable  # the training batches: a DataLoader (domainshift1) or data.AlternatingLoader (camtl)
+    val_loaders: dict  # {"det"/"seg": validation DataLoader}
+    model: nn.Module  # the CAMTL being trained (compiled in place when compile is on)
+    opt: torch.optim.Optimizer  # three groups: biases, weights with decay, norm/gate weights (build_optimizer)
+    get_lr: Callable  # iteration -> (lr of biases, lr of the rest, momentum) (make_get_lr)
+    nb: int  # training batches per epoch on each rank
+    accumulate: int  # micro-batches per optimizer step: nbs / (batch x world), at least 1
+    ctx: AbstractContextManager  # autocast around the forward, or a nullcontext without AMP
+    scaler: torch.amp.GradScaler  # enabled only under fp16 autocast; otherwise its calls pass through
+    ema: Optional[ModelEMA]  # the EMA of the weights, on rank 0 only (None there too with ema=False)
+    crit: MultiTaskLoss  # the CA-MTL objective; its `anchor` holds L2-SP's stage-start weights
+    ckpt: Optional[dict]  # --resume: the last.pt to continue from; restore() consumes it (then None)
+    t_start: float = field(default_factory=time.time)  # wall-clock start, for the stage's duration
+    # --- counters
+    start_epoch: int = 0  # the first epoch to train: 0, or the one after the checkpoint's (restore)
+    best_fitness: float = -1.0  # the best validation fitness so far; raised by validate_and_save
+    metrics: dict = field(default_factory=dict)  # the latest validation's metrics (validate_and_save)
+    lr: float = 0.0  # the weights' current lr, set every iteration (train_one_epoch)
+    window: int = 0  # finite micro-batches since the last optimizer step (train_step; optimizer_step resets)
+    nan_run: int = 0  # non-finite losses in a row; a finite one resets it (train_step)
+    nan_total: int = 0  # skipped non-finite micro-batches in this process's run (train_step)
+
+    @property
+    def master(self):
+        """Rank 0 validates, logs and writes the run folder."""
+        return self.rank == 0
+
+
 def setup(cfg, args, log=print):
-    """Everything one run needs, in one namespace r: cfg, device, rank/world/master, log, run_dir, the loaders,
-    model, opt, get_lr, accumulate, ctx (autocast), scaler, ema, crit, nb (batches per epoch); the loop's state
-    start_epoch, best_fitness, metrics, lr, window (good micro-batches since the last step), NaN counters; and
-    ckpt, the checkpoint to restore with --resume."""
+    """-> the Run of this config and command line: device, run folder, data, model, optimizer, AMP, EMA, loss."""
     device, rank, world = setup_device(cfg, args.device)
     master = rank == 0
     log = log if master else (lambda *a, **k: None)
@@ -398,105 +436,102 @@ def setup(cfg, args, log=print):
         f"compile {'on' if compiled else 'off'}{' (auto: CUDA only)' if cfg['compile'] == 'auto' else ''}")
     log(f"{nb} batches/epoch x {cfg['epochs']} epochs, batch {cfg['batch']} x {world} rank(s) "
         f"= {cfg['batch'] * world} images per iteration, imgsz {cfg['imgsz']}")
-    return SimpleNamespace(
-        cfg=cfg, device=device, rank=rank, world=world, master=master, log=log, run_dir=run_dir, ckpt=ckpt,
-        loader=loader, val_loaders=val_loaders, model=model, opt=opt, get_lr=get_lr, nb=nb, accumulate=accumulate,
-        ctx=torch.autocast(device.type, dtype=amp_dtype) if use_amp else nullcontext(),
-        scaler=torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16),
-        ema=ema,
-        crit=MultiTaskLoss(cfg, anchor), start_epoch=0, best_fitness=-1.0, metrics={}, lr=0.0, window=0,
-        nan_run=0, nan_total=0, t_start=time.time())
+    return Run(cfg=cfg, device=device, rank=rank, world=world, log=log, run_dir=run_dir, loader=loader,
+               val_loaders=val_loaders, model=model, opt=opt, get_lr=get_lr, nb=nb, accumulate=accumulate,
+               ctx=torch.autocast(device.type, dtype=amp_dtype) if use_amp else nullcontext(),
+               scaler=torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16),
+               ema=ema, crit=MultiTaskLoss(cfg, anchor), ckpt=ckpt)
 
 
-def restore(r):
-    """--resume: weights, optimizer, scaler, EMA, the L2-SP anchor, epoch, best fitness and RNG from r.ckpt, every
+def restore(run):
+    """--resume: weights, optimizer, scaler, EMA, the L2-SP anchor, epoch, best fitness and RNG from run.ckpt, every
     tensor moved to the run's device first (wherever the checkpoint was saved); results.csv trimmed to match."""
-    ckpt, r.ckpt = r.ckpt, None
-    state = data.to_device({k: ckpt.get(k) for k in ("model", "optimizer", "ema", "anchor")}, r.device)
-    r.model.load_state_dict(state["model"])
-    r.opt.load_state_dict(state["optimizer"])
-    r.scaler.load_state_dict(ckpt["scaler"])
-    if r.ema is not None and state["ema"] is not None:
-        r.ema.ema.load_state_dict(state["ema"])
-        r.ema.updates = ckpt["ema_updates"]
-    r.crit.anchor = state["anchor"] or r.crit.anchor
-    r.start_epoch, r.best_fitness = ckpt["epoch"] + 1, ckpt["best_fitness"]
+    ckpt, run.ckpt = run.ckpt, None
+    state = data.to_device({k: ckpt.get(k) for k in ("model", "optimizer", "ema", "anchor")}, run.device)
+    run.model.load_state_dict(state["model"])
+    run.opt.load_state_dict(state["optimizer"])
+    run.scaler.load_state_dict(ckpt["scaler"])
+    if run.ema is not None and state["ema"] is not None:
+        run.ema.ema.load_state_dict(state["ema"])
+        run.ema.updates = ckpt["ema_updates"]
+    run.crit.anchor = state["anchor"] or run.crit.anchor
+    run.start_epoch, run.best_fitness = ckpt["epoch"] + 1, ckpt["best_fitness"]
     set_rng_state(ckpt["rng"])
-    if r.master and (r.run_dir / "results.csv").exists():  # a row written after this checkpoint is redone
-        write_csv(r.run_dir / "results.csv", None, keep_epochs=ckpt["epoch"] + 1)
+    if run.master and (run.run_dir / "results.csv").exists():  # a row written after this checkpoint is redone
+        write_csv(run.run_dir / "results.csv", None, keep_epochs=ckpt["epoch"] + 1)
 
 
-def train_one_epoch(r, epoch):
+def train_one_epoch(run, epoch):
     """One pass over the training batches -> running means of the loss terms by name, each over the batches
     that report it (MultiTaskLoss: det over det batches, seg over seg batches, ...)."""
-    cfg, nb = r.cfg, r.nb
-    r.model.train()
-    (r.loader.set_epoch if hasattr(r.loader, "set_epoch") else r.loader.sampler.set_epoch)(epoch)
+    cfg, nb = run.cfg, run.nb
+    run.model.train()
+    (run.loader.set_epoch if hasattr(run.loader, "set_epoch") else run.loader.sampler.set_epoch)(epoch)
     meter = TermMeter()
-    bar = plots.Progress(nb, f"{cfg['stage']} {epoch + 1}/{cfg['epochs']}", cfg["log_interval"], enabled=r.master)
-    r.opt.zero_grad(set_to_none=True)
-    r.window = 0
-    for i, batch in enumerate(r.loader):
-        if r.master and cfg["plots"] and epoch == 0 and i < 3:  # what the network is fed, augmented
+    bar = plots.Progress(nb, f"{cfg['stage']} {epoch + 1}/{cfg['epochs']}", cfg["log_interval"], enabled=run.master)
+    run.opt.zero_grad(set_to_none=True)
+    run.window = 0
+    for i, batch in enumerate(run.loader):
+        if run.master and cfg["plots"] and epoch == 0 and i < 3:  # what the network is fed, augmented
             plots.plot_batch(batch["img"], batch["batch_idx"], batch["cls"], batch["bboxes"], batch["mask"],
-                             batch["paths"], r.run_dir / f"train_batch{i}.png", names=evaluate.class_names(cfg["nc"]))
-        r.lr = set_lr(r.opt, *r.get_lr(epoch * nb + i))
-        terms = train_step(r, batch, where=f"epoch {epoch + 1} iter {i + 1}")
-        if (i + 1) % r.accumulate == 0 or i + 1 == nb:
-            optimizer_step(r)
+                             batch["paths"], run.run_dir / f"train_batch{i}.png", names=evaluate.class_names(cfg["nc"]))
+        run.lr = set_lr(run.opt, *run.get_lr(epoch * nb + i))
+        terms = train_step(run, batch, where=f"epoch {epoch + 1} iter {i + 1}")
+        if (i + 1) % run.accumulate == 0 or i + 1 == nb:
+            optimizer_step(run)
         if terms is not None:  # None: non-finite loss, skipped
             meter.update(terms)
         losses = " ".join(f"{k} {v:.4f}" for k, v in meter.means().items())
-        bar.update(i + 1, f"{losses}  lr {r.lr:.5f}", items=batch["img"].shape[0] if terms is not None else 0)
+        bar.update(i + 1, f"{losses}  lr {run.lr:.5f}", items=batch["img"].shape[0] if terms is not None else 0)
     return meter.means()
 
 
-def train_step(r, batch, where):
+def train_step(run, batch, where):
     """Forward (in the batch's domain, under autocast), loss and backward of one micro-batch; its gradients add
     to the window's. -> the loss terms, or None when the loss was not finite on any rank: then every rank skips
     this micro-batch alike (the window keeps its other gradients); max_nan_steps in a row stop the run."""
-    tasks, need_attn = tasks_for(batch, r.cfg)
-    batch = data.to_device(batch, r.device)  # image, targets and masks, once
-    with r.model.domain(batch["domain"]), r.ctx:
-        det_out, seg_out = r.model(batch["img"], tasks=tasks, need_attn=need_attn)
-    loss, terms = r.crit(det_out, seg_out, batch, r.model)
-    bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=r.device)
-    if r.world > 1:  # one rank's NaN is every rank's: nobody waits in an all-reduce the others skipped
+    tasks, need_attn = tasks_for(batch, run.cfg)
+    batch = data.to_device(batch, run.device)  # image, targets and masks, once
+    with run.model.domain(batch["domain"]), run.ctx:
+        det_out, seg_out = run.model(batch["img"], tasks=tasks, need_attn=need_attn)
+    loss, terms = run.crit(det_out, seg_out, batch, run.model)
+    bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=run.device)
+    if run.world > 1:  # one rank's NaN is every rank's: nobody waits in an all-reduce the others skipped
         dist.all_reduce(bad)
     if bad.item():
-        r.nan_run, r.nan_total = r.nan_run + 1, r.nan_total + 1
-        r.log(f"WARNING: non-finite loss at {where} ({batch['task']} batch {batch['paths'][:1]}"
-              f"{' on some rank' if r.world > 1 else ''}): micro-batch skipped, {r.window} earlier ones of this "
-              f"accumulation window kept")
-        if r.nan_run >= r.cfg["max_nan_steps"]:
-            raise SystemExit(f"{r.nan_run} non-finite losses in a row: stopping. Lower lr0, check the data, "
+        run.nan_run, run.nan_total = run.nan_run + 1, run.nan_total + 1
+        run.log(f"WARNING: non-finite loss at {where} ({batch['task']} batch {batch['paths'][:1]}"
+                f"{' on some rank' if run.world > 1 else ''}): micro-batch skipped, {run.window} earlier ones of "
+                "this accumulation window kept")
+        if run.nan_run >= run.cfg["max_nan_steps"]:
+            raise SystemExit(f"{run.nan_run} non-finite losses in a row: stopping. Lower lr0, check the data, "
                              "or set amp=False.")
         return None
-    r.nan_run = 0
-    r.scaler.scale(loss).backward()
-    r.window += 1
+    run.nan_run = 0
+    run.scaler.scale(loss).backward()
+    run.window += 1
     return terms
 
 
-def optimizer_step(r):
+def optimizer_step(run):
     """End of an accumulation window: (DDP) sum the window's gradients over the ranks — one process on all ranks'
     images gets the same sum — add L2-SP's gradient, unscale, clip, step, update the EMA. A window whose
     micro-batches were all skipped, or (without a GradScaler) whose gradient is not finite, makes no step."""
-    if r.window:  # the ranks agreed on every skip, so they agree on this
-        if r.world > 1:
-            all_reduce_grads(r.model)
-        r.scaler.unscale_(r.opt)
-        r.crit.add_l2sp_grad_(r.model, r.window)
-        norm = nn.utils.clip_grad_norm_(r.model.parameters(), r.cfg["clip_grad"])
-        if torch.isfinite(norm) or r.scaler.is_enabled():  # the scaler skips non-finite steps itself
-            r.scaler.step(r.opt)
-            r.scaler.update()
-            if r.ema is not None:
-                r.ema.update(r.model)
+    if run.window:  # the ranks agreed on every skip, so they agree on this
+        if run.world > 1:
+            all_reduce_grads(run.model)
+        run.scaler.unscale_(run.opt)
+        run.crit.add_l2sp_grad_(run.model, run.window)
+        norm = nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg["clip_grad"])
+        if torch.isfinite(norm) or run.scaler.is_enabled():  # the scaler skips non-finite steps itself
+            run.scaler.step(run.opt)
+            run.scaler.update()
+            if run.ema is not None:
+                run.ema.update(run.model)
         else:
-            r.log(f"WARNING: non-finite gradient norm: optimizer step skipped ({r.window} micro-batches)")
-    r.opt.zero_grad(set_to_none=True)
-    r.window = 0
+            run.log(f"WARNING: non-finite gradient norm: optimizer step skipped ({run.window} micro-batches)")
+    run.opt.zero_grad(set_to_none=True)
+    run.window = 0
 
 
 def all_reduce_grads(model):
@@ -517,44 +552,44 @@ def all_reduce_grads(model):
             b.copy_(v.view_as(b))
 
 
-def validate_and_save(r, epoch, train_terms):
+def validate_and_save(run, epoch, train_terms):
     """Rank 0 after each epoch: validate the EMA weights (every val_interval epochs and after the last), append a
     results.csv row, write last.pt, and best.pt when the fitness improved."""
-    cfg = r.cfg
+    cfg = run.cfg
     if (epoch + 1) % cfg["val_interval"] == 0 or epoch + 1 == cfg["epochs"]:
-        r.metrics = evaluate.validate(r.ema.ema if r.ema else r.model, r.val_loaders, cfg, r.device, r.crit,
-                                      log=r.log)
-        r.log(evaluate.format_metrics(r.metrics, prefix=f"val {epoch + 1}/{cfg['epochs']}"))
-    fitness = r.metrics.get("fitness", 0.0)
-    write_csv(r.run_dir / "results.csv", csv_row(epoch, train_terms, r.metrics, r.opt))
-    ck = {"model": r.model.state_dict(), "ema": r.ema.ema.state_dict() if r.ema else None,
-          "ema_updates": r.ema.updates if r.ema else 0, "optimizer": r.opt.state_dict(),
-          "scaler": r.scaler.state_dict(), "epoch": epoch, "best_fitness": max(r.best_fitness, fitness),
-          "config": cfg, "stage": cfg["stage"], "rng": rng_state(), "anchor": r.crit.anchor, "metrics": r.metrics,
-          "nan_steps": r.nan_total}
-    save_atomic(ck, r.run_dir / "weights" / "last.pt")
-    if fitness > r.best_fitness:
-        r.best_fitness = fitness
-        save_atomic(ck, r.run_dir / "weights" / "best.pt")
+        net = run.ema.ema if run.ema else run.model
+        run.metrics = evaluate.validate(net, run.val_loaders, cfg, run.device, run.crit, log=run.log)
+        run.log(evaluate.format_metrics(run.metrics, prefix=f"val {epoch + 1}/{cfg['epochs']}"))
+    fitness = run.metrics.get("fitness", 0.0)
+    write_csv(run.run_dir / "results.csv", csv_row(epoch, train_terms, run.metrics, run.opt))
+    ck = {"model": run.model.state_dict(), "ema": run.ema.ema.state_dict() if run.ema else None,
+          "ema_updates": run.ema.updates if run.ema else 0, "optimizer": run.opt.state_dict(),
+          "scaler": run.scaler.state_dict(), "epoch": epoch, "best_fitness": max(run.best_fitness, fitness),
+          "config": cfg, "stage": cfg["stage"], "rng": rng_state(), "anchor": run.crit.anchor, "metrics": run.metrics,
+          "nan_steps": run.nan_total}
+    save_atomic(ck, run.run_dir / "weights" / "last.pt")
+    if fitness > run.best_fitness:
+        run.best_fitness = fitness
+        save_atomic(ck, run.run_dir / "weights" / "best.pt")
 
 
-def check_replicas(r):
+def check_replicas(run):
     """DDP: the replicas must have stayed identical; log the largest weight difference to rank 0's."""
-    flat = torch.cat([p.detach().double().flatten() for p in r.model.parameters()])
+    flat = torch.cat([p.detach().double().flatten() for p in run.model.parameters()])
     ref = flat.clone()
     dist.broadcast(ref, 0)
     diff = torch.tensor([(flat - ref).abs().max().item()], dtype=torch.float64)
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-    r.log(f"DDP: max weight difference across {r.world} ranks {diff.item():.3g}")
+    run.log(f"DDP: max weight difference across {run.world} ranks {diff.item():.3g}")
     dist.barrier()
 
 
-def finish_stage(r):
+def finish_stage(run):
     """The best epoch's weights, validated once more with every picture (curves, confusion matrix, batches) and the
     per-class table; results.png; then best.pt and the stage's product yolov8{S}-{stage}.pt made small: the EMA
     weights, config and metrics (what evaluate.py, export.py and the next stage load), no optimizer. last.pt keeps
     everything, so a finished run can still be extended with --resume --set epochs=N. -> (run folder, metrics)."""
-    cfg, stage, wdir = r.cfg, r.cfg["stage"], r.run_dir / "weights"
+    cfg, stage, wdir = run.cfg, run.cfg["stage"], run.run_dir / "weights"
     best = torch.load(wdir / "best.pt", map_location="cpu", weights_only=True)
     if "optimizer" in best:  # not made small yet (a resumed run that had finished)
         small = {"model": best["ema"] or best["model"], "config": cfg, "stage": stage, "epoch": best["epoch"],
@@ -564,45 +599,45 @@ def finish_stage(r):
     out = wdir / f"yolov8{scale_tag(cfg)}-{stage}.pt"
     save_atomic(best, out)
     if cfg["plots"]:
-        net = r.ema.ema if r.ema else r.model
-        net.load_state_dict(data.to_device(best["model"], r.device))
-        evaluate.validate(net, r.val_loaders, cfg, r.device, r.crit, plot_dir=r.run_dir, log=r.log)
-        plots.plot_results(r.run_dir / "results.csv", r.run_dir / "results.png")
+        net = run.ema.ema if run.ema else run.model
+        net.load_state_dict(data.to_device(best["model"], run.device))
+        evaluate.validate(net, run.val_loaders, cfg, run.device, run.crit, plot_dir=run.run_dir, log=run.log)
+        plots.plot_results(run.run_dir / "results.csv", run.run_dir / "results.png")
     sizes = ", ".join(f"{p.name} {p.stat().st_size / 2**20:.1f} MB" for p in (wdir / "last.pt", wdir / "best.pt"))
-    r.log(f"\n{stage} done in {(time.time() - r.t_start) / 60:.1f} min, {r.nan_total} skipped non-finite steps. "
-          f"Best epoch {best['epoch'] + 1}:")
-    r.log(evaluate.results_table(best["metrics"]))
-    r.log(f"weights: {out} ({sizes})\nrun: {r.run_dir}")
-    return r.run_dir, best["metrics"]
+    run.log(f"\n{stage} done in {(time.time() - run.t_start) / 60:.1f} min, {run.nan_total} skipped non-finite "
+            f"steps. Best epoch {best['epoch'] + 1}:")
+    run.log(evaluate.results_table(best["metrics"]))
+    run.log(f"weights: {out} ({sizes})\nrun: {run.run_dir}")
+    return run.run_dir, best["metrics"]
 
 
-def interrupted(r):
+def interrupted(run):
     """The one line a Ctrl-C ends with: where the last checkpoint is and the command that continues the run."""
-    if not r.master:
+    if not run.master:
         return 130
-    last = r.run_dir / "weights" / "last.pt"
+    last = run.run_dir / "weights" / "last.pt"
     if not last.is_file():
-        return f"\ninterrupted before the first checkpoint: nothing to resume in {r.run_dir}"
+        return f"\ninterrupted before the first checkpoint: nothing to resume in {run.run_dir}"
     epoch = torch.load(last, map_location="cpu", weights_only=True)["epoch"] + 1
     return (f"\ninterrupted: {last} holds epoch {epoch}; continue with  "
-            f"python train.py --stage {r.cfg['stage']} --resume {r.run_dir}")
+            f"python train.py --stage {run.cfg['stage']} --resume {run.run_dir}")
 
 
 def train(cfg, args, log=print):
     """Run one stage. -> (run folder, best metrics) on rank 0; (None, last metrics) on the other ranks."""
-    r = setup(cfg, args, log)  # device, run folder, data, model, optimizer, AMP, EMA, loss
-    if r.ckpt is not None:
-        restore(r)  # --resume: continue exactly where last.pt left off
+    run = setup(cfg, args, log)  # device, run folder, data, model, optimizer, AMP, EMA, loss
+    if run.ckpt is not None:
+        restore(run)  # --resume: continue exactly where last.pt left off
     try:
-        for epoch in range(r.start_epoch, r.cfg["epochs"]):
-            train_terms = train_one_epoch(r, epoch)
-            if r.master:
-                validate_and_save(r, epoch, train_terms)
+        for epoch in range(run.start_epoch, run.cfg["epochs"]):
+            train_terms = train_one_epoch(run, epoch)
+            if run.master:
+                validate_and_save(run, epoch, train_terms)
     except KeyboardInterrupt:
-        raise SystemExit(interrupted(r)) from None
-    if r.world > 1:
-        check_replicas(r)
-    return finish_stage(r) if r.master else (None, r.metrics)
+        raise SystemExit(interrupted(run)) from None
+    if run.world > 1:
+        check_replicas(run)
+    return finish_stage(run) if run.master else (None, run.metrics)
 
 
 def main(argv=None):
