@@ -22,12 +22,13 @@ def init(want):
     """-> (device, rank, world) of this process, from torchrun's RANK/WORLD_SIZE/LOCAL_RANK; with more than one
     process, the process group is started: NCCL on cuda:LOCAL_RANK, gloo on the CPU."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:
-        if want.startswith("cuda"):
-            local = int(os.environ.get("LOCAL_RANK", 0))
-            torch.cuda.set_device(local)
-            want = f"cuda:{local}"
-        dist.init_process_group("nccl" if want.startswith("cuda") else "gloo", timeout=TIMEOUT)
+    if world > 1 and want.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        want = f"cuda:{local}"
+        dist.init_process_group("nccl", timeout=TIMEOUT, device_id=torch.device(want))  # bound to its GPU
+    elif world > 1:
+        dist.init_process_group("gloo", timeout=TIMEOUT)
     return torch.device(want), rank, world
 
 

@@ -96,6 +96,13 @@ def test_ddp_process_group_waits_longer_than_nccls_default(monkeypatch):
     device, rank, world = train.setup_device(config.DEFAULTS, "cpu")
     assert (device.type, rank, world) == ("cpu", 1, 2) and seen["backend"] == "gloo"
     assert seen["timeout"] == distributed.TIMEOUT and distributed.TIMEOUT.total_seconds() >= 30 * 60
+    # the NCCL lines, as torchrun starts the second process on a 2-GPU machine
+    seen.clear()
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: seen.update(set_device=i))
+    assert distributed.init("cuda") == (torch.device("cuda:1"), 1, 2)
+    assert seen == {"set_device": 1, "backend": "nccl", "timeout": distributed.TIMEOUT,
+                    "device_id": torch.device("cuda:1")}
 
 
 def test_a_skipped_micro_batch_leaves_batchnorm_statistics_as_they_were():
