@@ -639,8 +639,8 @@ def validate_and_save(run, epoch, train_terms):
     cfg = run.cfg
     if (epoch + 1) % cfg["val_interval"] == 0 or epoch + 1 == cfg["epochs"]:
         net = run.ema.ema if run.ema else run.model
-        run.metrics = evaluate.validate(net, run.val_shards, cfg, run.device, run.crit, log=run.log,
-                                        gather=run.comm.gather_objects)
+        run.metrics = evaluate.validate(net, run.val_shards, cfg, run.device, run.crit,
+                                        log=run.log if run.master else None, gather=run.comm.gather_objects)
         run.log(evaluate.format_metrics(run.metrics, prefix=f"val {epoch + 1}/{cfg['epochs']}"))
     fitness = run.metrics.get("fitness", 0.0)
     if not run.master:

@@ -290,6 +290,7 @@ def test_torchrun_camtl_with_every_default_term_and_replay(tmp_path):
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
         assert out.returncode == 0, out.stderr[-3000:]
         assert "max weight difference across 2 ranks 0" in out.stdout, out.stdout[-2000:]
+    assert out.stdout.count("val det 1/1") == 2  # the epoch's and the final validation, shown by rank 0 alone
     # camtl ran with L2-SP, consistency, alignment (defaults), DualBN and replayed fundus batches
     assert "l2sp" in out.stdout and "cons" in out.stdout and "align" in out.stdout
     ck = torch.load(tmp_path / "runs" / "camtl" / "exp" / "weights" / "yolov8c-camtl.pt", weights_only=True)
