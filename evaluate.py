@@ -338,34 +338,32 @@ def class_names(nc):
 
 
 @torch.no_grad()
-def validate(model, loaders, cfg, device, crit=None, plot_dir=None, log=None):
-    """Loss terms, Dice/IoU per scale and detection P/R/mAP on the val loaders {"det": ..., "seg": ...}.
-    No augmentation; each batch in its own domain. The detection head returns its raw maps (with BN running
-    statistics) so the loss can be computed, and they are decoded here. Loss terms are per-image means over
-    the images of the batches that report them (val/det over detection images, val/seg over segmentation images),
-    computed as in training, the alignment term included; L2-SP, a property of the weights, is not a val term.
-    plot_dir: also write the validation pictures (PR/F1/P/R curves, confusion matrix, first batches).
-    log: also print the per-class table and the speed per image, as YOLOv8's validator does."""
+def validate(model, loaders, cfg, device, crit=None, plot_dir=None, log=None, gather=None):
+    """Loss terms, Dice/IoU per scale and detection P/R/mAP on the val loaders {"det": ..., "seg": ...}, without
+    augmentation, each batch in its own domain. The detection head returns its raw maps (BN running statistics)
+    so the loss can be computed, and they are decoded here. Loss terms are per-image means over the images of
+    the batches that report them (val/det over detection images, ...), computed as in training, the alignment term
+    included; L2-SP, a property of the weights, is not a val term. plot_dir: also write the pictures (curves,
+    confusion matrix, first batches). log: also print the per-class table and the speed per image, as YOLOv8 does.
+    gather (DDP): obj -> [every rank's obj]; each rank validated its share of the images (merge_shards)."""
     model.eval()
     det_meter, seg_meters, losses = DetMeter(), {k: SegMeter() for k in ("p3", "p4", "p5", "full")}, TermMeter()
     nms_kw = dict(conf=cfg["val_conf"], iou=cfg["val_iou"], max_det=cfg["max_det"], multi_label=True)
     names, nc = class_names(cfg["nc"]), cfg["nc"]
     cm, images, ms = np.zeros((nc + 1, nc + 1), np.int64), {"det": 0, "seg": 0}, dict.fromkeys(SPEED, 0.0)
-    per_class_images = np.zeros(nc, np.int64)
+    per_class_images, need_attn = np.zeros(nc, np.int64), crit is not None and bool(cfg["lambda_align"])
     for task, loader in loaders.items():
         for bi, batch in enumerate(progress(loader, f"val {task}", log)):
-            t0 = time.perf_counter()
+            t0 = clock(device)
             dev_batch = data.to_device(batch, device)  # the CPU batch stays for metrics and pictures
             img = dev_batch["img"]
-            tasks = ("det", "seg") if task == "det" else ("seg",)
-            need_attn = crit is not None and bool(cfg["lambda_align"])
-            t1 = time.perf_counter()
+            t1 = clock(device)
             with model.domain(batch["domain"]):  # raw head maps for the loss, every BN in eval
-                det_out, seg_out = model(img, tasks=tasks, need_attn=need_attn, raw=True)
-            t2 = time.perf_counter()
+                det_out, seg_out = model(img, tasks=VAL_TASKS[task], need_attn=need_attn, raw=True)
+            t2 = clock(device)
             if crit is not None:  # per-image means: each batch weighs by its image count
                 losses.update(crit(det_out, seg_out, dev_batch)[1], img.shape[0])
-            t3 = time.perf_counter()
+            t3 = clock(device)
             images[task] += img.shape[0]
             if task == "det":
                 h, w = img.shape[-2:]
@@ -384,8 +382,10 @@ def validate(model, loaders, cfg, device, crit=None, plot_dir=None, log=None):
                 if plot_dir is not None and bi == 0:
                     plots.plot_seg_batch(batch["img"], batch["mask"], seg_out["full"].float().cpu(), batch["paths"],
                                          Path(plot_dir) / "val_seg_batch0.png")
-            for k, dt in zip(SPEED, (t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)):
+            for k, dt in zip(SPEED, (t1 - t0, t2 - t1, t3 - t2, clock(device) - t3)):
                 ms[k] += dt * 1e3
+    shard = det_meter, seg_meters, losses, cm, images, per_class_images, ms  # DDP: every rank's share, merged
+    det_meter, seg_meters, losses, cm, images, per_class_images, ms = merge_shards(gather(shard)) if gather else shard
     m = {f"val/{k}": v for k, v in losses.means().items()}
     if "seg" in loaders:
         for k, meter in seg_meters.items():
@@ -406,6 +406,38 @@ def validate(model, loaders, cfg, device, crit=None, plot_dir=None, log=None):
 
 
 SPEED = ("preprocess", "inference", "loss", "postprocess")  # postprocess: decoding, NMS, matching, Dice counts
+VAL_TASKS = {"det": ("det", "seg"), "seg": ("seg",)}  # a val loader's task -> the forward's (det: consistency, overlay)
+
+
+def clock(device):
+    """time.perf_counter() once the device's queued work is done (CUDA runs asynchronously: unsynchronized, a
+    phase's time would be its launches, not its kernels)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def merge_shards(shards):
+    """validate's state (det meter, seg meters, loss meter, confusion matrix, image counts, per-class image counts,
+    ms per phase) of each rank's share of the images -> one: counts and sums added, per-image match statistics
+    interleaved back into image order (rank r held images r, r + W, ...), so the metrics are exactly those of one
+    process over all images (losses up to float summation order)."""
+    det, seg, losses, cm, images, per_class, ms = shards[0]
+    W = len(shards)
+    for a in ("tp", "conf", "pred_cls", "target_cls"):
+        lists = [getattr(s[0], a) for s in shards]
+        setattr(det, a, [lists[i % W][i // W] for i in range(sum(map(len, lists)))])
+    for other in shards[1:]:
+        _, seg2, losses2, cm2, images2, per_class2, ms2 = other
+        for k, meter in seg.items():
+            meter.inter, meter.pred, meter.true = (meter.inter + seg2[k].inter, meter.pred + seg2[k].pred,
+                                                   meter.true + seg2[k].true)
+        for k in losses2.sum:
+            losses.sum[k], losses.n[k] = losses.sum.get(k, 0.0) + losses2.sum[k], losses.n.get(k, 0) + losses2.n[k]
+        cm, per_class = cm + cm2, per_class + per_class2
+        images = {k: images[k] + images2[k] for k in images}
+        ms = {k: ms[k] + ms2[k] for k in ms}
+    return det, seg, losses, cm, images, per_class, ms
 
 
 def progress(loader, desc, log):

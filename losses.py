@@ -331,19 +331,17 @@ class MultiTaskLoss:
         return total, {**terms, **det_terms}
 
     @torch.no_grad()
-    def add_l2sp_grad_(self, model, n=1):
-        """Add n x the gradient of lambda_l2sp * l2sp, i.e. 2 lambda (w - w0), to the anchored parameters' .grad:
-        what n micro-batches with the term in their loss would have accumulated."""
-        if not (self.anchor and self.weight["l2sp"] and n):
+    def add_l2sp_grad_(self, model, scale=1.0):
+        """Add scale x the gradient of lambda_l2sp * l2sp, i.e. 2 lambda scale (w - w0), to the .grad of the anchored
+        parameters that have one. A parameter the step's batches never used (the other domain's DualBN branch)
+        keeps none, so the optimizer leaves it, its momentum and its Adam moments alone."""
+        if not (self.anchor and self.weight["l2sp"] and scale):
             return
         named = dict(model.named_parameters())
         for k, w0 in self.anchor.items():
             p = named[k]
-            g = (p - w0) * (2 * self.weight["l2sp"] * n)
-            if p.grad is None:
-                p.grad = g
-            else:
-                p.grad.add_(g)
+            if p.grad is not None:
+                p.grad.add_(p - w0, alpha=2 * self.weight["l2sp"] * scale)
 
 
 class TermMeter:

@@ -18,36 +18,30 @@ import pprint
 import random
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from copy import deepcopy
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.utils.data import DataLoader
 
 import data
+import distributed
 import evaluate
 import plots
 import synthetic
 from config import STAGES, check_device, format_config, load_config, next_run_dir, parse_set, saved_config
 from losses import MultiTaskLoss, TermMeter
-from checkpoints import CheckpointError, read_checkpoint
+from checkpoints import CheckpointError, read_checkpoint, save_checkpoint
 from model import CAMTL, camtl_config, count_params
 
 # -----------------------------------------------------------------------------
 # pieces of the loop: checkpoints, EMA, optimizer, schedule
-
-
-def save_atomic(obj, path):
-    """Write to a temp file in the same directory, then rename: a crash never leaves half a checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def rng_state():
@@ -198,19 +192,26 @@ def write_csv(path, row, keep_epochs=None):
 
 
 def setup_device(cfg, arg_device):
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    """-> (device, rank, world); under torchrun also the process group (distributed.init)."""
     want = check_device(arg_device, "--device") if arg_device else cfg["device"]
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
     if want.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {want}: CUDA is not available here; use --device cpu")
-    if world > 1:
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        if want.startswith("cuda"):
-            torch.cuda.set_device(local)
-            want = f"cuda:{local}"
-        dist.init_process_group("nccl" if want.startswith("cuda") else "gloo")
-    return torch.device(want), rank, world
+    return distributed.init(want)
+
+
+def set_cuda_backends(deterministic):
+    """YOLOv8's CUDA settings: deterministic=True (its default) picks deterministic cuDNN and CUDA kernels, warning
+    where an op has none; False lets cuDNN autotune its convolutions instead (every batch is imgsz x imgsz, the
+    case autotuning is for). TF32 keeps torch's defaults, as YOLOv8 does: on for cuDNN convolutions, off for
+    matmuls. -> a description for the log."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS; read at its first use
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = deterministic, not deterministic
+    return (f"cuDNN {'deterministic' if deterministic else 'autotuned'}, TF32 convolutions "
+            f"{'on' if torch.backends.cudnn.allow_tf32 else 'off'}, matmuls {torch.get_float32_matmul_precision()}")
 
 
 def resolve_resume(arg, cfg):
@@ -296,21 +297,57 @@ def build_model(cfg, stage, log, verbose=True):
     return model, stage_ckpt
 
 
+FP16_ON_CPU = False  # tests: fp16 autocast and an enabled GradScaler on a CPU, the path every CUDA run takes
+MAX_GRAPHS = 12  # compiled graphs of the forward at most (dynamo's recompile limit; see compile_models)
+COMPILE_BACKEND = "inductor"  # tests: "aot_eager", which skips inductor's minutes-long C++ builds
+
+
+def autocast_and_scaler(cfg, device):
+    """-> (autocast context or a nullcontext, GradScaler, "fp16"/"bf16"/"off"). fp16 autocast, with the scaler
+    enabled, on CUDA (on a CPU fp16 kernels are slower than fp32: it trains in fp32); bf16, which needs no scaler,
+    on CUDA and CPU."""
+    dtype = torch.bfloat16 if cfg["amp_dtype"] == "bf16" else torch.float16
+    on = cfg["amp"] and (device.type == "cuda" or dtype == torch.bfloat16 or FP16_ON_CPU)
+    ctx = torch.autocast(device.type, dtype=dtype) if on else nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=on and dtype == torch.float16)
+    return ctx, scaler, cfg["amp_dtype"] if on else "off"
+
+
 def use_compile(cfg, device):
     """compile=auto means CUDA only: on a CPU, inductor takes minutes per graph (README: speed)."""
     return cfg["compile"] is True or (cfg["compile"] == "auto" and device.type == "cuda")
 
 
-def compile_model(model, backend="inductor"):
-    """torch.compile the model's forward in place (same module, same state_dict keys; the loss stays eager: the
-    assigner's shapes depend on each batch's boxes). Dynamo guards on the forward's arguments (tasks, need_attn),
-    on train/eval and on each DualBN's `domain`, so every combination a stage uses is one graph, compiled on first
-    use and then reused: det+seg and seg in the target domain, seg in the source domain with replay, and the same
-    in validation -- at most 6. dynamic=False: a smaller last batch is one more graph, not a symbolic one. Past
-    the recompile limit a call runs eager instead of compiling again, so nothing storms."""
-    torch._dynamo.config.recompile_limit = 12
-    model.compile(dynamic=False, backend=backend)
-    return model
+def compile_models(modules, backend="inductor", log=print):
+    """torch.compile each module's forward in place (same modules, same state_dict keys; the loss stays eager: the
+    assigner's shapes depend on each batch's boxes); -> modules. Dynamo guards on the forward's arguments (tasks,
+    need_attn), on train/eval and on each DualBN's `domain`, so each combination a stage uses is compiled on
+    first use and then reused: det+seg and seg in the target domain, seg in the source domain with replay (the
+    model, training), det+seg and seg in validation (the EMA) -- 5 graphs, and one more for each smaller last
+    batch (dynamic=False: a graph per batch size, not a symbolic one). Past MAX_GRAPHS a call runs eager instead
+    of compiling again, so nothing storms. A compiler that fails (no C++ compiler, no Triton, an op it cannot
+    lower) leaves one line in the log, and every module eager for the rest of the run."""
+    torch._dynamo.config.recompile_limit = MAX_GRAPHS
+
+    def eager_from_here(e):
+        inner = getattr(e, "inner_exception", None) or e
+        log(f"WARNING: torch.compile ({backend}) failed, training goes on eager: {type(inner).__name__}: "
+            f"{(str(inner).strip().splitlines() or [''])[0][:200]}")
+        for m in modules:
+            m._compiled_call_impl = None  # nn.Module.__call__ runs the eager forward again
+
+    def fallback(m, compiled):
+        def call(*args, **kwargs):
+            try:
+                return compiled(*args, **kwargs)
+            except torch._dynamo.exc.TorchDynamoException as e:  # nothing of the forward ran: eager redoes it all
+                eager_from_here(e)
+                return m(*args, **kwargs)
+        return call
+    for m in modules:
+        m.compile(dynamic=False, backend=backend)
+        m._compiled_call_impl = fallback(m, m._compiled_call_impl)
+    return modules
 
 
 def build_data(cfg, rank, world):
@@ -342,6 +379,16 @@ def build_data(cfg, rank, world):
     return root, loader, val
 
 
+def shard_loaders(loaders, rank, world):
+    """{task: loader} -> this rank's share of each: images rank, rank + world, rank + 2 world, ... Every image is in
+    exactly one share (a DistributedSampler would pad the last with repeats, and they would count twice)."""
+    if world == 1:
+        return loaders
+    return {t: DataLoader(ld.dataset, batch_size=ld.batch_size, sampler=range(rank, len(ld.dataset), world),
+                          num_workers=ld.num_workers, collate_fn=ld.collate_fn, pin_memory=ld.pin_memory)
+            for t, ld in loaders.items()}
+
+
 def plot_labels(loader, cfg, path):
     """labels.png of the detection training labels (camtl): counts, centres, sizes in canvas pixels."""
     sets = [ld.dataset for ld, _ in getattr(loader, "streams", [(loader, 1)]) if ld.dataset.task == "det"]
@@ -369,14 +416,56 @@ def tasks_for(batch, cfg):
 # the run, step by step
 
 
+@dataclass
+class Run:
+    """One stage's run: what `setup` builds, fixed from then on, and the loop's counters, which change as it
+    trains. The pieces below (restore, train_one_epoch, train_step, optimizer_step, validate_and_save,
+    finish_stage) each take the Run and read or advance it."""
+    # --- set-up, fixed for the run
+    cfg: dict  # the resolved config (on --resume the run's own, with `epochs` possibly raised)
+    device: torch.device  # where the model, each batch and every collective's tensors live
+    rank: int  # this process's DDP rank; 0 without DDP
+    world: int  # the number of DDP processes; 1 without DDP
+    comm: distributed.Comm  # the collectives among them, on `device` (no-ops when world is 1)
+    log: Callable  # print on rank 0, a no-op on the other ranks
+    run_dir: Optional[Path]  # runs/{stage}/{name}; None on ranks > 0, which write nothing
+    loader: Iterable  # the training batches: a DataLoader (domainshift1) or data.AlternatingLoader (camtl)
+    val_loaders: dict  # {"det"/"seg": validation DataLoader}: all of the val images (the final validation)
+    val_shards: dict  # the same, this rank's share of them (each epoch's validation; = val_loaders on 1 rank)
+    model: nn.Module  # the CAMTL being trained (compiled in place when compile is on)
+    opt: torch.optim.Optimizer  # three groups: biases, weights with decay, norm/gate weights (build_optimizer)
+    get_lr: Callable  # iteration -> (lr of biases, lr of the rest, momentum) (make_get_lr)
+    nb: int  # training batches per epoch on each rank
+    accumulate: int  # micro-batches per optimizer step: nbs / (batch x world), at least 1
+    ctx: AbstractContextManager  # autocast around the forward, or a nullcontext without AMP
+    scaler: torch.amp.GradScaler  # enabled only under fp16 autocast; otherwise its calls pass through
+    ema: Optional[ModelEMA]  # the EMA of the weights, identical on every rank (None with ema=False)
+    crit: MultiTaskLoss  # the CA-MTL objective; its `anchor` holds L2-SP's stage-start weights
+    ckpt: Optional[dict]  # --resume: the last.pt to continue from; restore() consumes it (then None)
+    t_start: float = field(default_factory=time.time)  # wall-clock start, for the stage's duration
+    # --- counters
+    start_epoch: int = 0  # the first epoch to train: 0, or the one after the checkpoint's (restore)
+    best_fitness: float = -1.0  # the best validation fitness so far; raised by validate_and_save
+    metrics: dict = field(default_factory=dict)  # the latest validation's metrics (validate_and_save)
+    lr: float = 0.0  # the weights' current lr, set every iteration (train_one_epoch)
+    window: int = 0  # finite micro-batches since the last optimizer step (train_step; optimizer_step resets)
+    nan_run: int = 0  # non-finite losses in a row; a finite one resets it (train_step)
+    nan_total: int = 0  # skipped non-finite micro-batches in this process's run (train_step)
+    skipped_steps: int = 0  # optimizer steps skipped for inf/NaN gradients, the GradScaler's too (optimizer_step)
+
+    @property
+    def master(self):
+        """Rank 0 validates, logs and writes the run folder."""
+        return self.rank == 0
+
+
 def setup(cfg, args, log=print):
-    """Everything one run needs, in one namespace r: cfg, device, rank/world/master, log, run_dir, the loaders,
-    model, opt, get_lr, accumulate, ctx (autocast), scaler, ema, crit, nb (batches per epoch); the loop's state
-    start_epoch, best_fitness, metrics, lr, window (good micro-batches since the last step), NaN counters; and
-    ckpt, the checkpoint to restore with --resume."""
+    """-> the Run of this config and command line: device, run folder, data, model, optimizer, AMP, EMA, loss."""
     device, rank, world = setup_device(cfg, args.device)
-    master = rank == 0
+    master, comm = rank == 0, distributed.Comm(device, world)
     log = log if master else (lambda *a, **k: None)
+    if device.type == "cuda":
+        log(set_cuda_backends(cfg["deterministic"]))
     torch.manual_seed(cfg["seed"] + rank)
     np.random.seed(cfg["seed"] + rank)
     random.seed(cfg["seed"] + rank)
@@ -386,9 +475,8 @@ def setup(cfg, args, log=print):
     quiet = lambda *a, **k: None  # noqa: E731  (a resumed run's weights come from last.pt: no init messages)
     model, init_from = build_model(cfg, cfg["stage"], log if ckpt is None else quiet, verbose=master and not ckpt)
     model.to(device, memory_format=torch.channels_last if cfg["channels_last"] else torch.contiguous_format)
-    if world > 1:  # every replica starts from rank 0's weights and buffers
-        for t in model.state_dict().values():
-            dist.broadcast(t, 0)
+    for t in model.state_dict().values():  # every replica starts from rank 0's weights and buffers
+        comm.broadcast(t, 0)
     anchor = None
     if cfg["lambda_l2sp"]:  # L2-SP pulls backbone+neck towards their stage-start values
         anchor = {k: p.detach().clone() for k, p in model.named_parameters()
@@ -397,8 +485,7 @@ def setup(cfg, args, log=print):
     accumulate = max(round(cfg["nbs"] / (cfg["batch"] * world)), 1)
     opt, lr0, opt_desc = build_optimizer(model, cfg, accumulate, world)
     get_lr, nw = make_get_lr(cfg, lr0, nb)
-    amp_dtype = torch.bfloat16 if cfg["amp_dtype"] == "bf16" else torch.float16
-    use_amp = cfg["amp"] and (device.type == "cuda" or amp_dtype == torch.bfloat16)  # fp16 autocast: CUDA only
+    ctx, scaler, amp = autocast_and_scaler(cfg, device)
     if master:  # the run folder appears only once everything it describes could be built
         (run_dir / "weights").mkdir(parents=True, exist_ok=True)
         if ckpt is None:
@@ -409,222 +496,243 @@ def setup(cfg, args, log=print):
     log(f"{cfg['stage']}: {count_params(model):,} parameters "
         f"({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable), "
         f"init from {init}; data {root}")
-    ema = ModelEMA(model, cfg["ema_decay"], cfg["ema_tau"]) if cfg["ema"] and master else None
+    ema = ModelEMA(model, cfg["ema_decay"], cfg["ema_tau"]) if cfg["ema"] else None  # every rank validates
     compiled = use_compile(cfg, device)
-    if compiled:  # after the EMA's copy, which gets its own compiled validation graphs
-        compile_model(model)
-        if ema:
-            compile_model(ema.ema)
+    if compiled:  # after the EMA's copy, which gets its own validation graphs
+        compile_models([model] + ([ema.ema] if ema else []), COMPILE_BACKEND, log)
     log(opt_desc + f"; accumulate {accumulate} (nominal batch {cfg['nbs']}), warmup {nw} iters, "
-        f"AMP {cfg['amp_dtype'] if use_amp else 'off'}, channels_last {'on' if cfg['channels_last'] else 'off'}, "
+        f"AMP {amp}, channels_last {'on' if cfg['channels_last'] else 'off'}, "
         f"compile {'on' if compiled else 'off'}{' (auto: CUDA only)' if cfg['compile'] == 'auto' else ''}")
     log(f"{nb} batches/epoch x {cfg['epochs']} epochs, batch {cfg['batch']} x {world} rank(s) "
         f"= {cfg['batch'] * world} images per iteration, imgsz {cfg['imgsz']}")
-    return SimpleNamespace(
-        cfg=cfg, device=device, rank=rank, world=world, master=master, log=log, run_dir=run_dir, ckpt=ckpt,
-        loader=loader, val_loaders=val_loaders, model=model, opt=opt, get_lr=get_lr, nb=nb, accumulate=accumulate,
-        ctx=torch.autocast(device.type, dtype=amp_dtype) if use_amp else nullcontext(),
-        scaler=torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16),
-        ema=ema,
-        crit=MultiTaskLoss(cfg, anchor), start_epoch=0, best_fitness=-1.0, metrics={}, lr=0.0, window=0,
-        nan_run=0, nan_total=0, t_start=time.time())
+    return Run(cfg=cfg, device=device, rank=rank, world=world, comm=comm, log=log, run_dir=run_dir, loader=loader,
+               val_loaders=val_loaders, val_shards=shard_loaders(val_loaders, rank, world), model=model, opt=opt,
+               get_lr=get_lr, nb=nb, accumulate=accumulate, ctx=ctx, scaler=scaler, ema=ema,
+               crit=MultiTaskLoss(cfg, anchor), ckpt=ckpt)
 
 
-def restore(r):
-    """--resume: weights, optimizer, scaler, EMA, the L2-SP anchor, epoch, best fitness and RNG from r.ckpt, every
-    tensor moved to the run's device first (wherever the checkpoint was saved); results.csv trimmed to match."""
-    ckpt, r.ckpt = r.ckpt, None
-    state = data.to_device({k: ckpt.get(k) for k in ("model", "optimizer", "ema", "anchor")}, r.device)
-    r.model.load_state_dict(state["model"])
-    r.opt.load_state_dict(state["optimizer"])
-    r.scaler.load_state_dict(ckpt["scaler"])
-    if r.ema is not None and state["ema"] is not None:
-        r.ema.ema.load_state_dict(state["ema"])
-        r.ema.updates = ckpt["ema_updates"]
-    r.crit.anchor = state["anchor"] or r.crit.anchor
-    r.start_epoch, r.best_fitness = ckpt["epoch"] + 1, ckpt["best_fitness"]
+def restore(run):
+    """--resume: weights, optimizer, scaler, EMA, the L2-SP anchor, epoch, best fitness and RNG from run.ckpt, every
+    tensor on the run's device (wherever the checkpoint was saved); results.csv trimmed to match. A checkpoint of
+    a run without a GradScaler (CPU, bf16, amp=False) resumed where one is on starts the scaler afresh."""
+    ckpt, run.ckpt = run.ckpt, None
+    state = data.to_device({k: ckpt.get(k) for k in ("model", "ema", "anchor")}, run.device)
+    run.model.load_state_dict(state["model"])
+    run.opt.load_state_dict(ckpt["optimizer"])  # onto each parameter's device; AdamW's step counts stay on the CPU
+    if ckpt["scaler"] or not run.scaler.is_enabled():
+        run.scaler.load_state_dict(ckpt["scaler"])
+    else:
+        run.log(f"GradScaler: the checkpoint's run had none; it starts at scale {run.scaler.get_scale():g}")
+    run.nan_total, run.skipped_steps = ckpt.get("nan_steps", 0), ckpt.get("skipped_steps", 0)
+    if run.ema is not None and state["ema"] is not None:
+        run.ema.ema.load_state_dict(state["ema"])
+        run.ema.updates = ckpt["ema_updates"]
+    run.crit.anchor = state["anchor"] or run.crit.anchor
+    run.start_epoch, run.best_fitness = ckpt["epoch"] + 1, ckpt["best_fitness"]
     set_rng_state(ckpt["rng"])
-    if r.master and (r.run_dir / "results.csv").exists():  # a row written after this checkpoint is redone
-        write_csv(r.run_dir / "results.csv", None, keep_epochs=ckpt["epoch"] + 1)
+    if run.master and (run.run_dir / "results.csv").exists():  # a row written after this checkpoint is redone
+        write_csv(run.run_dir / "results.csv", None, keep_epochs=ckpt["epoch"] + 1)
 
 
-def train_one_epoch(r, epoch):
+def train_one_epoch(run, epoch):
     """One pass over the training batches -> running means of the loss terms by name, each over the batches
     that report it (MultiTaskLoss: det over det batches, seg over seg batches, ...)."""
-    cfg, nb = r.cfg, r.nb
-    r.model.train()
-    (r.loader.set_epoch if hasattr(r.loader, "set_epoch") else r.loader.sampler.set_epoch)(epoch)
+    cfg, nb = run.cfg, run.nb
+    run.model.train()
+    (run.loader.set_epoch if hasattr(run.loader, "set_epoch") else run.loader.sampler.set_epoch)(epoch)
     meter = TermMeter()
-    bar = plots.Progress(nb, f"{cfg['stage']} {epoch + 1}/{cfg['epochs']}", cfg["log_interval"], enabled=r.master)
-    r.opt.zero_grad(set_to_none=True)
-    r.window = 0
-    for i, batch in enumerate(r.loader):
-        if r.master and cfg["plots"] and epoch == 0 and i < 3:  # what the network is fed, augmented
+    bar = plots.Progress(nb, f"{cfg['stage']} {epoch + 1}/{cfg['epochs']}", cfg["log_interval"], enabled=run.master)
+    run.opt.zero_grad(set_to_none=True)
+    run.window = 0
+    for i, batch in enumerate(run.loader):
+        if run.master and cfg["plots"] and epoch == 0 and i < 3:  # what the network is fed, augmented
             plots.plot_batch(batch["img"], batch["batch_idx"], batch["cls"], batch["bboxes"], batch["mask"],
-                             batch["paths"], r.run_dir / f"train_batch{i}.png", names=evaluate.class_names(cfg["nc"]))
-        r.lr = set_lr(r.opt, *r.get_lr(epoch * nb + i))
-        terms = train_step(r, batch, where=f"epoch {epoch + 1} iter {i + 1}")
-        if (i + 1) % r.accumulate == 0 or i + 1 == nb:
-            optimizer_step(r)
+                             batch["paths"], run.run_dir / f"train_batch{i}.png", names=evaluate.class_names(cfg["nc"]))
+        run.lr = set_lr(run.opt, *run.get_lr(epoch * nb + i))
+        where = f"epoch {epoch + 1} iter {i + 1}"
+        terms = train_step(run, batch, where)
+        if (i + 1) % run.accumulate == 0 or i + 1 == nb:
+            optimizer_step(run, where)
         if terms is not None:  # None: non-finite loss, skipped
             meter.update(terms)
         losses = " ".join(f"{k} {v:.4f}" for k, v in meter.means().items())
-        bar.update(i + 1, f"{losses}  lr {r.lr:.5f}", items=batch["img"].shape[0] if terms is not None else 0)
+        bar.update(i + 1, f"{losses}  lr {run.lr:.5f}", items=batch["img"].shape[0] if terms is not None else 0)
     return meter.means()
 
 
-def train_step(r, batch, where):
+def train_step(run, batch, where):
     """Forward (in the batch's domain, under autocast), loss and backward of one micro-batch; its gradients add
     to the window's. -> the loss terms, or None when the loss was not finite on any rank: then every rank skips
-    this micro-batch alike (the window keeps its other gradients); max_nan_steps in a row stop the run."""
-    tasks, need_attn = tasks_for(batch, r.cfg)
-    batch = data.to_device(batch, r.device)  # image, targets and masks, once
-    with r.model.domain(batch["domain"]), r.ctx:
-        det_out, seg_out = r.model(batch["img"], tasks=tasks, need_attn=need_attn)
-    loss, terms = r.crit(det_out, seg_out, batch, r.model)
-    bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=r.device)
-    if r.world > 1:  # one rank's NaN is every rank's: nobody waits in an all-reduce the others skipped
-        dist.all_reduce(bad)
-    if bad.item():
-        r.nan_run, r.nan_total = r.nan_run + 1, r.nan_total + 1
-        r.log(f"WARNING: non-finite loss at {where} ({batch['task']} batch {batch['paths'][:1]}"
-              f"{' on some rank' if r.world > 1 else ''}): micro-batch skipped, {r.window} earlier ones of this "
-              f"accumulation window kept")
-        if r.nan_run >= r.cfg["max_nan_steps"]:
-            raise SystemExit(f"{r.nan_run} non-finite losses in a row: stopping. Lower lr0, check the data, "
+    this micro-batch alike (the window keeps its other gradients, BatchNorm the statistics it had before this
+    forward); max_nan_steps in a row stop the run."""
+    tasks, need_attn = tasks_for(batch, run.cfg)
+    batch = data.to_device(batch, run.device)  # image, targets and masks, once
+    stats = torch.cat([b.flatten() for b in float_buffers(run.model)])  # (n,) BN statistics before the forward
+    with run.model.domain(batch["domain"]), run.ctx:
+        det_out, seg_out = run.model(batch["img"], tasks=tasks, need_attn=need_attn)
+    loss, terms = run.crit(det_out, seg_out, batch, run.model)
+    if run.comm.any(~torch.isfinite(loss)):  # one rank's NaN is every rank's: nobody waits in a skipped all-reduce
+        set_float_buffers(run.model, stats)  # a NaN in one image would reach every running mean, then the EMA
+        run.nan_run, run.nan_total = run.nan_run + 1, run.nan_total + 1
+        run.log(f"WARNING: non-finite loss at {where} ({batch['task']} batch {batch['paths'][:1]}"
+                f"{' on some rank' if run.world > 1 else ''}): micro-batch skipped, {run.window} earlier ones of "
+                "this accumulation window kept")
+        if run.nan_run >= run.cfg["max_nan_steps"]:
+            raise SystemExit(f"{run.nan_run} non-finite losses in a row: stopping. Lower lr0, check the data, "
                              "or set amp=False.")
         return None
-    r.nan_run = 0
-    r.scaler.scale(loss).backward()
-    r.window += 1
+    run.nan_run = 0
+    run.scaler.scale(loss).backward()
+    run.window += 1
     return terms
 
 
-def optimizer_step(r):
+def optimizer_step(run, where="the end of the window"):
     """End of an accumulation window: (DDP) sum the window's gradients over the ranks — one process on all ranks'
-    images gets the same sum — add L2-SP's gradient, unscale, clip, step, update the EMA. A window whose
-    micro-batches were all skipped, or (without a GradScaler) whose gradient is not finite, makes no step."""
-    if r.window:  # the ranks agreed on every skip, so they agree on this
-        if r.world > 1:
-            all_reduce_grads(r.model)
-        r.scaler.unscale_(r.opt)
-        r.crit.add_l2sp_grad_(r.model, r.window)
-        norm = nn.utils.clip_grad_norm_(r.model.parameters(), r.cfg["clip_grad"])
-        if torch.isfinite(norm) or r.scaler.is_enabled():  # the scaler skips non-finite steps itself
-            r.scaler.step(r.opt)
-            r.scaler.update()
-            if r.ema is not None:
-                r.ema.update(r.model)
-        else:
-            r.log(f"WARNING: non-finite gradient norm: optimizer step skipped ({r.window} micro-batches)")
-    r.opt.zero_grad(set_to_none=True)
-    r.window = 0
+    images gets the same sum — unscale, add L2-SP's gradient, clip, step, update the EMA. L2-SP enters once per
+    step, weighted like weight decay by the step's images over nbs, so lambda_l2sp pulls as hard on any number of
+    GPUs. A window whose micro-batches were all skipped, or whose gradient is not finite (under fp16 the
+    GradScaler's own skip), makes no step; skipped_steps counts the latter."""
+    if run.window:  # the ranks agreed on every skip, so they agree on this
+        all_reduce_grads(run.model, run.comm)
+        run.scaler.unscale_(run.opt)
+        run.crit.add_l2sp_grad_(run.model, run.cfg["batch"] * run.world * run.window / run.cfg["nbs"])
+        norm = nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg["clip_grad"])
+        amp = run.scaler.is_enabled()
+        if amp:  # the scaler skips a step with inf/NaN gradients itself, and only then lowers its scale
+            scale = run.scaler.get_scale()
+            run.scaler.step(run.opt)
+            run.scaler.update()
+            stepped = run.scaler.get_scale() >= scale
+        elif stepped := bool(torch.isfinite(norm)):
+            run.opt.step()
+        if stepped and run.ema is not None:
+            run.ema.update(run.model)
+        elif not stepped:
+            run.skipped_steps += 1
+            run.log(f"{'GradScaler' if amp else 'WARNING'}: inf/NaN gradients, optimizer step at {where} skipped "
+                    f"({run.window} micro-batches; {run.skipped_steps} steps so far"
+                    + (f", loss scale now {run.scaler.get_scale():g})" if amp else ")"))
+    run.opt.zero_grad(set_to_none=True)
+    run.window = 0
 
 
-def all_reduce_grads(model):
+def float_buffers(model):
+    """The floating buffers: BatchNorm running means and variances (its int counters matter only with
+    momentum=None, which YOLOv8 never uses)."""
+    return [b for b in model.buffers() if b.is_floating_point()]
+
+
+def set_float_buffers(model, flat):
+    """float_buffers(model) <- the flat (n,) tensor torch.cat of them once gave."""
+    bufs = float_buffers(model)
+    for b, v in zip(bufs, flat.split([b.numel() for b in bufs])):
+        b.copy_(v.view_as(b))
+
+
+def all_reduce_grads(model, comm):
     """Sum every trainable parameter's gradient over the ranks in one flat buffer, and average the floating
     buffers (BatchNorm statistics), so the replicas stay identical. A parameter without a gradient sends zeros
     and keeps none: the optimizer then skips it, exactly as in one process (no weight decay, no momentum)."""
+    if comm.world == 1:
+        return
     params = [p for p in model.parameters() if p.requires_grad]
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
-    dist.all_reduce(flat)
+    comm.all_reduce(flat)
     for p, g in zip(params, flat.split([p.numel() for p in params])):
         if p.grad is not None:
             p.grad.copy_(g.view_as(p))
-    bufs = [b for b in model.buffers() if b.is_floating_point()]
-    if bufs:
-        flat = torch.cat([b.flatten() for b in bufs])
-        dist.all_reduce(flat)
-        for b, v in zip(bufs, (flat / dist.get_world_size()).split([b.numel() for b in bufs])):
-            b.copy_(v.view_as(b))
+    set_float_buffers(model, comm.all_reduce(torch.cat([b.flatten() for b in float_buffers(model)])) / comm.world)
 
 
-def validate_and_save(r, epoch, train_terms):
-    """Rank 0 after each epoch: validate the EMA weights (every val_interval epochs and after the last), append a
-    results.csv row, write last.pt, and best.pt when the fitness improved."""
-    cfg = r.cfg
+def validate_and_save(run, epoch, train_terms):
+    """After each epoch (every val_interval epochs and after the last): every rank validates the EMA weights on
+    its share of the val images, and each gets the metrics of all of them. Then rank 0 appends a results.csv row,
+    writes last.pt, and best.pt when the fitness improved."""
+    cfg = run.cfg
     if (epoch + 1) % cfg["val_interval"] == 0 or epoch + 1 == cfg["epochs"]:
-        r.metrics = evaluate.validate(r.ema.ema if r.ema else r.model, r.val_loaders, cfg, r.device, r.crit,
-                                      log=r.log)
-        r.log(evaluate.format_metrics(r.metrics, prefix=f"val {epoch + 1}/{cfg['epochs']}"))
-    fitness = r.metrics.get("fitness", 0.0)
-    write_csv(r.run_dir / "results.csv", csv_row(epoch, train_terms, r.metrics, r.opt))
-    ck = {"model": r.model.state_dict(), "ema": r.ema.ema.state_dict() if r.ema else None,
-          "ema_updates": r.ema.updates if r.ema else 0, "optimizer": r.opt.state_dict(),
-          "scaler": r.scaler.state_dict(), "epoch": epoch, "best_fitness": max(r.best_fitness, fitness),
-          "config": cfg, "stage": cfg["stage"], "rng": rng_state(), "anchor": r.crit.anchor, "metrics": r.metrics,
-          "nan_steps": r.nan_total}
-    save_atomic(ck, r.run_dir / "weights" / "last.pt")
-    if fitness > r.best_fitness:
-        r.best_fitness = fitness
-        save_atomic(ck, r.run_dir / "weights" / "best.pt")
+        net = run.ema.ema if run.ema else run.model
+        run.metrics = evaluate.validate(net, run.val_shards, cfg, run.device, run.crit,
+                                        log=run.log if run.master else None, gather=run.comm.gather_objects)
+        run.log(evaluate.format_metrics(run.metrics, prefix=f"val {epoch + 1}/{cfg['epochs']}"))
+    fitness = run.metrics.get("fitness", 0.0)
+    if not run.master:
+        run.best_fitness = max(run.best_fitness, fitness)
+        return
+    write_csv(run.run_dir / "results.csv", csv_row(epoch, train_terms, run.metrics, run.opt))
+    ck = {"model": run.model.state_dict(), "ema": run.ema.ema.state_dict() if run.ema else None,
+          "ema_updates": run.ema.updates if run.ema else 0, "optimizer": run.opt.state_dict(),
+          "scaler": run.scaler.state_dict(), "epoch": epoch, "best_fitness": max(run.best_fitness, fitness),
+          "config": cfg, "stage": cfg["stage"], "rng": rng_state(), "anchor": run.crit.anchor, "metrics": run.metrics,
+          "nan_steps": run.nan_total, "skipped_steps": run.skipped_steps}
+    save_checkpoint(ck, run.run_dir / "weights" / "last.pt")
+    if fitness > run.best_fitness:
+        run.best_fitness = fitness
+        save_checkpoint(ck, run.run_dir / "weights" / "best.pt")
 
 
-def check_replicas(r):
+def check_replicas(run):
     """DDP: the replicas must have stayed identical; log the largest weight difference to rank 0's."""
-    flat = torch.cat([p.detach().double().flatten() for p in r.model.parameters()])
-    ref = flat.clone()
-    dist.broadcast(ref, 0)
-    diff = torch.tensor([(flat - ref).abs().max().item()], dtype=torch.float64)
-    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-    r.log(f"DDP: max weight difference across {r.world} ranks {diff.item():.3g}")
-    dist.barrier()
+    flat = torch.cat([p.detach().double().flatten() for p in run.model.parameters()])  # (n,)
+    ref = run.comm.broadcast(flat.clone(), 0)
+    diff = run.comm.max((flat - ref).abs().max().item())
+    run.log(f"DDP: max weight difference across {run.world} ranks {diff:.3g}")
+    run.comm.barrier()
 
 
-def finish_stage(r):
+def finish_stage(run):
     """The best epoch's weights, validated once more with every picture (curves, confusion matrix, batches) and the
     per-class table; results.png; then best.pt and the stage's product yolov8{S}-{stage}.pt made small: the EMA
     weights, config and metrics (what evaluate.py, export.py and the next stage load), no optimizer. last.pt keeps
     everything, so a finished run can still be extended with --resume --set epochs=N. -> (run folder, metrics)."""
-    cfg, stage, wdir = r.cfg, r.cfg["stage"], r.run_dir / "weights"
+    cfg, stage, wdir = run.cfg, run.cfg["stage"], run.run_dir / "weights"
     best = torch.load(wdir / "best.pt", map_location="cpu", weights_only=True)
     if "optimizer" in best:  # not made small yet (a resumed run that had finished)
         small = {"model": best["ema"] or best["model"], "config": cfg, "stage": stage, "epoch": best["epoch"],
                  "metrics": best["metrics"]}
-        save_atomic(small, wdir / "best.pt")
+        save_checkpoint(small, wdir / "best.pt")
         best = small
     out = wdir / f"yolov8{scale_tag(cfg)}-{stage}.pt"
-    save_atomic(best, out)
+    save_checkpoint(best, out)
     if cfg["plots"]:
-        net = r.ema.ema if r.ema else r.model
-        net.load_state_dict(data.to_device(best["model"], r.device))
-        evaluate.validate(net, r.val_loaders, cfg, r.device, r.crit, plot_dir=r.run_dir, log=r.log)
-        plots.plot_results(r.run_dir / "results.csv", r.run_dir / "results.png")
+        net = run.ema.ema if run.ema else run.model
+        net.load_state_dict(data.to_device(best["model"], run.device))
+        evaluate.validate(net, run.val_loaders, cfg, run.device, run.crit, plot_dir=run.run_dir, log=run.log)
+        plots.plot_results(run.run_dir / "results.csv", run.run_dir / "results.png")
     sizes = ", ".join(f"{p.name} {p.stat().st_size / 2**20:.1f} MB" for p in (wdir / "last.pt", wdir / "best.pt"))
-    r.log(f"\n{stage} done in {(time.time() - r.t_start) / 60:.1f} min, {r.nan_total} skipped non-finite steps. "
-          f"Best epoch {best['epoch'] + 1}:")
-    r.log(evaluate.results_table(best["metrics"]))
-    r.log(f"weights: {out} ({sizes})\nrun: {r.run_dir}")
-    return r.run_dir, best["metrics"]
+    run.log(f"\n{stage} done in {(time.time() - run.t_start) / 60:.1f} min, {run.nan_total} skipped non-finite "
+            f"steps, {run.skipped_steps} optimizer steps skipped (inf/NaN gradients). Best epoch {best['epoch'] + 1}:")
+    run.log(evaluate.results_table(best["metrics"]))
+    run.log(f"weights: {out} ({sizes})\nrun: {run.run_dir}")
+    return run.run_dir, best["metrics"]
 
 
-def interrupted(r):
+def interrupted(run):
     """The one line a Ctrl-C ends with: where the last checkpoint is and the command that continues the run."""
-    if not r.master:
+    if not run.master:
         return 130
-    last = r.run_dir / "weights" / "last.pt"
+    last = run.run_dir / "weights" / "last.pt"
     if not last.is_file():
-        return f"\ninterrupted before the first checkpoint: nothing to resume in {r.run_dir}"
+        return f"\ninterrupted before the first checkpoint: nothing to resume in {run.run_dir}"
     epoch = torch.load(last, map_location="cpu", weights_only=True)["epoch"] + 1
     return (f"\ninterrupted: {last} holds epoch {epoch}; continue with  "
-            f"python train.py --stage {r.cfg['stage']} --resume {r.run_dir}")
+            f"python train.py --stage {run.cfg['stage']} --resume {run.run_dir}")
 
 
 def train(cfg, args, log=print):
     """Run one stage. -> (run folder, best metrics) on rank 0; (None, last metrics) on the other ranks."""
-    r = setup(cfg, args, log)  # device, run folder, data, model, optimizer, AMP, EMA, loss
-    if r.ckpt is not None:
-        restore(r)  # --resume: continue exactly where last.pt left off
+    run = setup(cfg, args, log)  # device, run folder, data, model, optimizer, AMP, EMA, loss
+    if run.ckpt is not None:
+        restore(run)  # --resume: continue exactly where last.pt left off
     try:
-        for epoch in range(r.start_epoch, r.cfg["epochs"]):
-            train_terms = train_one_epoch(r, epoch)
-            if r.master:
-                validate_and_save(r, epoch, train_terms)
+        for epoch in range(run.start_epoch, run.cfg["epochs"]):
+            train_terms = train_one_epoch(run, epoch)
+            validate_and_save(run, epoch, train_terms)
     except KeyboardInterrupt:
-        raise SystemExit(interrupted(r)) from None
-    if r.world > 1:
-        check_replicas(r)
-    return finish_stage(r) if r.master else (None, r.metrics)
+        raise SystemExit(interrupted(run)) from None
+    if run.world > 1:
+        check_replicas(run)
+    return finish_stage(run) if run.master else (None, run.metrics)
 
 
 def main(argv=None):

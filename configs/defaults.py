@@ -42,6 +42,7 @@ config = {
     "device": "auto",  # auto / cpu / cuda / cuda:N, or a GPU index N (= cuda:N). Several GPUs ("0,1") are one
     # process each: torchrun --nproc_per_node=2 train.py ... --set device=cuda, each rank takes cuda:LOCAL_RANK
     "seed": 0,
+    "deterministic": True,  # CUDA: deterministic cuDNN/CUDA kernels, as YOLOv8; False: cuDNN autotuning instead
     # --- optimisation (YOLOv8's recipe)
     "epochs": 100,
     "optimizer": "SGD",  # SGD (nesterov) or AdamW
@@ -58,7 +59,7 @@ config = {
     "clip_grad": 10.0,
     "channels_last": True,  # NHWC weights and activations: the same numbers, faster (docs/benchmarks.md)
     "compile": "auto",  # torch.compile the model's forward: true / false / auto = on CUDA only (each graph takes
-    # minutes to compile on a CPU); one graph per (tasks, domain, train/val), see train.compile_model
+    # minutes to compile on a CPU); one graph per (tasks, domain, train/val), see train.compile_models
     "amp": True,  # autocast: fp16 (+ GradScaler) on CUDA only; bf16 on CUDA and CPU. fp16 on the CPU trains in fp32
     "amp_dtype": "fp16",  # fp16 / bf16 (`--set amp_dtype=bf16 --device cpu` runs the autocast path on a CPU)
     "ema": True,

@@ -1,11 +1,14 @@
 """The speed levers change no numbers: channels_last and torch.compile give eager's outputs and gradients, and
-compile makes one graph per (tasks, domain), never one per step."""
+compile makes one graph per (tasks, domain), never one per step; in the real train loop its graphs stay within
+the count train.compile_models states, and a compiler that fails leaves the run eager, not ended."""
 import copy
+import json
 
 import pytest
 import torch
 from test_export import TINY, randomise
 
+import synthetic
 import train
 from model import CAMTL, stage_setup
 from modules import Conv, CTAM, to_dualbn
@@ -85,14 +88,14 @@ def test_inductor_compiled_block_matches_eager():
 
 
 def test_compile_makes_one_graph_per_tasks_and_domain():
-    """train.compile_model on a tiny CA-MTL (aot_eager: dynamo's graphs and autograd without inductor's C++ build,
+    """train.compile_models on a tiny CA-MTL (aot_eager: dynamo's graphs and autograd without inductor's C++ build,
     which takes minutes on a CPU; the inductor numerics are the test above): each (tasks, domain) compiles once,
     repeats compile nothing, and every output and gradient is eager's."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
     model, x = tiny_camtl(), torch.rand(2, 3, 64, 64)
-    compiled = train.compile_model(copy.deepcopy(model), backend="aot_eager")
+    compiled, = train.compile_models([copy.deepcopy(model)], backend="aot_eager")
     assert set(compiled.state_dict()) == set(model.state_dict())  # checkpoints unchanged
     for tasks, domain in ((("det", "seg"), "target"), (("seg",), "source")):
         out, grads = step(model, x, tasks, domain)
@@ -113,3 +116,51 @@ def test_compile_auto_means_cuda_only():
     assert train.use_compile(cfg, torch.device("cuda"))
     assert train.use_compile({"compile": True}, torch.device("cpu"))
     assert not train.use_compile({"compile": False}, torch.device("cuda"))
+
+
+@pytest.fixture(scope="module")
+def odd_val(tmp_path_factory):
+    """Synthetic data whose camtl val split has 3 segmentation images (a batch of 2, then a smaller one of 1) and
+    no detection images (one graph fewer to trace); 6 training images per task."""
+    root = tmp_path_factory.mktemp("compile") / "synth"
+    synthetic.make_synthetic(root, n=9, imgsz=64, seed=0)  # 6 train / 3 val per task
+    splits = json.loads((root / "splits.json").read_text())
+    det = splits["angiography_detection"]
+    det["test"], det["val"] = det.get("test", []) + det["val"], []
+    (root / "splits.json").write_text(json.dumps(splits))
+    return root
+
+
+def train_compiled(root, backend, monkeypatch, capsys):
+    """One camtl epoch through train.main with compile on and this backend: target det batches and replayed source
+    seg batches (camtl_ratio [1, 0, 1]), validation on the EMA -> (log, unique graphs compiled)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(train, "COMPILE_BACKEND", backend)
+    sets = ["scale=[0.33,0.125,1024]", "imgsz=64", "batch=2", "nbs=2", "workers=0", "attn_dim=16", "attn_heads=2",
+            "attn_tokens=16", "warmup_min_iters=2", "epochs=1", "plots=False", "compile=True",
+            "camtl_ratio=[1,0,1]", "lambda_cons=0", "lambda_align=0", f"data={root}",
+            f"project={root.parent / 'runs'}", f"weights_dir={root / 'w'}"]
+    capsys.readouterr()
+    run_dir, metrics = train.main(["--stage", "camtl", "--device", "cpu", "--set", *sets])
+    assert (run_dir / "weights" / "yolov8c-camtl.pt").is_file() and 0 <= metrics["dice_full"] <= 1
+    return capsys.readouterr().out, counters["stats"]["unique_graphs"]
+
+
+def test_compile_in_the_train_loop_stays_within_its_graph_count(odd_val, monkeypatch, capsys):
+    """Dynamo's "eager" backend: its graphs, guards and recompiles without AOT autograd's tracing (which the test
+    above covers). Training: det (target) and seg (source) batches, the model; validation: seg, the EMA, plus the
+    smaller last batch: 4 graphs, none per step."""
+    out, graphs = train_compiled(odd_val, "eager", monkeypatch, capsys)
+    assert "compile on" in out and "torch.compile" not in out and " det " in out  # det batches trained
+    assert graphs == 4 <= train.MAX_GRAPHS
+
+
+def test_a_failing_compiler_leaves_the_run_eager_with_one_line(odd_val, monkeypatch, capsys):
+    def no_compiler(gm, example_inputs):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+    out, _ = train_compiled(odd_val, no_compiler, monkeypatch, capsys)
+    lines = [ln for ln in out.splitlines() if "torch.compile" in ln]
+    assert len(lines) == 1 and "training goes on eager" in lines[0] and "No working C++ compiler" in lines[0]
+    assert "Traceback" not in out and "camtl done" in out

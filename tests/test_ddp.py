@@ -18,6 +18,9 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import config
+import data
+import distributed
+import evaluate
 import synthetic
 import train
 from losses import MultiTaskLoss
@@ -65,9 +68,13 @@ def tiny_run(batch, world=1, rank=0, accumulate=1, l2sp=0.0):
     opt, _, _ = train.build_optimizer(model, cfg, accumulate, world)
     train.set_lr(opt, 0.05, 0.05, 0.9)
     return SimpleNamespace(cfg=cfg, device=torch.device("cpu"), world=world, rank=rank, master=rank == 0,
-                           log=print, model=model, opt=opt, crit=MultiTaskLoss(cfg, anchor if l2sp else None),
+                           comm=distributed.Comm("cpu", world), log=print, model=model, opt=opt,
+                           crit=MultiTaskLoss(cfg, anchor if l2sp else None),
                            scaler=torch.amp.GradScaler("cpu", enabled=False), ema=None, ctx=nullcontext(),
-                           window=0, nan_run=0, nan_total=0)
+                           window=0, nan_run=0, nan_total=0, skipped_steps=0)
+
+
+L2SP = {"equal": 1.0, "nan": 1e-2}  # "equal": strong enough that a doubled L2-SP step shows
 
 
 def _worker(rank, world, port, out, mode):
@@ -75,7 +82,7 @@ def _worker(rank, world, port, out, mode):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        r = tiny_run(batch=2, world=world, rank=rank, accumulate=3 if mode == "nan" else 1, l2sp=1e-2)
+        r = tiny_run(batch=2, world=world, rank=rank, accumulate=3 if mode == "nan" else 1, l2sp=L2SP[mode])
         if mode == "nan" and rank == 1:  # only rank 1 sees a non-finite loss, on its second micro-batch
             real, calls = r.crit, []
 
@@ -90,24 +97,87 @@ def _worker(rank, world, port, out, mode):
             train.train_step(r, slice_batch(full, 2 * rank, 2 * rank + 2), where=f"micro-batch {step}")
         train.optimizer_step(r)
         torch.save({"model": r.model.state_dict(), "nan_total": r.nan_total}, out / f"rank{rank}.pt")
+        if mode == "equal":  # the same two processes also validate, each its share of the images
+            metrics = validate_tiny_camtl(out / "synth", rank, world, r.comm.gather_objects)
+            torch.save(metrics, out / f"val{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Two gloo ranks: one step on 2 images each (seg_batch(4, seed=0) halved), then a validation of a tiny camtl
+    model on 9 synthetic images per task -> the folder of rank{r}.pt (weights) and val{r}.pt (metrics)."""
+    out = tmp_path_factory.mktemp("equal")
+    synthetic.make_synthetic(out / "synth", n=9, imgsz=64, seed=0)  # 3 val images per task
+    mp.spawn(_worker, args=(2, free_port(), out, "equal"), nprocs=2, join=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks_one_step(two_ranks):
+    return [torch.load(two_ranks / f"rank{rank}.pt", weights_only=True)["model"] for rank in (0, 1)]
+
+
+def max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in b if b[k].is_floating_point())
+
+
 @gloo
-def test_ddp_step_equals_one_process_on_the_same_images(tmp_path):
-    mp.spawn(_worker, args=(2, free_port(), tmp_path, "equal"), nprocs=2, join=True)
-    one = tiny_run(batch=4, l2sp=1e-2)  # one process, both ranks' images in one batch
+def test_ddp_step_equals_one_process_on_the_same_images(two_ranks_one_step):
+    one = tiny_run(batch=4, l2sp=L2SP["equal"])  # one process, both ranks' images in one batch
     train.train_step(one, seg_batch(4, seed=0), where="whole batch")
     before = deepcopy(one.model.state_dict())
     train.optimizer_step(one)
     ref = one.model.state_dict()
-    moved = max((ref[k] - before[k]).abs().max().item() for k in ref if ref[k].is_floating_point())
+    moved = max_diff(ref, before)
     assert moved > 1e-3  # the step (with weight decay and L2-SP) really moved the weights
-    for rank in (0, 1):
-        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)["model"]
-        diff = max((got[k] - ref[k]).abs().max().item() for k in ref if ref[k].is_floating_point())
+    for rank, got in enumerate(two_ranks_one_step):
+        diff = max_diff(got, ref)
         assert diff < 1e-5, f"rank {rank} differs from one process by {diff}"
+
+
+@gloo
+def test_l2sp_pulls_as_hard_on_one_gpu_as_on_two(two_ranks_one_step):
+    """nbs images per step on 1 GPU (accumulating 2 micro-batches) or 2 (1 each): the same step, L2-SP included
+    (it enters once per optimizer step, weighted like weight decay, not once per micro-batch)."""
+    def one_gpu(l2sp):
+        r = tiny_run(batch=2, accumulate=2, l2sp=l2sp)
+        full = seg_batch(4, seed=0)
+        for lo in (0, 2):
+            train.train_step(r, slice_batch(full, lo, lo + 2), where=f"micro-batch {lo // 2}")
+        train.optimizer_step(r)
+        return r.model.state_dict()
+    ref = one_gpu(L2SP["equal"])
+    assert max_diff(one_gpu(0.0), ref) > 1e-4  # L2-SP's share of the step is far above the tolerance below
+    for rank, got in enumerate(two_ranks_one_step):
+        diff = max_diff(got, ref)
+        assert diff < 1e-5, f"rank {rank} differs from one GPU by {diff}"
+
+
+def test_l2sp_leaves_the_dualbn_branch_a_window_never_used():
+    """A window of source-domain (replay) batches: the target BN branch had no data, so no gradient: L2-SP adds
+    none, and AdamW neither moves it nor keeps moments for it."""
+    cfg = {**config.DEFAULTS, **TINY, "stage": "camtl", "batch": 2, "nbs": 2, "optimizer": "AdamW",
+           "lambda_det": 0.0, "lambda_cons": 0.0, "lambda_align": 0.0, "lambda_l2sp": 1.0, "dual_bn": True}
+    torch.manual_seed(0)
+    model = stage_setup(CAMTL({**{k: cfg[k] for k in TINY}, "dual_bn": True}, verbose=False), "camtl").train()
+    anchor = {k: p.detach() + 0.01 for k, p in model.named_parameters() if k.startswith(("backbone.", "neck."))}
+    opt, _, _ = train.build_optimizer(model, cfg, 1)
+    r = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), world=1, comm=distributed.Comm("cpu", 1), log=print,
+                        model=model, opt=opt, crit=MultiTaskLoss(cfg, anchor), scaler=torch.amp.GradScaler("cpu",
+                        enabled=False), ema=None, ctx=nullcontext(), window=0, nan_run=0, nan_total=0,
+                        skipped_steps=0)
+    train.set_lr(opt, 0.01, 0.01, 0.9)
+    target = {k: p.detach().clone() for k, p in model.named_parameters() if ".target." in k and k in anchor}
+    source = {k: p.detach().clone() for k, p in model.named_parameters() if ".source." in k and k in anchor}
+    assert target and source
+    train.train_step(r, seg_batch(2, seed=0), where="replay batch")  # seg_batch is a source-domain batch
+    train.optimizer_step(r)
+    named = dict(model.named_parameters())
+    assert all(torch.equal(named[k], v) for k, v in target.items())
+    assert all(named[k] not in opt.state for k in target)
+    assert all(not torch.equal(named[k], v) for k, v in source.items())  # the used branch did move
 
 
 @gloo
@@ -139,6 +209,32 @@ def test_nan_inside_an_accumulation_window_keeps_the_other_micro_batches():
     sd, want = r.model.state_dict(), ref.model.state_dict()
     assert all(torch.equal(sd[k], want[k]) for k in want)
     assert r.nan_total == 1 and r.window == 0
+
+
+def validate_tiny_camtl(root, rank=0, world=1, gather=None):
+    """The metrics of a tiny camtl model (the same weights in every process) on this rank's share of root's val
+    images."""
+    cfg = {**config.DEFAULTS, **TINY, "stage": "camtl", "dual_bn": True}
+    torch.manual_seed(0)
+    model = stage_setup(CAMTL({**{k: cfg[k] for k in TINY}, "dual_bn": True}, verbose=False), "camtl")
+    nn.init.constant_(model.seg_head.refine.bias, 1.0)  # vessels predicted somewhere: a Dice neither 0 nor 1
+    loaders = train.shard_loaders(data.val_loaders(root, "camtl", "val", 64, 2, 0, 1), rank, world)
+    return evaluate.validate(model, loaders, cfg, torch.device("cpu"), MultiTaskLoss(cfg), gather=gather)
+
+
+@gloo
+def test_every_rank_validates_its_share_and_all_get_one_process_metrics(two_ranks):
+    """3 val images per task on 2 ranks (2 + 1): the merged metrics are one process's on all 3, on both ranks
+    (the detection statistics' merge on a case with real AP: tests/test_gpu_path.py)."""
+    want = validate_tiny_camtl(two_ranks / "synth")
+    assert {"map50", "map50_95", "precision", "recall", "dice_full", "val/det", "val/seg"} <= set(want)
+    assert 0 < want["dice_full"] < 1
+    for rank in (0, 1):
+        got = torch.load(two_ranks / f"val{rank}.pt", weights_only=False)
+        assert got.keys() == want.keys()
+        for k, v in want.items():
+            exact = not k.startswith("val/")  # losses: sums in another order
+            assert got[k] == v if exact else abs(got[k] - v) <= 1e-6 * max(abs(v), 1), (rank, k, got[k], v)
 
 
 def test_restore_moves_every_tensor_to_the_runs_device(tmp_path):
@@ -194,6 +290,7 @@ def test_torchrun_camtl_with_every_default_term_and_replay(tmp_path):
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
         assert out.returncode == 0, out.stderr[-3000:]
         assert "max weight difference across 2 ranks 0" in out.stdout, out.stdout[-2000:]
+    assert out.stdout.count("val det 1/1") == 2  # the epoch's and the final validation, shown by rank 0 alone
     # camtl ran with L2-SP, consistency, alignment (defaults), DualBN and replayed fundus batches
     assert "l2sp" in out.stdout and "cons" in out.stdout and "align" in out.stdout
     ck = torch.load(tmp_path / "runs" / "camtl" / "exp" / "weights" / "yolov8c-camtl.pt", weights_only=True)

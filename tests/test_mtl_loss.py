@@ -150,8 +150,8 @@ def test_l2sp_gradient_equals_autograd_of_the_term_times_micro_batches():
     crit = MultiTaskLoss({**CFG, "lambda_l2sp": 1e-2}, anchor)
     (3 * 1e-2 * l2sp_loss(m, anchor)).backward()
     want = {k: p.grad.clone() for k, p in m.named_parameters()}
-    m.zero_grad(set_to_none=True)
-    crit.add_l2sp_grad_(m, n=3)
+    m.zero_grad(set_to_none=False)  # zeros: add_l2sp_grad_ adds to the gradients a step has
+    crit.add_l2sp_grad_(m, scale=3)
     assert all(torch.allclose(p.grad, want[k]) for k, p in m.named_parameters())
     _, t = crit(det_maps(), None, det_batch(), m)
     assert t["l2sp"] > 0 and torch.isclose(t["total"], t["det"])  # logged apart, not part of the data total

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_ddp import free_port
 
 import config
 import evaluate
@@ -197,7 +198,7 @@ def test_non_finite_loss_is_skipped_and_repeated_ones_stop_the_run(synth, monkey
                     reason="gloo backend not built")
 def test_ddp_two_gloo_processes_keep_identical_weights(synth):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(ROOT / "train.py"), "--stage", "domainshift1", "--set", *TINY, f"data={synth / 'synth'}",
            f"project={synth / 'runs_ddp'}", f"weights_dir={synth / 'weights'}", "epochs=2", "--device", "cpu"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=synth)
