@@ -134,7 +134,7 @@ def test_camtl_fused_equals_unfused_in_target_domain(camtl_ckpt):
 def test_camtl_cli_dynamic_batch_pt2_equals_eager_and_predicts_alike(camtl_ckpt, tmp_path):
     out = tmp_path / "camtl.pt2"
     export.main(["--weights", str(camtl_ckpt), "--dynamic-batch", "--portable", "--out", str(out)])  # imgsz 64
-    run, imgsz = evaluate.load_predictor(out)  # the loader the predictor uses
+    run, imgsz, _ = evaluate.load_predictor(out)  # the loader the predictor uses
     model, _ = load_checkpoint(camtl_ckpt)
     eager = export.deployable(model)
     assert imgsz == 64
