@@ -12,7 +12,7 @@ eval mode, and a forward that takes one tensor and returns a tuple of tensors.
 The program takes x (B, 3, S, S): RGB in [0, 1], letterboxed to S as data.transform does (pad 114/255), and returns
     CA-MTL: (detections (B, 4+nc, A), vessel_logits (B, 1, S, S))
     YOLOv8: (detections (B, 4+nc, A),)
-detections: per anchor xywh in input pixels, then one sigmoid score per class (evaluate.nms turns them into boxes);
+detections: per anchor xywh in input pixels, then one sigmoid score per class (metrics.nms turns them into boxes);
 A = (S/8)^2 + (S/16)^2 + (S/32)^2. A CA-MTL model with DualBatchNorm is exported in its target (angiography) domain.
 
 Three kinds of .pt2, all loaded by `load_program(path)` and by `python evaluate.py --weights best.pt2 --source DIR`:
@@ -369,23 +369,7 @@ def main(argv=None):
     if not a.int8 and int8_only:
         raise SystemExit(f"{int8_only[0]}: only used with --int8")
     if a.int8:
-        clash = [f for f, on in (("--portable", a.portable), ("--dynamic-batch", a.dynamic_batch),
-                                 ("--format onnx", a.format == "onnx")) if on]
-        if clash:
-            raise SystemExit(f"--int8 with {' and '.join(clash)}: an int8 program is compiled, for batch 1, "
-                             "as a .pt2 only")
-        for flag, v, ok, allowed in (("--calib", a.calib, a.calib is None or a.calib >= 1, ">= 1"),
-                                     ("--int8-val", a.int8_val, a.int8_val is None or a.int8_val >= 0, ">= 0"),
-                                     ("--int8-tolerance", a.int8_tolerance,
-                                      a.int8_tolerance is None or a.int8_tolerance >= 0, ">= 0")):
-            if not ok:
-                raise SystemExit(f"{flag} {v}: must be {allowed}")
-        a.int8_val = 64 if a.int8_val is None else a.int8_val
-        a.int8_tolerance = 1.0 if a.int8_tolerance is None else a.int8_tolerance
-        try:  # before reading anything: say what is missing at once
-            torchao_pt2e()
-        except ImportError as e:
-            raise SystemExit(str(e)) from None
+        check_int8_flags(a)
     try:
         model, cfg = load_weights(a.weights)
     except CheckpointError as e:
@@ -400,6 +384,27 @@ def main(argv=None):
             return export_int8_cli(model, cfg, imgsz, a)
         return export(model, imgsz, a.out or a.weights, a.format, a.dynamic_batch, compiled=not a.portable)
     except (ImportError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+
+
+def check_int8_flags(a):
+    """--int8's flags: what an int8 program cannot be, the counts; torchao present. Fills in the defaults."""
+    clash = [f for f, on in (("--portable", a.portable), ("--dynamic-batch", a.dynamic_batch),
+                             ("--format onnx", a.format == "onnx")) if on]
+    if clash:
+        raise SystemExit(f"--int8 with {' and '.join(clash)}: an int8 program is compiled, for batch 1, "
+                         "as a .pt2 only")
+    for flag, v, ok, allowed in (("--calib", a.calib, a.calib is None or a.calib >= 1, ">= 1"),
+                                 ("--int8-val", a.int8_val, a.int8_val is None or a.int8_val >= 0, ">= 0"),
+                                 ("--int8-tolerance", a.int8_tolerance,
+                                  a.int8_tolerance is None or a.int8_tolerance >= 0, ">= 0")):
+        if not ok:
+            raise SystemExit(f"{flag} {v}: must be {allowed}")
+    a.int8_val = 64 if a.int8_val is None else a.int8_val
+    a.int8_tolerance = 1.0 if a.int8_tolerance is None else a.int8_tolerance
+    try:  # before reading anything: say what is missing at once
+        torchao_pt2e()
+    except ImportError as e:
         raise SystemExit(str(e)) from None
 
 

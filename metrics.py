@@ -313,8 +313,8 @@ def targets_xyxy(batch, i, h, w):
 def measure(run, loaders, nc, limits=None, nms_kw=None):
     """
     run(x (B, 3, S, S)) -> (detections (B, 4+nc, A),) or (detections, vessel logits (B, 1, S, S)): what
-    export.Deployed and an export.py program return. loaders {"det": ..., "seg": ...} of data.val_loaders (the
-    batches' images on run's device); limits {task: n}: stop a task once n images are scored (exact with batch 1).
+    export.Deployed and an export.py program return, given the loaders' CPU images. loaders {"det": ..., "seg": ...}
+    as data.val_loaders builds them; limits {task: n}: stop a task once n images are scored (exact with batch 1).
     nms_kw: the validation NMS (default VAL_NMS). -> {"images": {task: n}, "map50", "map50_95" (with "det"),
     "dice_full" (with "seg" and a vessel output)}, computed as validate computes them.
     """

@@ -214,7 +214,8 @@ def test_key_value_settings_set_the_flags_and_win_over_them():
     (["imgsz=big"], "imgsz=big: invalid int value: 'big'"),
     (["split=tst"], "split=tst: invalid choice: 'tst'"),
     (["domain=fundus"], "domain=fundus: invalid choice: 'fundus'"),
-    (["save_json=maybe"], "save_json=maybe: save_json is a switch: save_json=true, save_json=false, or save_json alone"),
+    (["save_json=maybe"], "save_json=maybe: save_json is a switch: save_json=true, save_json=false, or save_json "
+                          "alone"),
     (["conf"], "conf: expected conf=VALUE"),
     (["best.pt"], "best.pt: unknown key 'best.pt'; expected KEY=VALUE"),
 ])
