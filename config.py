@@ -154,14 +154,19 @@ def check_device(value, source="--device"):
     raise SystemExit(f"{where} expects auto, cpu, cuda, cuda:N or a GPU index N, got {value!r}")
 
 
+def did_you_mean(key, known):
+    """The hint '; did you mean a, b?' naming the known keys closest to a mistyped one, or '' when none is."""
+    near = difflib.get_close_matches(key, list(known), n=3)
+    return f"; did you mean {', '.join(near)}?" if near else ""
+
+
 def check_key(key, value, source):
     """The value, converted (int -> float, tuple -> list; a device to its torch form) when the default's type asks
     for it; unknown keys, wrong types and values outside RULES are errors that name the key, the value, what is
     allowed and the source (and suggest close matches for an unknown key)."""
     if key not in DEFAULTS:
-        near = difflib.get_close_matches(key, DEFAULTS, n=3)
-        hint = f"; did you mean {', '.join(near)}?" if near else ""
-        raise SystemExit(f"{source}: unknown key '{key}'{hint} (configs/defaults.py lists every key)")
+        raise SystemExit(f"{source}: unknown key '{key}'{did_you_mean(key, DEFAULTS)} (configs/defaults.py lists every "
+                         "key)")
     if key == "device":  # `--set device=0` arrives as an int, `device=0,1` as a tuple
         return check_device(value, source)
     want = DEFAULTS[key]

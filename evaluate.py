@@ -1,11 +1,13 @@
 """
-Evaluation for nanoCAMTL: NMS post-processing, detection mAP and vessel segmentation Dice/IoU.
-
-The detection metrics reproduce the numbers Ultralytics' YOLOv8 validator prints (P, R, mAP50, mAP50-95),
-including its particular box-to-label matching rule and its F1-based choice of the reported P/R operating point.
+Evaluation for nanoCAMTL: the validation loop (loss terms, vessel Dice/IoU per scale, detection P/R/mAP with
+YOLOv8's per-class table; the metrics themselves are in metrics.py), and a CLI for the metrics of a checkpoint and
+for predictions on the user's own images.
 
     python evaluate.py --weights runs/camtl/exp/weights/best.pt [--data ROOT] [--split val]   # metrics
+    python evaluate.py --weights best.pt conf=0.5 iou=0.6 imgsz=256 split=test                # ... YOLOv8-style
+    python evaluate.py --weights best.pt --save-json          # ... and COCO files of predictions and ground truth
     python evaluate.py --weights best.pt --source my_images/ --save-dir runs/predict          # predict a folder
+    python evaluate.py --weights best.pt --source fundus/ --domain source     # ... with the fundus BatchNorm branch
     python evaluate.py --weights best.pt2 --source my_images/                 # ... with an export.py program
 """
 
@@ -15,300 +17,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-import torchvision
 
+import coco
 import data
 import export
 import plots
 import synthetic
-from config import check_device, next_run_dir
-from box_ops import box_iou, xywh2xyxy
+from config import check_device, did_you_mean, next_run_dir
 from losses import MultiTaskLoss, TermMeter
+from metrics import DetMeter, SegMeter, confusion_matrix, detection_metrics, nms, targets_xyxy  # noqa: F401
+# (detection_metrics: the one-call score of a list of predictions, kept importable from here as from metrics)
 from model import load_checkpoint, load_weights
-
-# IoU thresholds 0.50:0.05:0.95. Built in float32 exactly like the reference so that an IoU sitting right on a
-# threshold (e.g. float32(0.55)) is judged the same way.
-IOU_THRESHOLDS = torch.linspace(0.5, 0.95, 10).numpy()
-
-# NMS settings of the Ultralytics *validation* path: a very low confidence floor (so the PR curve is complete) and
-# multi-label boxes (one row per class scoring above conf). nms()'s own defaults are those of the *predict* path.
-VAL_NMS = dict(conf=0.001, iou=0.7, max_det=300, multi_label=True)
-
-# -----------------------------------------------------------------------------
-# NMS
-
-
-@torch.no_grad()
-def nms(pred, conf=0.25, iou=0.7, max_det=300, classes=None, agnostic=False, multi_label=False, max_nms=30000):
-    """
-    pred: decoded head output (B, 4+nc, A) = xywh in input pixels, then sigmoid class scores.
-    Returns one (N, 6) float tensor per image, rows x1, y1, x2, y2, conf, cls, sorted by conf descending.
-    multi_label=False keeps each anchor's best class (predict path); the Ultralytics validator uses
-    multi_label=True (see VAL_NMS), which emits one row per (anchor, class) scoring above conf.
-    """
-    nc = pred.shape[1] - 4
-    multi_label &= nc > 1  # with one class the two modes coincide
-    out = []
-    for x in pred.transpose(1, 2):  # (A, 4+nc) per image
-        x = x[x[:, 4:].amax(1) > conf]  # cheap pre-filter: anchors with at least one score above conf
-        boxes, scores = xywh2xyxy(x[:, :4]), x[:, 4:]
-        if multi_label:
-            i, j = torch.nonzero(scores > conf, as_tuple=True)
-            det = torch.cat((boxes[i], scores[i, j, None], j[:, None].float()), 1)
-        else:
-            best, j = scores.max(1, keepdim=True)
-            det = torch.cat((boxes, best, j.float()), 1)[best.view(-1) > conf]  # strict '>', as the reference
-        if classes is not None:
-            det = det[(det[:, 5:6] == torch.tensor(classes, device=det.device)).any(1)]
-        if len(det) > max_nms:  # bound the O(n^2) NMS cost, like the reference
-            det = det[det[:, 4].argsort(descending=True)[:max_nms]]
-        group = torch.zeros_like(det[:, 5]) if agnostic else det[:, 5]
-        keep = torchvision.ops.batched_nms(det[:, :4], det[:, 4], group, iou)[:max_det]  # sorted by score desc
-        out.append(det[keep].float())
-    return out
-
-
-# -----------------------------------------------------------------------------
-# detection metrics
-
-
-def _rows(x, ncol):
-    """Tensor/array/list of rows -> float numpy (n, ncol), so empty inputs of any shape work."""
-    x = x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x, dtype=np.float32)
-    return x.reshape(-1, ncol)
-
-
-def match_predictions(iou, thresholds=IOU_THRESHOLDS):
-    """
-    iou: (M labels, N detections), already zeroed where classes differ. Returns correct (N, T) bool.
-    The IoU-sorted rule of the older YOLOv8 releases (8.0-8.3; DetMeter(greedy=False), kept to compare with numbers
-    they produced; the default is match_greedy): per threshold take all pairs with IoU >= t,
-    sort them by IoU (highest first, ties -> lower label then lower detection index), keep each detection's first
-    pair, then, walking those in ascending detection index, keep each label's first pair. A detection whose best
-    label is taken by an earlier detection is a false positive even if another label was free.
-    """
-    correct = np.zeros((iou.shape[1], len(thresholds)), dtype=bool)
-    for k, t in enumerate(thresholds):
-        lab, det = np.nonzero(iou >= t)
-        if not len(lab):
-            continue
-        order = np.argsort(-iou[lab, det], kind="stable")
-        lab, det = lab[order], det[order]
-        _, first = np.unique(det, return_index=True)  # best pair per detection, now in ascending detection index
-        lab, det = lab[first], det[first]
-        _, first = np.unique(lab, return_index=True)  # lowest-index detection per label
-        correct[det[first], k] = True
-    return correct
-
-
-def match_greedy(iou, thresholds=IOU_THRESHOLDS):
-    """
-    Same inputs/output as match_predictions; the COCO-style rule of the Ultralytics 8.4.190 reference and the default
-    of DetMeter/detection_metrics: detections, in the given order (which must be descending confidence, as NMS
-    delivers them), each claim their highest-IoU label still unclaimed at that threshold (ties -> lower label
-    index) and are correct if that IoU >= t. Unlike match_predictions, a detection whose best label is already
-    taken falls back to the next free one; thresholds are independent (a label too far for an earlier detection at
-    a high t stays free for a later one).
-    """
-    correct = np.zeros((iou.shape[1], len(thresholds)), dtype=bool)
-    free = np.ones((iou.shape[0], len(thresholds)), dtype=bool)  # labels still unclaimed, per threshold
-    cols = np.arange(len(thresholds))
-    for j in np.flatnonzero((iou >= thresholds.min()).any(0)):  # detections that can match anything at all
-        cand = iou[:, j, None] * free  # (M, T)
-        best = cand.argmax(0)
-        correct[j] = cand[best, cols] >= thresholds
-        free[best[correct[j]], cols[correct[j]]] = False
-    return correct
-
-
-def precision_envelope(recall, precision):
-    """Recall with sentinels (0 first; recall[-1], 1 last) and the monotone precision envelope over it: at each
-    recall, the best precision at that recall or beyond. What compute_ap integrates and PR_curve.png draws."""
-    mrec = np.concatenate(([0.0], recall, [recall[-1] if len(recall) else 1.0], [1.0]))
-    mpre = np.concatenate(([1.0], precision, [0.0], [0.0]))
-    return mrec, np.flip(np.maximum.accumulate(np.flip(mpre)))
-
-
-def compute_ap(recall, precision):
-    """
-    AP = area under the monotone precision envelope, sampled at 101 recall points (COCO), trapezoid rule.
-    Quirk kept for parity: the (recall[-1], 0) sentinel makes np.interp return 0 at recall 1.0, so a flawless class
-    scores 0.995, not 1 (the familiar "mAP50 0.995" of Ultralytics logs).
-    """
-    mrec, mpre = precision_envelope(recall, precision)
-    x = np.linspace(0, 1, 101)
-    y = np.interp(x, mrec, mpre)
-    return float(np.sum((y[1:] + y[:-1]) * np.diff(x)) / 2)  # == np.trapezoid(y, x)
-
-
-def box_filter(y, f=0.05):
-    """Box filter of odd width ~ 2*f*len(y), edges padded with the end values (so the output has len(y))."""
-    nf = round(len(y) * f * 2) // 2 + 1
-    pad = np.ones(nf // 2)
-    return np.convolve(np.concatenate((pad * y[0], y, pad * y[-1])), np.ones(nf) / nf, mode="valid")
-
-
-def ap_per_class(tp, conf, pred_cls, target_cls, eps=1e-16):
-    """
-    tp (N, T) bool, conf/pred_cls (N,), target_cls (M,) over the whole dataset -> dict of per-class arrays.
-    Only classes that have labels are scored; predictions of label-less classes are ignored, and a labelled class
-    with no predictions scores 0 everywhere (and drags the means down).
-    """
-    order = np.argsort(-conf, kind="stable")  # ties keep the given order
-    tp, conf, pred_cls = tp[order], conf[order], pred_cls[order]
-    classes, n_labels = np.unique(target_cls, return_counts=True)
-    grid = np.linspace(0, 1, 1000)  # confidence grid for the P/R/F1 curves
-    ap = np.zeros((len(classes), tp.shape[1]))
-    p_curve, r_curve = np.zeros((len(classes), 1000)), np.zeros((len(classes), 1000))
-    pr_precision = np.zeros((len(classes), 1000))  # the IoU-0.5 precision envelope on a recall grid
-    for ci, c in enumerate(classes):
-        i = pred_cls == c
-        if not i.any():
-            continue
-        tpc = tp[i].cumsum(0)
-        fpc = (1 - tp[i]).cumsum(0)
-        recall = tpc / (n_labels[ci] + eps)
-        precision = tpc / (tpc + fpc)
-        # np.interp needs increasing x, and conf decreases along the list: negate both
-        r_curve[ci] = np.interp(-grid, -conf[i], recall[:, 0], left=0)
-        p_curve[ci] = np.interp(-grid, -conf[i], precision[:, 0], left=1)
-        pr_precision[ci] = np.interp(grid, *precision_envelope(recall[:, 0], precision[:, 0]))
-        ap[ci] = [compute_ap(recall[:, j], precision[:, j]) for j in range(tp.shape[1])]
-    f1_curve = 2 * p_curve * r_curve / (p_curve + r_curve + eps)
-    best = box_filter(f1_curve.mean(0), 0.1).argmax() if len(classes) else 0  # one operating point for all classes
-    return dict(classes=classes.astype(int), n_labels=n_labels, p=p_curve[:, best], r=r_curve[:, best],
-                f1=f1_curve[:, best], ap_per_iou=ap, ap50=ap[:, 0], ap=ap.mean(1), conf_best=float(grid[best]),
-                px=grid, p_curve=p_curve, r_curve=r_curve, f1_curve=f1_curve, pr_precision=pr_precision)
-
-
-class DetMeter:
-    """
-    Accumulates per-image match statistics (not boxes); compute() runs the dataset-level AP.
-    greedy=True (default): the current reference's rule, Ultralytics 8.4.190 / COCO greedy-by-confidence
-    (match_greedy); greedy=False: the IoU-sorted rule of older releases (match_predictions), to compare with numbers
-    they produced. The two agree on sparse scenes and differ around the second decimal of mAP50-95 on crowded ones.
-    """
-
-    def __init__(self, greedy=True):
-        self.match = match_greedy if greedy else match_predictions
-        self.tp, self.conf, self.pred_cls, self.target_cls = [], [], [], []
-
-    def update(self, preds, targets):
-        """preds: per image (N, 6) x1,y1,x2,y2,conf,cls; targets: per image (M, 5) cls,x1,y1,x2,y2.
-        Detections are matched in descending confidence (a stable sort: NMS output keeps its order)."""
-        for p, t in zip(preds, targets):
-            p, t = _rows(p, 6), _rows(t, 5)
-            p = p[np.argsort(-p[:, 4], kind="stable")]
-            correct = np.zeros((len(p), len(IOU_THRESHOLDS)), dtype=bool)
-            if len(p) and len(t):
-                iou = box_iou(torch.from_numpy(t[:, 1:]), torch.from_numpy(p[:, :4])).numpy()
-                correct = self.match(iou * (t[:, :1] == p[None, :, 5]))
-            self.tp.append(correct)
-            self.conf.append(p[:, 4])
-            self.pred_cls.append(p[:, 5])
-            self.target_cls.append(t[:, 0])
-
-    def compute(self, nc):
-        """
-        -> dict: precision, recall, map50, map50_95 (floats, means over classes that have labels), maps (nc,)
-        mAP50-95 per class id, and per labelled class (aligned with `classes`): n_labels, p, r, f1 at the shared
-        max-F1 confidence `conf_best`, ap50, ap (mean over IoU thresholds), ap_per_iou (n_classes, 10).
-        """
-        cat = lambda xs, shape: np.concatenate(xs, 0) if xs else np.zeros(shape)
-        s = ap_per_class(cat(self.tp, (0, len(IOU_THRESHOLDS))).astype(bool), cat(self.conf, 0),
-                         cat(self.pred_cls, 0), cat(self.target_cls, 0))
-        mean = lambda a: float(a.mean()) if len(a) else 0.0
-        maps = np.full(nc, mean(s["ap"]))  # per-class mAP50-95 over all nc ids; label-less classes get the mean
-        maps[s["classes"]] = s["ap"]
-        return dict(precision=mean(s["p"]), recall=mean(s["r"]), map50=mean(s["ap50"]), map50_95=mean(s["ap"]),
-                    maps=maps, **s)
-
-
-def confusion_matrix(preds, targets, nc, conf=0.25, iou=0.45):
-    """
-    Detection confusion matrix as YOLOv8's validator builds it -> (nc + 1, nc + 1) int array,
-    rows = predicted class, columns = true class, index nc = background.
-    preds: per image (N, 6) x1, y1, x2, y2, conf, cls; targets: per image (M, 5) cls, x1, y1, x2, y2 (pixels).
-    Detections with conf > `conf` are matched to labels whatever their class: pairs with IoU > `iou`, each
-    detection keeps its best label, then each label its best detection (ties: lower index). A matched pair counts at
-    [pred cls, true cls] (a wrong class is off the diagonal), an unmatched label at [background, true cls] (missed,
-    FN), an unmatched detection at [pred cls, background] (FP). The reference skips those FPs in an image where
-    nothing matched at all; here every unmatched detection counts.
-    """
-    m = np.zeros((nc + 1, nc + 1), np.int64)
-    for p, t in zip(preds, targets):
-        p, t = torch.as_tensor(p).double().reshape(-1, 6).numpy(), torch.as_tensor(t).double().reshape(-1, 5).numpy()
-        p = p[p[:, 4] > conf]
-        pc, tc = p[:, 5].astype(int), t[:, 0].astype(int)
-        det_of_label = np.full(len(t), -1)
-        if len(p) and len(t):
-            ious = box_iou(torch.from_numpy(t[:, 1:]), torch.from_numpy(p[:, :4])).numpy()  # (M, N)
-            best = ious.argmax(0)  # each detection's best label
-            for j in np.flatnonzero(ious[best, np.arange(len(p))] > iou):
-                g = best[j]
-                if det_of_label[g] < 0 or ious[g, j] > ious[g, det_of_label[g]]:
-                    det_of_label[g] = j
-        for g, j in enumerate(det_of_label):
-            m[pc[j] if j >= 0 else nc, tc[g]] += 1
-        for j in sorted(set(range(len(p))) - set(det_of_label.tolist())):
-            m[pc[j], nc] += 1
-    return m
-
-
-def detection_metrics(preds, targets, nc, greedy=True):
-    """One-shot DetMeter over lists of per-image predictions and targets (see DetMeter.update for formats);
-    greedy as in DetMeter (default the 8.4 greedy rule, False the older IoU-sorted one)."""
-    meter = DetMeter(greedy)
-    meter.update(preds, targets)
-    return meter.compute(nc)
-
-
-# -----------------------------------------------------------------------------
-# segmentation metrics
-
-
-def _seg_counts(x, mask, thr=0.5, from_logits=True):
-    """Pixel counts (intersection, predicted, true) for a batch; x (B[,1],h,w) is upsampled to the mask size."""
-    x, mask = x.detach().float(), mask.detach()
-    if x.dim() == 3:
-        x = x[:, None]
-    if mask.dim() == 3:
-        mask = mask[:, None]
-    if x.shape[-2:] != mask.shape[-2:]:  # interpolate logits, not hard masks, so edges stay smooth
-        x = F.interpolate(x, size=mask.shape[-2:], mode="bilinear", align_corners=False)
-    pred = (x.sigmoid() if from_logits else x) > thr
-    true = mask > 0.5
-    return int((pred & true).sum()), int(pred.sum()), int(true.sum())
-
-
-class SegMeter:
-    """
-    Global (dataset-level) Dice and IoU: pixel counts are summed over all images before dividing, so every pixel
-    weighs the same and an image where both prediction and mask are empty simply contributes nothing (no 0/0).
-    If the whole dataset has no foreground and none is predicted, both scores are 1.
-    """
-
-    def __init__(self, thr=0.5):
-        self.thr, self.inter, self.pred, self.true = thr, 0, 0, 0
-
-    def update(self, logits, mask):
-        i, p, t = _seg_counts(logits, mask, self.thr)
-        self.inter, self.pred, self.true = self.inter + i, self.pred + p, self.true + t
-
-    def compute(self):
-        total, union = self.pred + self.true, self.pred + self.true - self.inter
-        return (2 * self.inter / total if total else 1.0), (self.inter / union if union else 1.0)
-
-
-def seg_scores(prob_or_logits, mask, thr=0.5, from_logits=True):
-    """Global Dice and IoU of one batch (pass from_logits=False for probabilities)."""
-    m = SegMeter(thr)
-    m.inter, m.pred, m.true = _seg_counts(prob_or_logits, mask, thr, from_logits)
-    return m.compute()
-
-
-dice_iou = seg_scores
+from modules import DualBatchNorm2d
 
 
 # -----------------------------------------------------------------------------
@@ -325,27 +45,23 @@ def fitness(m):
     return float(np.mean(parts)) if parts else 0.0
 
 
-def targets_xyxy(batch, i, h, w):
-    """Batch i's GT rows (M, 5) cls, x1, y1, x2, y2 in canvas pixels."""
-    sel = batch["batch_idx"] == i
-    b = batch["bboxes"][sel] * torch.tensor([w, h, w, h])
-    return torch.cat((batch["cls"][sel].view(-1, 1), xywh2xyxy(b)), 1)
-
-
 def class_names(nc):
     """Detection class names: the one class of the angiography sets is a stenosis."""
     return ["stenosis"] if nc == 1 else [f"class{i}" for i in range(nc)]
 
 
 @torch.no_grad()
-def validate(model, loaders, cfg, device, crit=None, plot_dir=None, log=None, gather=None):
+def validate(model, loaders, cfg, device, crit=None, plot_dir=None, log=None, gather=None,
+             on_batch=None):
     """Loss terms, Dice/IoU per scale and detection P/R/mAP on the val loaders {"det": ..., "seg": ...}, without
     augmentation, each batch in its own domain. The detection head returns its raw maps (BN running statistics)
     so the loss can be computed, and they are decoded here. Loss terms are per-image means over the images of
     the batches that report them (val/det over detection images, ...), computed as in training, the alignment term
     included; L2-SP, a property of the weights, is not a val term. plot_dir: also write the pictures (curves,
     confusion matrix, first batches). log: also print the per-class table and the speed per image, as YOLOv8 does.
-    gather (DDP): obj -> [every rank's obj]; each rank validated its share of the images (merge_shards)."""
+    gather (DDP): obj -> [every rank's obj]; each rank validated its share of the images (merge_shards).
+    on_batch: called with (batch, preds, seg_out) per batch: the CPU batch, its NMS detections in canvas pixels (a
+    detection batch; None for a vessel batch) and the model's seg_out (e.g. coco.Results collects them)."""
     model.eval()
     det_meter, seg_meters, losses = DetMeter(), {k: SegMeter() for k in ("p3", "p4", "p5", "full")}, TermMeter()
     nms_kw = dict(conf=cfg["val_conf"], iou=cfg["val_iou"], max_det=cfg["max_det"], multi_label=True)
@@ -382,6 +98,8 @@ def validate(model, loaders, cfg, device, crit=None, plot_dir=None, log=None, ga
                 if plot_dir is not None and bi == 0:
                     plots.plot_seg_batch(batch["img"], batch["mask"], seg_out["full"].float().cpu(), batch["paths"],
                                          Path(plot_dir) / "val_seg_batch0.png")
+            if on_batch is not None:
+                on_batch(batch, preds if task == "det" else None, seg_out)
             for k, dt in zip(SPEED, (t1 - t0, t2 - t1, t3 - t2, clock(device) - t3)):
                 ms[k] += dt * 1e3
     shard = det_meter, seg_meters, losses, cm, images, per_class_images, ms  # DDP: every rank's share, merged
@@ -501,43 +219,56 @@ def results_table(m):
     return "\n".join(lines)
 
 
-# -----------------------------------------------------------------------------
-# a prediction overlay for the CLI's folder prediction, drawn with PIL (the run's pictures: plots.py)
-
-
-def overlay(img, boxes=None, gt=None, prob=None, thr=0.5):
-    """One (3, H, W) image in [0, 1] -> PIL image: vessel probability tinted, GT boxes green, predictions red."""
-    from PIL import Image, ImageDraw
-    a = (img.permute(1, 2, 0).numpy() * 255).astype(np.float32)
-    if prob is not None:
-        m = (prob.numpy() > thr)[..., None]
-        a = np.where(m, 0.5 * a + 0.5 * np.array([0, 220, 255], np.float32), a)
-    im = Image.fromarray(a.clip(0, 255).astype(np.uint8))
-    d = ImageDraw.Draw(im)
-    for r in (gt if gt is not None else []):
-        d.rectangle([float(v) for v in r[1:5]], outline=(0, 255, 0), width=1)
-    for r in (boxes if boxes is not None else []):
-        d.rectangle([float(v) for v in r[:4]], outline=(255, 40, 40), width=2)
-        d.text((float(r[0]) + 2, max(float(r[1]) - 11, 0)), f"{float(r[4]):.2f}", fill=(255, 40, 40))
-    return im
-
 
 # -----------------------------------------------------------------------------
-# the CLI: metrics of a checkpoint on a data split, or predictions on a folder of the user's own images
+# prediction on the user's own images
 
-def load_predictor(weights, device="cpu", imgsz=None):
-    """Our .pt checkpoint, an Ultralytics yolov8*.pt or an export.py .pt2 -> (run, imgsz). run(x (B, 3, S, S)) ->
-    (detections (B, 4+nc, A), vessel logits (B, 1, S, S)) for CA-MTL, (detections,) for a plain detector:
-    the eager model goes through the same fused wrapper that export.py traces, so both predict alike.
-    ValueError (a CheckpointError for a .pt) naming the file when it is not one."""
+# the two domains of a DualBN model: its BatchNorm branches, and the data each is scored on (the tasks of the stage
+# trained in it)
+DOMAINS = {"source": "fundus photographs", "target": "angiograms"}
+DOMAIN_STAGE = {"source": "domainshift1", "target": "camtl"}
+
+
+def default_domain(cfg):
+    """The domain a checkpoint was trained for last: camtl target, domainshift1 source."""
+    return "source" if (cfg or {}).get("stage") == "domainshift1" else "target"
+
+
+def branch_line(weights, dual, domain, asked):
+    """The one log line that says which BatchNorm branch predicts."""
+    if not dual:
+        pre = f"--domain {asked}" if asked else "domain"
+        return (f"{pre}: {weights} has one BatchNorm branch (trained without DualBN); it predicts every image, "
+                "whatever its domain")
+    other = "target" if domain == "source" else "source"
+    return (f"domain: the {domain} BatchNorm branch of {weights} predicts, for {DOMAINS[domain]} "
+            f"(--domain {other} for {DOMAINS[other]})")
+
+
+def load_predictor(weights, device="cpu", imgsz=None, domain=None):
+    """Our .pt checkpoint, an Ultralytics yolov8*.pt or an export.py .pt2 -> (run, imgsz, class names).
+    run(x (B, 3, S, S)) -> (detections (B, 4+nc, A), vessel logits (B, 1, S, S)) for CA-MTL, (detections,) for a
+    plain detector: the eager model goes through the same fused wrapper that export.py traces, so both predict
+    alike. domain: the DualBN branch that predicts (default: the checkpoint's, camtl target, domainshift1 source);
+    a .pt2 holds the target branch only. Prints the branch_line. ValueError (a CheckpointError for a .pt) naming
+    the file when it is not one, or when a .pt2 cannot do what is asked."""
     if Path(weights).suffix == ".pt2":
         run, meta = export.load_program(weights, device)
         if imgsz and imgsz != meta["imgsz"]:
             raise ValueError(f"--imgsz {imgsz}: {weights} was exported for {meta['imgsz']} px; "
                              f"re-export with --imgsz {imgsz}")
-        return run, meta["imgsz"]
+        dual = bool(meta["config"].get("dual_bn"))
+        if dual and domain == "source":
+            raise ValueError(f"--domain source: {weights} is an exported program, and export.py exports the target "
+                             "(angiography) branch only; predict fundus photographs with the .pt it came from")
+        print(branch_line(weights, dual, "target", domain))
+        return run, meta["imgsz"], class_names(meta["nc"])
     model, cfg = load_weights(weights)
-    return export.deployable(model).to(device), imgsz or (cfg or {}).get("imgsz", 640)
+    dual = any(isinstance(m, DualBatchNorm2d) for m in model.modules())
+    domain_used = domain or default_domain(cfg)
+    print(branch_line(weights, dual, domain_used, domain))
+    return export.deployable(model, domain_used).to(device), imgsz or (cfg or {}).get("imgsz", 640), \
+        class_names(model.nc)
 
 
 @torch.no_grad()
@@ -553,9 +284,9 @@ def predict_image(run, img, imgsz, conf=0.25, iou=0.7, device="cpu"):
     return det, logits
 
 
-def save_prediction(img, det, logits, save_dir, stem):
-    """{stem}.png overlay, labels/{stem}.txt (cls xc yc w h conf, normalised to the image; empty = nothing found)
-    and, for CA-MTL, masks/{stem}.png (vessels 255) at the image's own size."""
+def save_prediction(img, det, logits, save_dir, stem, names=None):
+    """{stem}.png picture (plots.plot_prediction), labels/{stem}.txt (cls xc yc w h conf, normalised to the image;
+    empty = nothing found) and, for CA-MTL, masks/{stem}.png (vessels 255) at the image's own size."""
     from PIL import Image
     h0, w0 = img.shape[:2]
     (save_dir / "labels").mkdir(parents=True, exist_ok=True)
@@ -566,12 +297,14 @@ def save_prediction(img, det, logits, save_dir, stem):
     if prob is not None:
         (save_dir / "masks").mkdir(exist_ok=True)
         Image.fromarray(((prob > 0.5).numpy() * 255).astype(np.uint8)).save(save_dir / "masks" / f"{stem}.png")
-    overlay(torch.from_numpy(img).permute(2, 0, 1), det, prob=prob).save(save_dir / f"{stem}.png")
+    plots.plot_prediction(torch.from_numpy(img).permute(2, 0, 1), det, prob, save_dir / f"{stem}.png", names)
 
 
-def predict_folder(run, source, save_dir, imgsz, conf=0.25, iou=0.7, device="cpu"):
+def predict_folder(run, source, save_dir, imgsz, conf=0.25, iou=0.7, device="cpu", names=None, save_json=False):
     """Predict every image in a folder (or one file). A file data.read_image cannot read is named and skipped,
-    never fatal. Returns {"saved": [stems], "skipped": [paths]}."""
+    never fatal. save_json: also predictions.json (boxes), vessels_predictions.json (CA-MTL) and images.json (the
+    ids: position among the predicted files) as COCO results (coco.py). Returns {"saved": [stems], "skipped":
+    [paths]}."""
     source, save_dir = Path(source), Path(save_dir)
     if not source.exists():
         raise SystemExit(f"--source {source}: no such file or folder")
@@ -579,7 +312,7 @@ def predict_folder(run, source, save_dir, imgsz, conf=0.25, iou=0.7, device="cpu
     if source.is_dir():
         files = sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith("."))
     save_dir.mkdir(parents=True, exist_ok=True)
-    saved, skipped = [], []
+    saved, skipped, images, results = [], [], [], {"boxes": [], "vessels": None}
     for p in files:
         try:
             img = data.read_image(p)
@@ -589,63 +322,122 @@ def predict_folder(run, source, save_dir, imgsz, conf=0.25, iou=0.7, device="cpu
             continue
         stem = p.stem if p.stem not in saved else p.name  # a.png and a.jpg: the second keeps its extension
         det, logits = predict_image(run, img, imgsz, conf, iou, device)
-        save_prediction(img, det, logits, save_dir, stem)
+        save_prediction(img, det, logits, save_dir, stem, names)
+        if save_json:
+            images.append(coco.image_record(len(saved), p, img.shape[:2], source if source.is_dir() else None))
+            results["boxes"] += coco.box_results(det, len(saved))
+            if logits is not None:  # CA-MTL
+                results["vessels"] = (results["vessels"] or []) + coco.vessel_results(logits.sigmoid(), len(saved))
         saved.append(stem)
         top = f", max conf {det[0, 4]:.2f}" if len(det) else ""
         print(f"{p}: {img.shape[1]}x{img.shape[0]}, {len(det)} boxes{top}")
-    print(f"{len(saved)} images predicted -> {save_dir} (overlays, labels/*.txt, CA-MTL vessel masks/*.png)"
+    if save_json:
+        coco.write_json({"images": images, "categories": coco.categories(names or [])}, save_dir / "images.json")
+        coco.write_json(results["boxes"], save_dir / "predictions.json")
+        if results["vessels"] is not None:
+            coco.write_json(results["vessels"], save_dir / "vessels_predictions.json")
+    print(f"{len(saved)} images predicted -> {save_dir} (pictures, labels/*.txt, CA-MTL vessel masks/*.png"
+          + (", COCO predictions.json" if save_json else "") + ")"
           + (f"; {len(skipped)} unreadable files skipped: {', '.join(p.name for p in skipped)}" if skipped else ""))
     return {"saved": saved, "skipped": skipped}
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="nanoCAMTL: metrics of a checkpoint, or predictions on your images")
-    ap.add_argument("--weights", required=True, help="our .pt (run last/best.pt, yolov8{S}-{stage}.pt), "
-                    "an export.py .pt2, or (to predict) an Ultralytics yolov8*.pt")
+# -----------------------------------------------------------------------------
+# the CLI: metrics of a checkpoint on a data split, or predictions on a folder of the user's own images
+
+
+def arg_parser():
+    ap = argparse.ArgumentParser(description="nanoCAMTL: metrics of a checkpoint, or predictions on your images",
+                                 exit_on_error=False)
+    ap.add_argument("settings", nargs="*", metavar="KEY=VALUE",
+                    help="any flag as YOLOv8 takes it: its name without -- and with _ for - (conf=0.5 split=test "
+                    "save_json=true); these come after the flags and win over them")
+    ap.add_argument("--weights", help="our .pt (run last/best.pt, yolov8{S}-{stage}.pt), an export.py .pt2, or "
+                    "(to predict) an Ultralytics yolov8*.pt; required")
     ap.add_argument("--data", help="processed data root (default: the checkpoint's, else the built-in synthetic set)")
     ap.add_argument("--split", default="val", choices=("train", "val", "test"))
     ap.add_argument("--imgsz", type=int, help="letterbox size (default: the checkpoint's training size)")
     ap.add_argument("--batch", type=int, help="default: the checkpoint's")
     ap.add_argument("--workers", type=int, help="data loader workers (default: the checkpoint's)")
     ap.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:N or N")
+    ap.add_argument("--domain", choices=tuple(DOMAINS), help="a DualBN model's BatchNorm branch: source (fundus "
+                    "photographs) or target (angiograms); default the checkpoint's (camtl target, domainshift1 "
+                    "source). Metrics: the domain scored, its data and its branch")
     ap.add_argument("--source", help="a folder of images (or one image) to predict, instead of computing metrics")
+    ap.add_argument("--save-json", action="store_true", help="also COCO files: the predictions (and, for metrics, "
+                    "the split's ground truth), in the original images' pixels")
     ap.add_argument("--save-dir", help="exactly where predictions go (default: runs/predict/NAME); with metrics: "
-                    "where the validation pictures go (default: none)")
-    ap.add_argument("--name", default="", help="prediction: runs/predict/NAME (default exp, exp2, ... as YOLOv8)")
-    ap.add_argument("--exist-ok", action="store_true", help="prediction: reuse runs/predict/NAME")
-    ap.add_argument("--conf", type=float, default=0.25, help="prediction: confidence threshold")
-    ap.add_argument("--iou", type=float, default=0.7, help="prediction: NMS IoU threshold")
-    a = ap.parse_args(argv)
-    if "," in a.device:
-        raise SystemExit(f"--device {a.device}: evaluate.py runs on one device; pick one, e.g. --device cuda:0")
-    want = check_device(a.device, "--device")  # cpu, cuda, cuda:N; a bare GPU index N means cuda:N
+                    "where the validation pictures go (default: none) and the COCO files (default: runs/val/NAME)")
+    ap.add_argument("--name", default="", help="runs/predict/NAME, runs/val/NAME (default exp, exp2, ... as YOLOv8)")
+    ap.add_argument("--exist-ok", action="store_true", help="reuse runs/predict/NAME or runs/val/NAME")
+    ap.add_argument("--conf", type=float, help="confidence threshold (default: 0.25 to predict; for metrics the "
+                    "checkpoint's val_conf, 0.001)")
+    ap.add_argument("--iou", type=float, help="NMS IoU threshold (default: 0.7 to predict; for metrics the "
+                    "checkpoint's val_iou, 0.7)")
+    return ap
+
+
+def parse_args(argv=None):
+    """The flags, then the KEY=VALUE settings over them -> argparse.Namespace. A key is a flag's name (without --,
+    with _ for -); its value goes through that flag's type and choices; a switch takes true, false or the bare key.
+    A mistake is one line naming the setting (an unknown key: the keys it was probably meant to be)."""
+    ap = arg_parser()
+    try:
+        a = ap.parse_intermixed_args(argv)
+    except argparse.ArgumentError as e:
+        ap.error(str(e))
+    keys = [k for k in vars(a) if k != "settings"]
+    for item in a.settings:
+        k, eq, v = item.partition("=")
+        if k not in keys:
+            hint = did_you_mean(k, keys) if eq else "; expected KEY=VALUE"
+            raise SystemExit(f"{item}: unknown key '{k}'{hint} (keys: {', '.join(keys)})")
+        if ap.get_default(k) is False:  # a switch
+            if eq and v.lower() not in ("true", "false"):
+                raise SystemExit(f"{item}: {k} is a switch: {k}=true, {k}=false, or {k} alone")
+            setattr(a, k, not eq or v.lower() == "true")
+        elif not eq:
+            raise SystemExit(f"{item}: expected {k}=VALUE")
+        else:
+            try:
+                ap.parse_args([f"--{k.replace('_', '-')}={v}"], namespace=a)
+            except argparse.ArgumentError as e:
+                raise SystemExit(f"{item}: {e.message}") from None
+    if a.weights is None:
+        raise SystemExit("--weights FILE (or weights=FILE) is required: a .pt checkpoint, or a .pt2 to predict")
+    return a
+
+
+def pick_device(flag):
+    """--device as typed -> torch.device, or one line saying why it cannot be had here."""
+    if "," in flag:
+        raise SystemExit(f"--device {flag}: evaluate.py runs on one device; pick one, e.g. --device cuda:0")
+    want = check_device(flag, "--device")  # cpu, cuda, cuda:N; a bare GPU index N means cuda:N
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
     if want.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {a.device}: CUDA is not available here (no GPU, or a CPU-only torch); "
+        raise SystemExit(f"--device {flag}: CUDA is not available here (no GPU, or a CPU-only torch); "
                          "use --device cpu")
     if want.startswith("cuda:") and int(want[5:]) >= torch.cuda.device_count():
-        raise SystemExit(f"--device {a.device}: this machine has {torch.cuda.device_count()} GPU(s), "
+        raise SystemExit(f"--device {flag}: this machine has {torch.cuda.device_count()} GPU(s), "
                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    device = torch.device(want)
-    if not Path(a.weights).is_file():
-        what = "a directory, not a file" if Path(a.weights).is_dir() else "no such file"
-        raise SystemExit(f"--weights {a.weights}: {what}; expected a .pt checkpoint (or a .pt2 to predict)")
-    if a.imgsz is not None and (a.imgsz <= 0 or a.imgsz % 32):
-        raise SystemExit(f"--imgsz {a.imgsz}: must be a positive multiple of 32")
-    for flag, v, ok, allowed in (("--batch", a.batch, a.batch is None or a.batch >= 1, ">= 1"),
-                                 ("--workers", a.workers, a.workers is None or a.workers >= 0, ">= 0"),
-                                 ("--conf", a.conf, 0 <= a.conf <= 1, "in [0, 1]"),
-                                 ("--iou", a.iou, 0 <= a.iou <= 1, "in [0, 1]")):
-        if not ok:
-            raise SystemExit(f"{flag} {v}: must be {allowed}")
-    if a.source:
-        try:
-            run, imgsz = load_predictor(a.weights, device, a.imgsz)
-        except ValueError as e:  # not a checkpoint / program, or the wrong size for a program: one line
-            raise SystemExit(str(e)) from None
-        save_dir = a.save_dir or next_run_dir("runs", "predict", a.name, a.exist_ok)
-        return predict_folder(run, a.source, save_dir, imgsz, a.conf, a.iou, device)
+    return torch.device(want)
+
+
+def predict_cli(a, device):
+    """--source: predictions on the user's images -> predict_folder's summary."""
+    try:
+        run, imgsz, names = load_predictor(a.weights, device, a.imgsz, a.domain)
+    except ValueError as e:  # not a checkpoint / program, or not what a program can do: one line
+        raise SystemExit(str(e)) from None
+    save_dir = a.save_dir or next_run_dir("runs", "predict", a.name, a.exist_ok)
+    conf, iou = 0.25 if a.conf is None else a.conf, 0.7 if a.iou is None else a.iou
+    return predict_folder(run, a.source, save_dir, imgsz, conf, iou, device, names, a.save_json)
+
+
+def metrics_cli(a, device):
+    """Metrics of a checkpoint on a split of its data (or --data) in one domain (--domain), the COCO files with
+    --save-json -> validate's metrics dict."""
     if Path(a.weights).suffix == ".pt2":
         raise SystemExit(f"{a.weights}: an exported program only predicts (--source DIR); "
                          "for metrics give the .pt it came from")
@@ -659,11 +451,39 @@ def main(argv=None):
         where = "--data" if a.data else "from the checkpoint config"
         raise SystemExit(f"data root {root} ({where}) is not a directory; pass --data ROOT")
     cfg["imgsz"] = a.imgsz or cfg["imgsz"]
+    cfg.update({k: v for k, v in (("val_conf", a.conf), ("val_iou", a.iou)) if v is not None})
+    domain = a.domain or default_domain(cfg)
     workers = cfg["workers"] if a.workers is None else a.workers
-    loaders = data.val_loaders(root, cfg["stage"], a.split, cfg["imgsz"], a.batch or cfg["batch"], workers, cfg["nc"])
-    m = validate(model, loaders, cfg, device, MultiTaskLoss(cfg), plot_dir=a.save_dir, log=print)
+    loaders = data.val_loaders(root, DOMAIN_STAGE[domain], a.split, cfg["imgsz"], a.batch or cfg["batch"], workers,
+                               cfg["nc"])
+    dual = any(isinstance(m, DualBatchNorm2d) for m in model.modules())
+    print(f"domain: {domain} ({DOMAINS[domain]}): {', '.join(ld.dataset.key for ld in loaders.values())} scored with "
+          + (f"the {domain} BatchNorm branch" if dual else "its one BatchNorm branch (trained without DualBN)"))
+    results = coco.Results(loaders) if a.save_json else None
+    m = validate(model, loaders, cfg, device, MultiTaskLoss(cfg), plot_dir=a.save_dir, log=print, on_batch=results)
     print(f"{a.weights} on {root} ({a.split}, {cfg['imgsz']} px):\n{results_table(m)}")
+    if results is not None:
+        out = Path(a.save_dir or next_run_dir("runs", "val", a.name, a.exist_ok))
+        written = results.write(out, a.split, class_names(cfg["nc"]))
+        print(f"COCO files -> {out}: {', '.join(p.name for p in written)}")
     return m
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    device = pick_device(a.device)
+    if not Path(a.weights).is_file():
+        what = "a directory, not a file" if Path(a.weights).is_dir() else "no such file"
+        raise SystemExit(f"--weights {a.weights}: {what}; expected a .pt checkpoint (or a .pt2 to predict)")
+    if a.imgsz is not None and (a.imgsz <= 0 or a.imgsz % 32):
+        raise SystemExit(f"--imgsz {a.imgsz}: must be a positive multiple of 32")
+    for flag, v, ok, allowed in (("--batch", a.batch, a.batch is None or a.batch >= 1, ">= 1"),
+                                 ("--workers", a.workers, a.workers is None or a.workers >= 0, ">= 0"),
+                                 ("--conf", a.conf, a.conf is None or 0 <= a.conf <= 1, "in [0, 1]"),
+                                 ("--iou", a.iou, a.iou is None or 0 <= a.iou <= 1, "in [0, 1]")):
+        if not ok:
+            raise SystemExit(f"{flag} {v}: must be {allowed}")
+    return predict_cli(a, device) if a.source else metrics_cli(a, device)
 
 
 if __name__ == "__main__":

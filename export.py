@@ -7,13 +7,13 @@ eval mode, and a forward that takes one tensor and returns a tuple of tensors.
     python export.py --weights yolov8n.pt                                      # an Ultralytics detector
     python export.py --weights best.pt --format onnx                           # also best.onnx (needs `onnx`)
     python export.py --weights best.pt --int8                                  # -> best.int8.pt2 (needs torchao)
-    python export.py --weights best.pt --int8 --calib-data data/arcade --calib 128
+    python export.py --weights best.pt --int8 --calib-data data/arcade --calib 128 --int8-val 200
 
 S is the checkpoint's training size unless --imgsz asks for another (an Ultralytics file: 640). The program takes
 x (B, 3, S, S): RGB in [0, 1], letterboxed to S as data.transform does (pad 114/255), and returns
     CA-MTL: (detections (B, 4+nc, A), vessel_logits (B, 1, S, S))
     YOLOv8: (detections (B, 4+nc, A),)
-detections: per anchor xywh in input pixels, then one sigmoid score per class (evaluate.nms turns them into boxes);
+detections: per anchor xywh in input pixels, then one sigmoid score per class (metrics.nms turns them into boxes);
 A = (S/8)^2 + (S/16)^2 + (S/32)^2. A CA-MTL model with DualBatchNorm is exported in its target (angiography) domain.
 
 Three kinds of .pt2, all loaded by `load_program(path)` and by `python evaluate.py --weights best.pt2 --source DIR`:
@@ -32,7 +32,9 @@ Three kinds of .pt2, all loaded by `load_program(path)` and by `python evaluate.
   instructions (AVX512-VNNI and the like). Making it needs the optional package torchao (its PT2E quantiser, and the
   Inductor passes that turn its quantize/dequantize pairs into oneDNN int8 convolutions); running it needs only
   torch. Not the default: it does not equal eager within 1e-3, and its accuracy cost depends on the checkpoint
-  (speed and accuracy: docs/benchmarks.md).
+  (speed and accuracy: docs/benchmarks.md). So, once written, it is scored against the fused fp32 model on
+  --int8-val (64) validation images of the same data: mAP50, mAP50-95 and Dice(full) side by side, and a warning
+  naming each one that drops by more than --int8-tolerance (1) points.
 ONNX (`--format onnx`, also writes the .pt2) needs the `onnx` and `onnxscript` packages, which nanoCAMTL does not
 require.
 """
@@ -48,6 +50,7 @@ import torch
 import torch.nn as nn
 
 from checkpoints import CheckpointError
+from metrics import VAL_NMS, measure
 from model import CAMTL, check_imgsz, count_params, gflops, load_weights
 
 META = "nanocamtl.json"  # stored inside the .pt2: input size, output names, classes, model config
@@ -68,14 +71,15 @@ class Deployed(nn.Module):
         return (self.model(x),)
 
 
-def deployable(model):
+def deployable(model, domain="target"):
     """A fused, auxiliary-stripped, eval-mode copy of model (the original is left as it was), wrapped in Deployed.
-    A DualBatchNorm folds its target (angiography) branch: deployment sees angiograms."""
+    A DualBatchNorm folds its `domain` branch: target (angiography, what deployment sees and what export traces) or
+    source (fundus photographs, for evaluate.py --domain source)."""
     m = copy.deepcopy(model).eval().requires_grad_(False)
     if hasattr(m, "strip_aux"):  # training-only branches (the centre-keypoint auxiliary)
         m.strip_aux()
     if hasattr(m, "set_domain"):
-        m.set_domain("target")
+        m.set_domain(domain)
     return Deployed(m.fuse())
 
 
@@ -200,22 +204,34 @@ def called_parts(model, names):
     return out
 
 
-def calibration_images(model, cfg, root, imgsz, n):
-    """Up to n training images of root, letterboxed to imgsz as data.transform does, as an iterator of (1, 3, S, S),
-    and their count per task key. The images the deployed model sees: CA-MTL the tasks its stage is scored on (camtl:
-    angiogram detection and vessel images, taken in turn), a YOLOv8 the detection images. A fixed random pick
-    (seed 0), so that the first frames of one sequence do not make up the whole sample."""
+def scored_tasks(model, cfg):
+    """{task: task key} of the images a model is deployed on: CA-MTL the tasks its stage is scored on (camtl:
+    angiogram detection and vessel images), a YOLOv8 the detection images."""
     import data
     stage = (cfg or {}).get("stage", "camtl") if isinstance(model, CAMTL) else None
-    keys = list(data.STAGE_TASKS[stage].values()) if stage else [data.STAGE_TASKS["camtl"]["det"]]
-    loaders = [data.build_loader(root, k, "train", imgsz=imgsz, batch=1, augment=False, shuffle=True, workers=0,
-                                 nc=model.nc) for k in keys]
-    counts, left = dict.fromkeys(keys, 0), {k: len(ld.dataset) for k, ld in zip(keys, loaders)}
-    for i in range(n):  # the quota in turn over the tasks that still have images
-        live = [k for k in keys if left[k] > counts[k]]
+    return dict(data.STAGE_TASKS[stage]) if stage else {"det": data.STAGE_TASKS["camtl"]["det"]}
+
+
+def quotas(sizes, n):
+    """n images shared in turn among the tasks that still have some: {key: images there} -> {key: count}."""
+    counts = dict.fromkeys(sizes, 0)
+    for i in range(n):
+        live = [k for k in sizes if sizes[k] > counts[k]]
         if not live:
             break
         counts[live[i % len(live)]] += 1
+    return counts
+
+
+def calibration_images(model, cfg, root, imgsz, n):
+    """Up to n training images of root, letterboxed to imgsz as data.transform does, as an iterator of (1, 3, S, S),
+    and their count per task key: the images the deployed model sees (scored_tasks), taken in turn. A fixed random
+    pick (seed 0), so that the first frames of one sequence do not make up the whole sample."""
+    import data
+    keys = list(scored_tasks(model, cfg).values())
+    loaders = [data.build_loader(root, k, "train", imgsz=imgsz, batch=1, augment=False, shuffle=True, workers=0,
+                                 nc=model.nc) for k in keys]
+    counts = quotas({k: len(ld.dataset) for k, ld in zip(keys, loaders)}, n)
 
     def images():
         its = {k: iter(ld) for k, ld in zip(keys, loaders)}
@@ -332,6 +348,12 @@ def main(argv=None):
                     help="--int8: data root whose training images calibrate it (default: the checkpoint's data, "
                     "else the built-in synthetic set)")
     ap.add_argument("--calib", type=int, metavar="N", help="--int8: number of calibration images (default 64)")
+    ap.add_argument("--int8-val", type=int, metavar="N",
+                    help="--int8: validation images of the same data to score fp32 against int8 on (default 64, "
+                    "0: no check)")
+    ap.add_argument("--int8-tolerance", type=float, metavar="POINTS",
+                    help="--int8: a drop of mAP50, mAP50-95 or Dice(full) beyond this many points (0.01 each) is a "
+                    "warning (default 1)")
     a = ap.parse_args(argv)
     if not Path(a.weights).is_file():
         what = "a directory, not a file" if Path(a.weights).is_dir() else "no such file"
@@ -342,20 +364,12 @@ def main(argv=None):
     if a.imgsz is not None and (a.imgsz <= 0 or a.imgsz % 32):
         raise SystemExit(f"--imgsz {a.imgsz}: must be a positive multiple of 32, "
                          f"e.g. {max(round(a.imgsz / 32), 1) * 32}")
-    if not a.int8 and (a.calib_data or a.calib is not None):
-        raise SystemExit(f"{'--calib-data' if a.calib_data else '--calib'}: only used with --int8")
+    int8_only = [f for f, v in (("--calib-data", a.calib_data), ("--calib", a.calib), ("--int8-val", a.int8_val),
+                                ("--int8-tolerance", a.int8_tolerance)) if v is not None]
+    if not a.int8 and int8_only:
+        raise SystemExit(f"{int8_only[0]}: only used with --int8")
     if a.int8:
-        clash = [f for f, on in (("--portable", a.portable), ("--dynamic-batch", a.dynamic_batch),
-                                 ("--format onnx", a.format == "onnx")) if on]
-        if clash:
-            raise SystemExit(f"--int8 with {' and '.join(clash)}: an int8 program is compiled, for batch 1, "
-                             "as a .pt2 only")
-        if a.calib is not None and a.calib < 1:
-            raise SystemExit(f"--calib {a.calib}: must be >= 1")
-        try:  # before reading anything: say what is missing at once
-            torchao_pt2e()
-        except ImportError as e:
-            raise SystemExit(str(e)) from None
+        check_int8_flags(a)
     try:
         model, cfg = load_weights(a.weights)
     except CheckpointError as e:
@@ -370,6 +384,27 @@ def main(argv=None):
             return export_int8_cli(model, cfg, imgsz, a)
         return export(model, imgsz, a.out or a.weights, a.format, a.dynamic_batch, compiled=not a.portable)
     except (ImportError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+
+
+def check_int8_flags(a):
+    """--int8's flags: what an int8 program cannot be, the counts; torchao present. Fills in the defaults."""
+    clash = [f for f, on in (("--portable", a.portable), ("--dynamic-batch", a.dynamic_batch),
+                             ("--format onnx", a.format == "onnx")) if on]
+    if clash:
+        raise SystemExit(f"--int8 with {' and '.join(clash)}: an int8 program is compiled, for batch 1, "
+                         "as a .pt2 only")
+    for flag, v, ok, allowed in (("--calib", a.calib, a.calib is None or a.calib >= 1, ">= 1"),
+                                 ("--int8-val", a.int8_val, a.int8_val is None or a.int8_val >= 0, ">= 0"),
+                                 ("--int8-tolerance", a.int8_tolerance,
+                                  a.int8_tolerance is None or a.int8_tolerance >= 0, ">= 0")):
+        if not ok:
+            raise SystemExit(f"{flag} {v}: must be {allowed}")
+    a.int8_val = 64 if a.int8_val is None else a.int8_val
+    a.int8_tolerance = 1.0 if a.int8_tolerance is None else a.int8_tolerance
+    try:  # before reading anything: say what is missing at once
+        torchao_pt2e()
+    except ImportError as e:
         raise SystemExit(str(e)) from None
 
 
@@ -392,7 +427,48 @@ def export_int8_cli(model, cfg, imgsz, a):
     print(f"calibrating on {sum(counts.values())} training images of {root} ("
           + ", ".join(f"{n} {k}" for k, n in counts.items()) + f") at {imgsz} px")
     out = Path(a.out) if a.out else Path(a.weights).with_suffix(".int8.pt2")
-    return export_int8(model, imgsz, out, images, calib={"calib_data": str(root), "calib_counts": counts})
+    written = export_int8(model, imgsz, out, images, calib={"calib_data": str(root), "calib_counts": counts})
+    if a.int8_val:
+        int8_check(model, cfg, root, imgsz, out, a.int8_val, a.int8_tolerance)
+    return written
+
+
+INT8_METRICS = {"map50": "mAP50", "map50_95": "mAP50-95", "dice_full": "Dice(full)"}
+
+
+def int8_check(model, cfg, root, imgsz, path, n, tolerance=1.0):
+    """The fused fp32 model against the int8 program at path on up to n validation images of root (the deployed
+    tasks, in turn, batch 1), scored as validation scores them (metrics.measure): mAP50, mAP50-95, Dice(full),
+    printed as a table. A drop of more than `tolerance` points (0.01 each) is a warning naming the metric.
+    -> {"fp32": metrics, "int8": metrics, "dropped": [metric keys]}, or None without validation images."""
+    import data
+    loaders = {t: data.build_loader(root, k, "val", imgsz=imgsz, batch=1, augment=False, shuffle=False, workers=0,
+                                    nc=model.nc) for t, k in scored_tasks(model, cfg).items()}
+    limits = quotas({t: len(ld.dataset) for t, ld in loaders.items()}, n)
+    loaders = {t: ld for t, ld in loaders.items() if limits[t]}
+    if not loaders:
+        print(f"--int8: {root} has no validation images to measure fp32 against int8 on")
+        return None
+    nms_kw = dict(conf=cfg["val_conf"], iou=cfg["val_iou"], max_det=cfg["max_det"], multi_label=True) if cfg \
+        else VAL_NMS
+    run8, _ = load_program(path)
+    res = {k: measure(run, loaders, model.nc, limits, nms_kw) for k, run in (("fp32", deployable(model).cpu()),
+                                                                           ("int8", run8))}
+    keys = [k for k in INT8_METRICS if k in res["fp32"]]
+    change = {k: 100 * (res["int8"][k] - res["fp32"][k]) for k in keys}
+    scored = res["fp32"]["images"]
+    print(f"fp32 against int8 on {sum(scored.values())} validation images of {root} ("
+          + ", ".join(f"{scored[t]} {loaders[t].dataset.key}" for t in scored) + "):\n"
+          + f"  {'':8}" + "".join(f"{INT8_METRICS[k]:>12}" for k in keys) + "\n"
+          + "".join(f"  {r:8}" + "".join(f"{res[r][k]:>12.4f}" for k in keys) + "\n" for r in ("fp32", "int8"))
+          + f"  {'points':8}" + "".join(f"{change[k]:>+12.2f}" for k in keys))
+    dropped = [k for k in keys if change[k] < -tolerance]
+    if dropped:
+        print("WARNING --int8: " + ", ".join(f"{INT8_METRICS[k]} {res['fp32'][k]:.4f} -> {res['int8'][k]:.4f} "
+                                             f"({change[k]:+.2f} points)" for k in dropped)
+              + f": more than --int8-tolerance {tolerance:g}; calibrate on more or other images (--calib, "
+              "--calib-data), or deploy the fp32 program")
+    return {**res, "dropped": dropped}
 
 
 if __name__ == "__main__":

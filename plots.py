@@ -5,10 +5,11 @@ YOLOv8 user finds their way in a run folder:
     results.png                          plot_results            losses and metrics per epoch, from results.csv
     PR_curve.png, F1_curve.png,          plot_curves             precision-recall; F1, P and R against confidence
       P_curve.png, R_curve.png
-    confusion_matrix.png                 plot_confusion_matrix (counted by evaluate.confusion_matrix)
+    confusion_matrix.png                 plot_confusion_matrix (counted by metrics.confusion_matrix)
     labels.png                           plot_labels             instances per class, box centres, box sizes in px
     train_batch0.png, val_batch0_*.png   plot_batch              mosaic: boxes, vessel mask, file names
     val_seg_batch0.png                   plot_seg_batch          image / ground-truth mask / predicted mask
+    runs/predict/exp/{image}.png         plot_prediction         a predicted image at its size: boxes, labels, vessels
 
 and, last, `Progress`: the self-updating progress line of an epoch or a validation.
 
@@ -544,6 +545,53 @@ def plot_seg_batch(imgs, masks, logits, paths, out_path, max_images=8):
             text(ImageDraw.Draw(tile), (4, 4), caption, 12, WHITE, bg=(0, 0, 0))
             canvas.paste(tile, ((i % g) * (3 * t + 12) + j * (t + 2), (i // g) * (t + 2)))
     return save(canvas, out_path)
+
+
+# -----------------------------------------------------------------------------
+# a prediction picture (evaluate.py --source): boxes and labels drawn at the image's own size, as YOLOv8 predicts
+
+
+def annotation_sizes(w, h):
+    """YOLOv8's line width and label font size (px) for a (w, h) image: readable from 200 px to 1400 px and beyond."""
+    return max(round((w + h) / 2 * 0.003), 2), max(round((w + h) / 2 * 0.035), 12)
+
+
+def _overlaps(a, b):
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def label_box(box, tw, th, w, h, taken):
+    """Where a (tw, th) label of box (x1, y1, x2, y2) goes in a (w, h) image: above its top-left corner as YOLOv8
+    puts it, else inside the box under its top edge (at the image's top, or where an earlier label sits, as on
+    nested near-duplicate boxes), else under the box, else inside above its bottom edge. -> (x1, y1, x2, y2)."""
+    x1, y1, x2, y2 = box
+    x = min(max(x1, 0), max(w - tw, 0))  # shifted left so that it ends inside the image
+    spots = [(x, y1 - th, x + tw, y1), (x, y1, x + tw, y1 + th), (x, y2, x + tw, y2 + th), (x, y2 - th, x + tw, y2)]
+    inside = [r for r in spots if r[1] >= 0 and r[3] <= h] or spots[1:2]
+    return next((r for r in inside if not any(_overlaps(r, t) for t in taken)), inside[0])
+
+
+def plot_prediction(img, det, prob, out_path, names=None, thr=0.5):
+    """
+    One predicted image at its own size: the vessel probability > thr tinted, each box in its class colour with
+    "name conf" on a filled label of that colour, labels placed so that none covers another (label_box).
+    img (3, H, W) in [0, 1]; det (n, 6) x1, y1, x2, y2, conf, cls in its pixels, by descending conf (NMS order: the
+    best boxes get the best places); prob (H, W) or None. -> out_path.
+    """
+    im = _tile(img, None if prob is None else to_numpy(prob) > thr)
+    lw, size = annotation_sizes(*im.size)
+    d, taken = ImageDraw.Draw(im), []
+    rows = to_numpy(det).reshape(-1, 6)
+    for x1, y1, x2, y2, _, j in rows:  # every box first, so that no line crosses a label
+        d.rectangle([x1, y1, x2, y2], outline=colour(j), width=lw)
+    for x1, y1, x2, y2, score, j in rows:
+        s = f"{name(names, int(j))} {score:.2f}"
+        left, top, right, bottom = d.textbbox((0, 0), s, font=font(size))
+        r = label_box((x1, y1, x2, y2), right - left + 2 * lw, bottom - top + 2 * lw, *im.size, taken)
+        taken.append(r)
+        d.rectangle(r, fill=colour(j))
+        d.text((r[0] + lw - left, r[1] + lw - top), s, font=font(size), fill=WHITE)
+    return save(im, out_path)
 
 
 # -----------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """export.py: fused == unfused, the .pt2 program == the eager model (also at a batch size it was not traced with),
 predictions from a .pt2 equal predictions from the checkpoint it came from, and the int8 program stays close to the
-fp32 model (when the optional torchao is installed; without it, --int8 says so in one line)."""
+fp32 model (when the optional torchao is installed; without it, --int8 says so in one line), its mAP and Dice
+printed beside the fp32 model's and a drop beyond the tolerance a warning."""
 import importlib.util
 import os
 import subprocess
@@ -16,6 +17,7 @@ import data
 import evaluate
 import export
 import synthetic
+from metrics import measure
 from model import CAMTL, load_checkpoint, load_weights
 
 FIX = Path(__file__).parent / "fixtures"
@@ -134,7 +136,7 @@ def test_camtl_fused_equals_unfused_in_target_domain(camtl_ckpt):
 def test_camtl_cli_dynamic_batch_pt2_equals_eager_and_predicts_alike(camtl_ckpt, tmp_path):
     out = tmp_path / "camtl.pt2"
     export.main(["--weights", str(camtl_ckpt), "--dynamic-batch", "--portable", "--out", str(out)])  # imgsz 64
-    run, imgsz = evaluate.load_predictor(out)  # the loader the predictor uses
+    run, imgsz, _ = evaluate.load_predictor(out)  # the loader the predictor uses
     model, _ = load_checkpoint(camtl_ckpt)
     eager = export.deployable(model)
     assert imgsz == 64
@@ -150,6 +152,10 @@ def test_camtl_cli_dynamic_batch_pt2_equals_eager_and_predicts_alike(camtl_ckpt,
     Image.fromarray((np.random.default_rng(0).random((70, 150, 3)) * 255).astype(np.uint8)).save(src / "a.png")
     for r, d in ((run, "pt2"), (eager, "pt")):
         evaluate.predict_folder(r, src, tmp_path / d, imgsz, conf=0.001)
+    with pytest.raises(SystemExit) as e:  # a program holds the target branch only: one line
+        evaluate.main(["--weights", str(out), "--source", str(src), "--domain", "source"])
+    assert e.value.code == (f"--domain source: {out} is an exported program, and export.py exports the target "
+                            "(angiography) branch only; predict fundus photographs with the .pt it came from")
     assert (tmp_path / "pt2/labels/a.txt").read_text() == (tmp_path / "pt/labels/a.txt").read_text()
     masks = [np.asarray(Image.open(tmp_path / d / "masks/a.png")) for d in ("pt2", "pt")]
     assert masks[0].shape == (70, 150) and (masks[0] != masks[1]).mean() < 1e-3
@@ -237,4 +243,52 @@ def test_int8_cli_artefact_is_close_to_fp32_and_predicts(cli_builds, tmp_path):
     box8, box = torch.cat([g[0][:, :4] for g in got]), torch.cat([r[0][:, :4] for r in ref])  # xywh, canvas px
     assert (box8 - box).abs().mean() < 0.2  # working: < 0.1 px; mis-calibrated: > 0.38 px
 
+    # the CLI scored both on the validation images and printed the table, the numbers validation would give
+    head = (f"fp32 against int8 on 4 validation images of {root} (2 angiography_detection, "
+            "2 angiography_segmentation):\n")
+    assert head in text, text
+    table = text.split(head)[1].splitlines()
+    assert table[0].split() == ["mAP50", "mAP50-95", "Dice(full)"]
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in table[1:4]}
+    loaders = data.val_loaders(root, "camtl", "val", 64, 1, 0, 1)
+    for name, r in (("fp32", eager), ("int8", run)):
+        m = measure(r, loaders, 1)
+        assert rows[name] == pytest.approx([m["map50"], m["map50_95"], m["dice_full"]], abs=1e-4), (name, rows)
+    assert rows["points"] == pytest.approx([100 * (a - b) for a, b in zip(rows["int8"], rows["fp32"])], abs=0.02)
+    assert "WARNING --int8" not in text  # a working quantiser on this model: within a point
+
     predicts_a_folder(out, tmp_path)
+
+
+def test_int8_check_warns_naming_each_metric_that_drops(camtl_ckpt, tmp_path, monkeypatch, capsys):
+    """export.py --int8 with the quantiser and the compiler stubbed (the check is what is tested): an "int8"
+    program whose vessel logits are pushed down predicts no vessels, and Dice(full) drops beyond the tolerance."""
+    root = synthetic.make_synthetic(tmp_path / "syn", n=6, imgsz=64)
+    monkeypatch.setattr(export, "torchao_pt2e", lambda *parts: None)
+    monkeypatch.setattr(export, "export_int8", lambda model, imgsz, path, images, calib=None: [Path(path)])
+    fp32 = export.deployable(load_checkpoint(camtl_ckpt)[0])
+    shift = {"by": -100.0}
+    monkeypatch.setattr(export, "load_program",
+                        lambda path, device="cpu": ((lambda x: (fp32(x)[0], fp32(x)[1] + shift["by"])), {}))
+    argv = ["--weights", str(camtl_ckpt), "--int8", "--calib-data", str(root), "--calib", "2"]
+    export.main(argv)
+    out = capsys.readouterr().out
+    dice = float(out.split("fp32  ")[1].split()[2])
+    assert dice > 0.1  # the fp32 model finds vessels; the "int8" one none
+    assert (f"WARNING --int8: Dice(full) {dice:.4f} -> 0.0000 ({-100 * dice:+.2f} points): more than "
+            "--int8-tolerance 1; calibrate on more or other images") in out
+    assert "mAP50" not in out.split("WARNING")[1]  # the detections did not change: not named
+    export.main(argv + ["--int8-tolerance", "50"])  # a drop within a looser tolerance: no warning
+    assert "WARNING" not in capsys.readouterr().out
+    shift["by"] = 0.0  # int8 == fp32
+    export.main(argv)
+    out = capsys.readouterr().out
+    assert "WARNING" not in out and out.split("points")[1].split()[:3] == ["+0.00", "+0.00", "+0.00"]
+    export.main(argv + ["--int8-val", "0"])  # no check asked for
+    assert "fp32 against int8" not in capsys.readouterr().out
+    for flags, msg in ((["--int8-val", "-1"], "--int8-val -1: must be >= 0"),
+                       (["--int8-tolerance", "-2"], "--int8-tolerance -2.0: must be >= 0")):
+        with pytest.raises(SystemExit, match=msg):
+            export.main(argv + flags)
+    with pytest.raises(SystemExit, match="--int8-tolerance: only used with --int8"):
+        export.main(["--weights", str(camtl_ckpt), "--int8-tolerance", "2"])

@@ -1,4 +1,4 @@
-"""Tests for evaluate.py: NMS, detection mAP (parity with the Ultralytics fixture) and segmentation Dice/IoU."""
+"""Tests for metrics.py: NMS, detection mAP (parity with the Ultralytics fixture) and segmentation Dice/IoU."""
 
 import os
 import sys
@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from box_ops import xywh2xyxy
-from evaluate import DetMeter, SegMeter, detection_metrics, match_greedy, match_predictions, nms, seg_scores
+from metrics import DetMeter, SegMeter, detection_metrics, match_greedy, match_predictions, nms, seg_scores
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "map_case.pt")
 EMPTY_P, EMPTY_T = torch.zeros(0, 6), torch.zeros(0, 5)
@@ -121,7 +121,7 @@ def test_matching_rule_end_to_end():
 
 # -----------------------------------------------------------------------------
 # matching rules on crowded scenes, against a brute-force evaluator written from the definitions
-# (pure Python loops, float64, no code shared with evaluate.py)
+# (pure Python loops, float64, no code shared with metrics.py)
 
 BF_THRESHOLDS = [0.5 + 0.05 * k for k in range(10)]
 
