@@ -14,6 +14,7 @@ from config import DEFAULTS, load_config, saved_config
 from losses import MultiTaskLoss
 from model import CAMTL, YOLOv8, count_params, load_checkpoint, stage_setup
 from modules import CrossAttention
+from test_camtl import nonzero_grad, open_gates
 
 FIX = Path(__file__).parent / "fixtures"
 T = (1 / 3, 0.125, 1024)  # the fixtures' tiny scale
@@ -28,17 +29,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def camtl(**cfg):
     torch.manual_seed(0)
     return CAMTL({**SMALL, **cfg}, verbose=False)
-
-
-def open_gates(model, value=0.1):
-    for m in model.modules():
-        if isinstance(m, CrossAttention):
-            m.gate.data.fill_(value)
-    return model
-
-
-def nonzero_grad(p):
-    return p.grad is not None and p.grad.abs().sum() > 0
 
 
 def batches(B=2, S=64):
