@@ -83,6 +83,7 @@ RULES = {
     "gn_groups": at_least(1),
     # data
     "synthetic_n": at_least(1),
+    "synthetic_preset": one_of("default", "hard"),  # synthetic.PRESETS; repeated here: config imports nothing
     "imgsz": ((lambda v: v > 0 and v % 32 == 0), "a positive multiple of 32 (the largest stride), e.g. 256 or 512"),
     "batch": at_least(1),
     "workers": NON_NEGATIVE,

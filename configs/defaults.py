@@ -27,6 +27,7 @@ config = {
     # --- data
     "data": "",  # processed data root; empty = the built-in synthetic data (generated on first use)
     "synthetic_n": 300,  # images per synthetic task when generating
+    "synthetic_preset": "default",  # which synthetic set: default, or hard (the study benchmark, docs/study.md)
     "imgsz": 512,  # letterbox size (multiple of 32)
     "batch": 8,
     "workers": 2,

@@ -1,0 +1,21 @@
+"""The study benchmark (study.py, docs/study.md): the `hard` synthetic preset -- low-contrast, noisy angiograms with
+crossing and foreshortened vessels, a catheter, width step-downs that are no stenoses, stenoses of severity
+25-90% -- 1000 images per task (300 to validate on), 256 px, with a budget of one camtl run in about 5 minutes on a
+2-core CPU. The recipe of configs/synthetic.py otherwise (AdamW, a step every batch), from random init.
+
+    python train.py --stage domainshift1 --config configs/hard.py
+    python train.py --stage camtl --config configs/hard.py"""
+config = {
+    "data": "",
+    "synthetic_preset": "hard",
+    "synthetic_n": 1000,
+    "imgsz": 256,
+    "batch": 8,
+    "nbs": 8,  # step every batch: short runs need every update
+    "optimizer": "AdamW",
+    "warmup_epochs": 0.5,
+    "warmup_min_iters": 30,
+    "log_interval": 20,
+}
+domainshift1 = {"epochs": 3}  # 87 batches per epoch
+camtl = {"epochs": 4, "camtl_ratio": [2, 1]}  # 43 cycles of 2 det + 1 seg batches per epoch

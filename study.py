@@ -1,0 +1,514 @@
+"""Studies: named arms (config overrides) x seeds, each run as train.py subprocesses, resumable, summarised.
+
+    python study.py --list                                    # studies and their arms
+    python study.py ablation                                  # every arm of the ablation, its seeds (0, 1, 2)
+    python study.py ablation --only full,det-only --seeds 0   # some arms, one seed
+    python study.py ablation --dry-run                        # the runs, which are done, the estimated cost
+    python study.py ablation --jobs 2                         # two runs at once, each with half the cores
+
+A run of an arm is its camtl stage, started from a stage-1 (domainshift1) product: the study's shared one of
+that seed, or the arm's own when it changes what stage 1 trains (SEG_STREAM keys), or none (`stage1=False`).
+Same seed = same data order and initialisation, so each arm's difference to the reference arm is paired per seed.
+
+    runs/study/NAME/_shared/sSEED/domainshift1/exp/     the shared stage 1 of a seed
+    runs/study/NAME/ARM/sSEED/{domainshift1,camtl}/exp/ an arm's runs; study.json in each marks it finished
+    runs/study/NAME/study.csv, study.md, study.png      one row per arm x seed; mean +- std table; the picture
+
+A finished run is skipped, an interrupted one resumed (`train.py --resume`) or, killed before its first
+checkpoint, restarted; the outputs are rewritten after every run, so a killed study loses at most the runs in
+flight. --dry-run estimates the cost from the wall times of this study's finished runs (the pilot's first).
+Reported per run: the best epoch's metrics from results.csv (the epoch best.pt holds), and the mAP50 of the
+small stenoses (longest side < 32 px at the run's imgsz), computed here on best.pt.
+"""
+import argparse
+import csv
+import fcntl
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+import data
+import evaluate
+import plots
+import synthetic
+from config import load_config
+from model import load_checkpoint
+from train import scale_tag
+
+ROOT = Path(__file__).resolve().parent
+SHARED = "_shared"  # the folder of the shared stage-1 runs (arm names never start with _)
+DONE = "study.json"  # in a run folder: written once the run and its scoring have finished
+SMALL = 32  # px: a stenosis box with a longer side is not "small"
+# keys that change what stage 1 trains (the seg stream, the data): an arm setting one trains its own stage 1
+SEG_STREAM = ("scale", "fpma", "xtam", "attn_dim", "attn_heads", "attn_tokens", "attn_query_stride", "gn_groups",
+              "ema_attention", "imgsz", "data", "synthetic_preset", "synthetic_n")
+# (key in study.csv, results.csv column or None when computed here, name in the table)
+METRICS = (("map50", "metrics/mAP50(B)", "mAP50"), ("map50_95", "metrics/mAP50-95(B)", "mAP50-95"),
+           ("map50_small", None, f"mAP50 <{SMALL}px"), ("dice_full", "metrics/dice_full", "Dice(full)"))
+
+STUDIES = {
+    "ablation": dict(
+        config="configs/hard.py", reference="full", seeds=[0, 1, 2], set={},
+        arms={
+            "full": {},
+            "-CTAM": dict(ctam=False),
+            "-CSAM": dict(csam=False),
+            "-FPMA": dict(fpma=False),
+            "-DualBN": dict(dual_bn=False),
+            "-cons": dict(lambda_cons=0.0),
+            "-align": dict(lambda_align=0.0),
+            "-L2-SP": dict(lambda_l2sp=0.0),
+            "-stage1": dict(stage1=False),
+            "det-only": dict(camtl_ratio=[1, 0]),
+            "+xtam": dict(xtam=True),
+            "speed-qs32": dict(attn_query_stride=32),
+            "speed-h2t128": dict(attn_heads=2, attn_tokens=128),
+        }),
+}
+
+# -----------------------------------------------------------------------------
+# the plan: which stage runs an arm x seed needs, in which folders, with which --set
+
+
+def set_args(sets):
+    """{key: value} -> train.py --set arguments (Python literals, as config.parse_set reads them)."""
+    return [f"{k}={v!r}" for k, v in sets.items()]
+
+
+def layout(out, name, spec, arm, seed):
+    """-> (the arm x seed's camtl run folder, its stage-1 run folder or None, "shared" / "own" / "none")."""
+    over, project = spec["arms"][arm], out / name / arm / f"s{seed}"
+    if over.get("stage1", True) is False:
+        return project / "camtl" / "exp", None, "none"
+    own = bool(set(over) & set(SEG_STREAM))
+    s1 = (project if own else out / name / SHARED / f"s{seed}") / "domainshift1" / "exp"
+    return project / "camtl" / "exp", s1, "own" if own else "shared"
+
+
+def plan(name, spec, arms, seeds, out):
+    """-> {job key: job} in dependency order (a job: stage, arm, --set dict, deps, resolved cfg, run folder).
+    Every config is resolved (and so checked) here: a bad key stops the study before anything runs, in one line
+    naming the arm."""
+    base, config = dict(spec.get("set", {})), spec["config"] and str(ROOT / spec["config"])
+    cfg0 = load_config("camtl", config, set_args(base))
+    if not cfg0["data"]:  # the synthetic set, named by path so every run (and the scoring) finds the same one
+        base["data"] = str(synthetic.preset_root(cfg0["synthetic_preset"]))
+    jobs = {}
+
+    def add(stage, arm, run_dir, sets, deps):
+        key = f"{run_dir.parent.parent.parent.name}/{run_dir.parent.parent.name}/{stage}"  # ARM/sSEED/stage
+        if key not in jobs:
+            sets = {**sets, "project": str(run_dir.parent.parent), "name": "exp", "exist_ok": True}
+            try:
+                cfg = load_config(stage, config, set_args(sets))
+            except SystemExit as e:
+                raise SystemExit(f"study {name}, arm {arm}: {e}") from None
+            jobs[key] = SimpleNamespace(key=key, stage=stage, arm=run_dir.parent.parent.parent.name, sets=sets,
+                                        deps=deps, cfg=cfg, dir=run_dir, config=config)
+        return key
+
+    for seed in seeds:
+        for arm in arms:
+            over, common = spec["arms"][arm], {**base, "seed": seed}
+            camtl_dir, s1_dir, kind = layout(out, name, spec, arm, seed)
+            deps, wd = [], {}
+            if s1_dir is not None:
+                deps = [add("domainshift1", arm, s1_dir, {**common, **(over if kind == "own" else {})}, [])]
+                wd = {"weights_dir": str(s1_dir / "weights")}
+            add("camtl", arm, camtl_dir, {**common, **over, **wd}, deps)
+    return jobs
+
+
+def product(job):
+    return job.dir / "weights" / f"yolov8{scale_tag(job.cfg)}-{job.stage}.pt"
+
+
+def epochs_logged(job):
+    p = job.dir / "results.csv"
+    if not p.is_file():
+        return 0
+    with open(p, newline="") as f:
+        return len(list(csv.DictReader(f)))
+
+
+def state(job):
+    """done (its marker is there); score (trained, not yet scored and marked: killed in between); resume (a
+    checkpoint before the last epoch); fresh (nothing, or nothing to continue from)."""
+    if (job.dir / DONE).is_file():
+        return "done"
+    if product(job).is_file() and epochs_logged(job) >= job.cfg["epochs"]:
+        return "score"
+    last = job.dir / "weights" / "last.pt"
+    if last.is_file():
+        epoch = torch.load(last, map_location="cpu", weights_only=True)["epoch"] + 1
+        if epoch < job.cfg["epochs"]:
+            return "resume"
+    return "fresh"
+
+# -----------------------------------------------------------------------------
+# running one stage run: a train.py subprocess, its clock, its marker
+
+
+def launch(argv, log_path, threads):
+    """Start `python train.py ...` with its output in log_path and `threads` torch threads."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    with open(log_path, "a") as log:
+        return subprocess.Popen([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def start(job, how, threads):
+    """Launch a job (how: fresh, resume). Its clock (time.json) sums the attempts: an interrupted attempt counts
+    up to its last checkpoint."""
+    clock = job.dir / "time.json"
+    spent = 0.0
+    if how == "resume" and clock.is_file():
+        prev = json.loads(clock.read_text())
+        spent = prev["spent"] + max((job.dir / "weights" / "last.pt").stat().st_mtime - prev["start"], 0.0)
+    elif job.dir.exists():  # killed before its first checkpoint, or at the very end: start over
+        shutil.rmtree(job.dir)
+    job.dir.mkdir(parents=True, exist_ok=True)
+    clock.write_text(json.dumps({"spent": spent, "start": time.time()}))
+    argv = [str(ROOT / "train.py"), "--stage", job.stage]
+    if job.config:
+        argv += ["--config", job.config]
+    argv += ["--resume", str(job.dir)] if how == "resume" else ["--set", *set_args(job.sets)]
+    return launch(argv, job.dir / "train.log", threads)
+
+
+def finish(job, end=None):
+    """Score a trained job (camtl: the small-box mAP50 of best.pt) and write its marker -> the marker."""
+    clock = json.loads((job.dir / "time.json").read_text())
+    mark = {"seconds": clock["spent"] + (end or time.time()) - clock["start"]}
+    if job.stage == "camtl":
+        mark["map50_small"] = small_box_map50(job.dir / "weights" / "best.pt", job.cfg["data"])
+    tmp = job.dir / (DONE + ".tmp")
+    tmp.write_text(json.dumps(mark))
+    os.replace(tmp, job.dir / DONE)
+    return mark
+
+
+@torch.no_grad()
+def small_box_map50(weights, root, max_side=SMALL):
+    """mAP50 of a checkpoint on the val stenoses whose longest side is < max_side px (at its imgsz, letterboxed):
+    ground truth and predictions are both filtered by that size. NaN when the split has no such stenosis."""
+    model, cfg = load_checkpoint(weights)
+    loader = data.val_loaders(root, "camtl", "val", cfg["imgsz"], cfg["batch"], 0, cfg["nc"])["det"]
+    meter = evaluate.DetMeter()
+    small = lambda b: (b[:, 2:4] - b[:, :2]).amax(1) < max_side  # noqa: E731  (N, 4) xyxy -> (N,) bool
+    for batch in loader:
+        with model.domain(batch["domain"]):
+            det, _ = model(batch["img"], tasks=("det",))  # (B, 4+nc, A) decoded in eval mode
+        preds = evaluate.nms(det, cfg["val_conf"], cfg["val_iou"], cfg["max_det"], multi_label=True)
+        h, w = batch["img"].shape[-2:]
+        targets = [evaluate.targets_xyxy(batch, i, h, w) for i in range(len(preds))]
+        meter.update([p[small(p[:, :4])] for p in preds], [t[small(t[:, 1:])] for t in targets])
+    if not sum(len(t) for t in meter.target_cls):
+        return math.nan
+    return float(meter.compute(cfg["nc"])["map50"])
+
+# -----------------------------------------------------------------------------
+# the results: rows per arm x seed, mean/std and paired differences, table and picture
+
+
+def best_row(csv_path):
+    """The results.csv row of the best epoch (the first of highest fitness, as train.py picks best.pt)."""
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    fit = np.array([float(r.get("fitness") or "nan") for r in rows])
+    return rows[int(np.argmax(np.nan_to_num(fit, nan=-np.inf)))]
+
+
+def run_row(out, name, spec, arm, seed):
+    """One study.csv row of a finished arm x seed: its camtl run's best epoch, the small-box mAP50, wall times."""
+    camtl_dir, s1_dir, kind = layout(out, name, spec, arm, seed)
+    r, mark = best_row(camtl_dir / "results.csv"), json.loads((camtl_dir / DONE).read_text())
+    s1 = json.loads((s1_dir / DONE).read_text()) if s1_dir is not None and (s1_dir / DONE).is_file() else {}
+    metrics = {k: float(r.get(col) or "nan") if col else float(mark[k]) for k, col, _ in METRICS}
+    return dict(study=name, arm=arm, seed=seed, epoch=int(r["epoch"]), **metrics, camtl_s=round(mark["seconds"], 1),
+                stage1=kind, stage1_s=round(s1.get("seconds", math.nan), 1), run=str(camtl_dir))
+
+
+def mean_std(values):
+    """(mean, sample std, count) of the finite values; std is NaN below two."""
+    v = [x for x in values if math.isfinite(x)]
+    return (float(np.mean(v)) if v else math.nan, float(np.std(v, ddof=1)) if len(v) > 1 else math.nan, len(v))
+
+
+def summarize(rows, arms, reference):
+    """{arm: {metric: (mean, std, n), "d_" + metric: the same of the per-seed differences arm - reference,
+    camtl_min, seeds}} for the arms that have rows, in the order of arms."""
+    ref = {r["seed"]: r for r in rows if r["arm"] == reference}
+    out = {}
+    for arm in arms:
+        mine = [r for r in rows if r["arm"] == arm]
+        if not mine:
+            continue
+        s = {"seeds": [r["seed"] for r in mine], "camtl_min": mean_std([r["camtl_s"] / 60 for r in mine])}
+        for k, _, _ in METRICS:
+            s[k] = mean_std([r[k] for r in mine])
+            s["d_" + k] = mean_std([r[k] - ref[r["seed"]][k] for r in mine if r["seed"] in ref])
+        out[arm] = s
+    return out
+
+
+def fmt(ms, sign=False, digits=3):
+    m, s, n = ms
+    if not n:
+        return "-"
+    v = f"{m:+.{digits}f}" if sign else f"{m:.{digits}f}"
+    return v if n < 2 else f"{v} ± {s:.{digits}f}"
+
+
+def write_table(path, name, spec, summary):
+    """study.md: per arm mean ± std over seeds, and the paired difference to the reference arm."""
+    ref = spec["reference"]
+    heads = [label for _, _, label in METRICS]
+    lines = [f"# Study `{name}`", "",
+             f"Config `{spec['config'] or 'configs/synthetic.py'}`; each run's best epoch; mean ± sample standard deviation over seeds. "
+             f"Δ: per seed the arm minus `{ref}` (same seed = same data order and initialisation), mean ± std over "
+             "the seeds both have. camtl min: the camtl stage's wall time.", "",
+             "| arm | seeds | " + " | ".join(heads) + " | camtl min | " + " | ".join(f"Δ {h}" for h in heads) + " |",
+             "|" + " --- |" * 2 + " ---: |" * (2 * len(heads) + 1)]
+    for arm, s in summary.items():
+        cells = [fmt(s[k]) for k, _, _ in METRICS] + [fmt(s["camtl_min"], digits=1)]
+        cells += ["ref" if arm == ref else fmt(s["d_" + k], sign=True) for k, _, _ in METRICS]
+        lines.append(f"| {arm} | {','.join(map(str, s['seeds']))} | " + " | ".join(cells) + " |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot_study(path, name, summary, rows, reference, panel=230, row_h=24):
+    """study.png: one panel per metric, one line per arm: mean (dot) ± std (bar), each seed a grey dot; the
+    reference arm's mean a vertical line."""
+    arms = list(summary)
+    n, size = len(arms), 12
+    left = max(plots.text_width(a, size) for a in arms) + 16
+    top, bottom = 48, 52
+    img = Image.new("RGB", (left + len(METRICS) * (panel + 34), top + n * row_h + bottom), plots.WHITE)
+    d = ImageDraw.Draw(img)
+    plots.text(d, (8, 8), f"study {name}: mean ± std over seeds (grey: each seed); line: {reference}", size + 1)
+    for j, (k, _, label) in enumerate(METRICS):
+        vals = [r[k] for r in rows if math.isfinite(r[k])] or [0.0, 1.0]
+        x0 = left + j * (panel + 34)
+        lo, hi = plots.nice_limits(min(vals), max(vals))
+        ax = plots.Axes(img, (x0, top, x0 + panel, top + n * row_h), (max(lo, 0.0), min(hi, 1.0)), (n - 0.5, -0.5))
+        ax.frame(label, yticks=[], size=size)
+        if reference in summary and math.isfinite(summary[reference][k][0]):
+            m = summary[reference][k][0]
+            ax.line([m, m], [-0.5, n - 0.5], plots.GREY, width=1)
+        for i, arm in enumerate(arms):
+            m, s, c = summary[arm][k]
+            seeds = [r[k] for r in rows if r["arm"] == arm]
+            ax.dots(seeds, [i] * len(seeds), plots.GREY, r=2)
+            if c > 1:
+                ax.line([m - s, m + s], [i, i], plots.colour(i), width=2)
+            ax.dots([m], [i], plots.colour(i), r=4)
+            if j == 0:
+                plots.text(d, (left - 8, ax.px(0, i)[1]), arm, size, anchor=(1, 0.5))
+    return plots.save(img, path)
+
+
+def write_results(out, name, spec):
+    """study.csv (every finished arm x seed of the study on disk, in the study's arm order), study.md and
+    study.png, rewritten whole."""
+    d = out / name
+    seeds = sorted({int(p.name[1:]) for p in d.glob("*/s*") if p.name[1:].isdigit()})
+    rows = [run_row(out, name, spec, arm, seed) for arm in spec["arms"] for seed in seeds
+            if (layout(out, name, spec, arm, seed)[0] / DONE).is_file()]
+    if not rows:
+        return None
+    tmp = d / "study.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, d / "study.csv")
+    summary = summarize(rows, list(spec["arms"]), spec["reference"])
+    write_table(d / "study.md", name, spec, summary)
+    plot_study(d / "study.png", name, summary, rows, spec["reference"])
+    return rows
+
+# -----------------------------------------------------------------------------
+# the CLI: list, dry run, run
+
+
+def timings(out, name):
+    """{(arm, stage): [seconds]} of this study's finished runs (the pilot's and every run since)."""
+    t = {}
+    for mark in (out / name).glob(f"*/s*/*/exp/{DONE}"):
+        arm, stage = mark.parts[-5], mark.parts[-3]
+        t.setdefault((arm, stage), []).append(json.loads(mark.read_text())["seconds"])
+    return t
+
+
+def estimate(t, job, reference):
+    """Seconds a job should take: the mean of its arm's finished runs of that stage, else the reference arm's,
+    else any arm's; None without any."""
+    for keys in ([(job.arm, job.stage)], [(reference, job.stage)], [k for k in t if k[1] == job.stage]):
+        v = [s for k in keys for s in t.get(k, [])]
+        if v:
+            return float(np.mean(v))
+    return None
+
+
+def dry_run(out, name, spec, jobs, n_jobs):
+    t = timings(out, name)
+    todo, unknown = 0.0, 0
+    for job in jobs.values():
+        st = state(job)
+        est = estimate(t, job, spec["reference"]) if st != "done" else None
+        unknown += st != "done" and est is None
+        todo += est or 0.0
+        cost = "" if st == "done" else f"  ~{est / 60:.1f} min" if est is not None else "  (no timing yet)"
+        print(f"  {st:7s} {job.key}{cost}")
+    pending = sum(state(j) != "done" for j in jobs.values())
+    print(f"{pending} of {len(jobs)} runs to do, about {todo / 60 / n_jobs:.0f} min with --jobs {n_jobs}"
+          + (f" plus {unknown} runs without a timing (run the pilot first: --only {spec['reference']} --seeds 0)"
+             if unknown else ""))
+
+
+def execute(jobs, n_jobs, threads, on_done, log=print):
+    """Run the jobs not done, at most n_jobs at once, each after the jobs it depends on; on_done(job) after each.
+    A failed job is named (with its log) and skips its dependants; the others go on. Interrupted (Ctrl-C, or
+    SIGTERM), the runs in flight are given time to stop at a clean point. -> the failed or skipped job keys."""
+    done = {k for k, j in jobs.items() if state(j) == "done"}
+    pending, running, failed = [j for j in jobs.values() if j.key not in done], {}, []
+    try:
+        while pending or running:
+            for job in list(pending):
+                if any(d in failed for d in job.deps):
+                    pending.remove(job)
+                    failed.append(job.key)
+                    log(f"{job.key}: skipped, it needs {', '.join(d for d in job.deps if d in failed)}")
+                elif len(running) < n_jobs and all(d in done for d in job.deps):
+                    pending.remove(job)
+                    how = state(job)
+                    if how == "score":  # trained; killed before it was scored
+                        finish(job, end=product(job).stat().st_mtime)
+                        done.add(job.key)
+                        on_done(job)
+                        continue
+                    log(f"{job.key}: {'resumed' if how == 'resume' else 'started'}, log {job.dir / 'train.log'}")
+                    running[job.key] = (job, start(job, how, threads))
+            for key, (job, proc) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[key]
+                if proc.returncode:
+                    failed.append(key)
+                    log(f"{key}: FAILED (exit {proc.returncode}); see {job.dir / 'train.log'}")
+                    continue
+                log(f"{key}: done in {finish(job)['seconds'] / 60:.1f} min")
+                done.add(key)
+                on_done(job)
+            time.sleep(0.5 if running else 0)
+    finally:
+        for job, proc in running.values():  # a terminal's Ctrl-C reached them too; a SIGTERM did not
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGINT)  # train.py stops and says where its last checkpoint is
+                proc.wait()
+    return failed
+
+
+def ensure_data(jobs):
+    """Generate the synthetic sets the jobs name (once, here, rather than in parallel runs)."""
+    want = {}
+    for j in jobs.values():
+        c = j.cfg
+        if Path(c["data"]) == synthetic.preset_root(c["synthetic_preset"]):
+            want.setdefault(c["data"], set()).add((c["synthetic_preset"], c["synthetic_n"], c["imgsz"]))
+    for root, params in want.items():
+        if len(params) > 1:  # one folder, two sets: every run would regenerate it
+            raise SystemExit(f"the study's arms need {len(params)} synthetic sets (preset, synthetic_n, imgsz "
+                             f"{sorted(params)}) in one folder {root}; give the arms that differ their own data=")
+        preset, n, imgsz = params.pop()
+        synthetic.ensure_synthetic(preset=preset, n=n, imgsz=imgsz)
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("study", nargs="?", help=f"one of {', '.join(STUDIES)}")
+    ap.add_argument("--list", action="store_true", help="list the studies and their arms")
+    ap.add_argument("--seeds", help="comma list, e.g. 0,1,2 (default: the study's)")
+    ap.add_argument("--only", action="append", metavar="ARM", help="these arms only (repeatable, or a comma list)")
+    ap.add_argument("--dry-run", action="store_true", help="list the runs, which are done, and the estimated cost")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once, each with cores / jobs threads")
+    ap.add_argument("--out", default="runs/study", help="where studies are written (default runs/study)")
+    return ap.parse_args(argv)
+
+
+def selection(a):
+    """-> (name, spec, arms, seeds) of the command line; a mistake is one line."""
+    if a.study not in STUDIES:
+        raise SystemExit(f"study {a.study!r}: no such study; studies: {', '.join(STUDIES)} (python study.py --list)")
+    spec = STUDIES[a.study]
+    arms = [x.strip() for o in a.only or [] for x in o.split(",") if x.strip()] or list(spec["arms"])
+    bad = [x for x in arms if x not in spec["arms"]]
+    if bad:
+        raise SystemExit(f"--only {','.join(bad)}: not an arm of {a.study}; arms: {', '.join(spec['arms'])}")
+    try:
+        seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else list(spec["seeds"])
+    except ValueError:
+        raise SystemExit(f"--seeds {a.seeds!r}: expected a comma list of integers, e.g. 0,1,2") from None
+    if not seeds or min(seeds) < 0:
+        raise SystemExit(f"--seeds {a.seeds!r}: expected integers >= 0")
+    if a.jobs < 1:
+        raise SystemExit(f"--jobs {a.jobs}: expected >= 1")
+    return a.study, spec, [x for x in spec["arms"] if x in arms], list(dict.fromkeys(seeds))
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.list:
+        for name, spec in STUDIES.items():
+            print(f"{name} (config {spec['config']}, seeds {','.join(map(str, spec['seeds']))}, reference "
+                  f"{spec['reference']}):")
+            for arm, over in spec["arms"].items():
+                print(f"  {arm:14s} {' '.join(set_args(over)) or '(the config as it is)'}")
+        return
+    name, spec, arms, seeds = selection(a)
+    out = Path(a.out)
+    jobs = plan(name, spec, arms, seeds, out)
+    if a.dry_run:
+        return dry_run(out, name, spec, jobs, a.jobs)
+    (out / name).mkdir(parents=True, exist_ok=True)
+    with open(out / name / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"{out / name}: another study.py is running this study; wait for it or stop it") from None
+        run(out, name, spec, jobs, a.jobs)
+
+
+def run(out, name, spec, jobs, n_jobs):
+    """Data first, then the jobs; the results rewritten after every camtl run."""
+    ensure_data(jobs)
+    threads = max(len(os.sched_getaffinity(0)) // n_jobs, 1)
+    torch.set_num_threads(threads)  # the scoring done here, next to the runs
+    write_results(out, name, spec)
+    term = signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops the study as Ctrl-C does
+    try:
+        failed = execute(jobs, n_jobs, threads, lambda job: job.stage == "camtl" and write_results(out, name, spec))
+    except KeyboardInterrupt:
+        raise SystemExit(f"\ninterrupted; the same command continues the study ({out / name})") from None
+    finally:
+        signal.signal(signal.SIGTERM, term)
+    print(f"results: {out / name / 'study.md'}")
+    if failed:
+        raise SystemExit(f"{len(failed)} runs failed or were skipped: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()

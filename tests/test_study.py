@@ -1,0 +1,297 @@
+"""study.py and the `hard` synthetic preset: a tiny 2-arm x 2-seed study runs, skips what is done, and reports
+exactly what its runs' results.csv files hold; interrupted runs resume; the hard angiograms have the properties
+they claim; the default set is unchanged."""
+import csv
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import config
+import study
+import synthetic
+import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TINY = dict(scale=[0.33, 0.125, 1024], imgsz=64, batch=2, workers=0, attn_dim=16, attn_heads=2, attn_tokens=16,
+            log_interval=1, nbs=2, warmup_min_iters=2, epochs=1, plots=False)
+
+# -----------------------------------------------------------------------------
+# synthetic data: the default set as before, the hard preset as described
+
+
+def digest(root):
+    """sha256 over the decoded pixels of every PNG, the label files and splits.json (not PNG bytes: zlib may vary)."""
+    h = hashlib.sha256()
+    for p in sorted(Path(root).rglob("*")):
+        if p.suffix == ".png":
+            h.update(np.asarray(Image.open(p)).tobytes())
+        elif p.suffix == ".txt" or p.name == "splits.json":
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_default_synthetic_set_is_unchanged(tmp_path):
+    root = synthetic.make_synthetic(tmp_path / "s", n=3, imgsz=64, seed=0)
+    assert digest(root) == "38a366ed5a2438cad90c68e162ce748300fc7b7ed76d7a6cb9741d06b58923ea"  # before the presets
+    assert json.loads((root / "synthetic.json").read_text()) == dict(n=3, imgsz=64, seed=0, version=1, done=True)
+    assert not (root / "meta.json").exists() and synthetic.preset_root() == synthetic.DEFAULT_ROOT
+
+
+def hard_samples(count=6, size=256):
+    for i in range(count):
+        rng = np.random.default_rng([3, i])
+        yield synthetic.synth_angiogram_hard(rng, size, 3)
+
+
+def test_hard_angiograms_have_the_claimed_properties():
+    sev, contrast = [], []
+    for img, mask, boxes, meta in hard_samples():
+        f = img / 255.0
+        assert img.shape == mask.shape == (256, 256) and len(boxes) == len(meta["severity"])
+        sev += meta["severity"]
+        contrast.append(np.median(f[mask]) / np.median(f[~mask]))
+        bg = ~mask[:, 1:] & ~mask[:, :-1]  # Poisson noise: neighbour differences have variance 2 I / photons
+        sigma = (f[:, 1:] - f[:, :-1])[bg].std() / math.sqrt(2)
+        assert sigma == pytest.approx(math.sqrt(f[~mask].mean() / meta["photons"]), rel=0.15)
+        assert 3 <= meta["trees"] <= 5 and 5 <= meta["catheter_width"] <= 7 and 1 <= len(meta["tapers"]) <= 3
+        for x1, y1, x2, y2 in boxes.round().astype(int):
+            assert mask[y1:y2, x1:x2].mean() > 0.1  # a vessel runs through each box
+            for tx, ty in meta["tapers"]:  # width step-downs are negatives: never inside a stenosis box
+                assert not (x1 <= tx <= x2 and y1 <= ty <= y2)
+    assert min(sev) >= 0.25 and max(sev) <= 0.9 and min(sev) < 0.4 and max(sev) > 0.75  # graded severities
+    assert np.median(contrast) > 0.8  # vessels dim the image by ~10-20% (the default set: ~50%)
+    default = [synthetic.synth_angiogram(np.random.default_rng([3, i]), 256, 3) for i in range(3)]
+    assert all(np.median(im[m]) / np.median(im[~m]) < 0.7 for im, m, _ in default)
+
+
+def test_hard_catheter_and_foreshortening_are_drawn():
+    size = 256
+    branches, tilted = synthetic._hard_trees(np.random.default_rng([3, 0]), size, 1.0, synthetic.HARD)
+    img, mask, _, meta = synthetic.synth_angiogram_hard(np.random.default_rng([3, 0]), size, 3)  # same vessels
+    cath = [b for b in branches if b.get("catheter")]
+    assert len(cath) == 1 and np.ptp(cath[0]["ws"]) == 0 and meta["tilted"] == tilted
+    xy = cath[0]["pts"].round().astype(int)
+    xy = xy[((xy >= 0) & (xy < size)).all(1)]
+    off = ~mask[xy[:, 1], xy[:, 0]]  # the catheter is no vessel in the mask ...
+    assert len(xy) > 50 and off.mean() > 0.5
+    assert np.median(img[xy[off, 1], xy[off, 0]]) < np.median(img[~mask]) - 10  # ... but dark in the image
+    fs = np.concatenate([b["fs"] for b in branches if not b.get("catheter")])
+    assert (fs > 1.05).any() == (tilted > 0) and fs.min() >= 1.0  # slanted segments hold more contrast
+
+
+def test_hard_preset_is_cached_with_its_parameters(tmp_path, monkeypatch):
+    root = synthetic.ensure_synthetic(tmp_path / "h", preset="hard", n=3, imgsz=64)
+    marker = json.loads((root / "synthetic.json").read_text())
+    meta = json.loads((root / "meta.json").read_text())
+    assert marker["preset"] == "hard" and marker["draw"]["severity"] == [0.25, 0.9]
+    assert sorted(meta) == sorted(f"angiography/{t}/images/{n}_{i:04d}.png" for t, n in
+                                  (("detect", "sten"), ("segment", "angio")) for i in range(3))
+    stamp = (root / "splits.json").stat().st_mtime_ns
+    synthetic.ensure_synthetic(root, preset="hard", n=3, imgsz=64)
+    assert (root / "splits.json").stat().st_mtime_ns == stamp  # same params: cached
+    monkeypatch.setitem(synthetic.HARD, "photons", [50, 60])
+    synthetic.ensure_synthetic(root, preset="hard", n=3, imgsz=64)
+    assert json.loads((root / "synthetic.json").read_text())["draw"]["photons"] == [50, 60]  # regenerated
+    assert synthetic.preset_root("hard") == synthetic.DEFAULT_ROOT.with_name("synthetic-hard")
+    test, _ = config.RULES["synthetic_preset"]
+    assert all(test(p) for p in synthetic.PRESETS) and not test("easy")
+    assert config.load_config("camtl", str(study.ROOT / "configs/hard.py"))["synthetic_preset"] == "hard"
+    with pytest.raises(SystemExit, match="synthetic_preset"):
+        config.load_config("camtl", None, ["synthetic_preset=easy"])
+
+# -----------------------------------------------------------------------------
+# a tiny study, run in-process (each launch calls train.main with the command line study.py built)
+
+
+class Done:
+    """What launch returns: a finished process."""
+
+    def __init__(self, code):
+        self.returncode = code
+
+    def poll(self):
+        return self.returncode
+
+    def wait(self, timeout=None):
+        return self.returncode
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("study")
+    synthetic.make_synthetic(tmp / "synth", n=6, imgsz=64, seed=0)
+    spec = dict(config=None, reference="a", seeds=[0, 1], set={**TINY, "data": str(tmp / "synth")},
+                arms={"a": {}, "b": dict(lambda_cons=0.0, lambda_align=0.0)})
+    study.STUDIES["tiny"] = spec
+    yield tmp, spec
+    del study.STUDIES["tiny"]
+
+
+@pytest.fixture(scope="module")
+def ran(tiny):
+    tmp, spec = tiny
+    launched = []
+
+    def in_process(argv, log_path, threads):
+        assert argv[0].endswith("train.py") and threads >= 1
+        launched.append(argv)
+        train.main(argv[1:])
+        return Done(0)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(study, "launch", in_process)
+    study.main(["tiny", "--out", str(tmp / "runs"), "--jobs", "2"])  # 2 jobs: 1 torch thread for the scoring
+    first = list(launched)
+    study.main(["tiny", "--out", str(tmp / "runs"), "--jobs", "2"])  # all done: nothing trains
+    mp.undo()
+    return tmp, spec, first, launched
+
+
+def results(run_dir):
+    with open(run_dir / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_tiny_study_runs_each_stage_once_and_skips_finished_runs(ran):
+    tmp, spec, first, launched = ran
+    keys = sorted(a[a.index("--stage") + 1] + " " + next(x for x in a if x.startswith("project=")) for a in first)
+    out = tmp / "runs" / "tiny"
+    assert keys == sorted([f"domainshift1 project={str(out / '_shared' / f's{s}')!r}" for s in (0, 1)]
+                          + [f"camtl project={str(out / arm / f's{s}')!r}" for arm in "ab" for s in (0, 1)])
+    assert launched == first  # the second call launched nothing
+    for arm in "ab":
+        for s in (0, 1):
+            run = out / arm / f"s{s}" / "camtl" / "exp"
+            cfg = torch.load(run / "weights" / "best.pt", map_location="cpu", weights_only=True)["config"]
+            assert cfg["seed"] == s and cfg["weights_dir"] == str(out / "_shared" / f"s{s}" / "domainshift1" / "exp"
+                                                                   / "weights")
+            assert (cfg["lambda_cons"] == 0.0) == (arm == "b")
+            assert json.loads((run / study.DONE).read_text())["seconds"] > 0
+    with Image.open(out / "study.png") as im:
+        assert im.width >= 600 and im.height >= 100
+
+
+def test_study_table_equals_the_runs_csvs(ran, capsys):
+    tmp, spec, _, _ = ran
+    out = tmp / "runs" / "tiny"
+    rng = np.random.default_rng(0)  # distinct metrics per run, so a mix-up of runs or seeds shows
+    for arm in "ab":
+        for s in (0, 1):
+            run = out / arm / f"s{s}" / "camtl" / "exp"
+            rows = results(run)
+            for r in rows:
+                r["metrics/mAP50(B)"], r["metrics/mAP50-95(B)"] = rng.uniform(0.3, 0.9), rng.uniform(0.1, 0.5)
+                r["metrics/dice_full"], r["fitness"] = rng.uniform(0.2, 0.8), rng.uniform(0, 1)
+            with open(run / "results.csv", "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+    study.write_results(tmp / "runs", "tiny", spec)
+    got = {(r["arm"], int(r["seed"])): r for r in csv.DictReader(open(out / "study.csv", newline=""))}
+    assert sorted(got) == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+    want = {}
+    for (arm, s), row in got.items():
+        best = max(results(out / arm / f"s{s}" / "camtl" / "exp"), key=lambda r: float(r["fitness"]))
+        want[arm, s] = {k: float(best[col]) for k, col in (("map50", "metrics/mAP50(B)"),
+                                                             ("map50_95", "metrics/mAP50-95(B)"),
+                                                             ("dice_full", "metrics/dice_full"))}
+        assert all(float(row[k]) == pytest.approx(v) for k, v in want[arm, s].items())
+    table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in (out / "study.md").read_text().splitlines() if line.startswith("| a ") or
+             line.startswith("| b ")}
+    for arm in "ab":
+        cells = table[arm]
+        for col, k in ((1, "map50"), (2, "map50_95"), (4, "dice_full")):
+            v = [want[arm, s][k] for s in (0, 1)]
+            m, sd = cells[col].split(" ± ")
+            assert float(m) == pytest.approx(np.mean(v), abs=6e-4) and float(sd) == pytest.approx(np.std(v, ddof=1),
+                                                                                                  abs=6e-4)
+        d = [want["b", s]["map50"] - want["a", s]["map50"] for s in (0, 1)]
+        if arm == "b":  # paired per seed, not mean minus mean of unpaired runs
+            m, sd = cells[6].split(" ± ")
+            assert float(m) == pytest.approx(np.mean(d), abs=6e-4) and float(sd) == pytest.approx(np.std(d, ddof=1),
+                                                                                                  abs=6e-4)
+        else:
+            assert cells[6] == "ref"
+    study.main(["tiny", "--out", str(tmp / "runs"), "--dry-run"])
+    assert "0 of 6 runs to do" in capsys.readouterr().out
+
+
+def test_small_box_map50_is_the_validation_map50_when_nothing_is_filtered(ran):
+    tmp, _, _, _ = ran
+    best = tmp / "runs" / "tiny" / "a" / "s0" / "camtl" / "exp" / "weights" / "best.pt"
+    val = torch.load(best, map_location="cpu", weights_only=True)["metrics"]["map50"]
+    assert study.small_box_map50(best, tmp / "synth", max_side=10_000) == pytest.approx(val, abs=1e-6)
+    assert math.isnan(study.small_box_map50(best, tmp / "synth", max_side=0))  # no box that small: NaN, not 0
+
+# -----------------------------------------------------------------------------
+# the plan, interrupted runs, failures, mistakes
+
+
+def test_arms_that_change_the_seg_stream_train_their_own_stage1(tiny, tmp_path):
+    _, spec = tiny
+    spec = {**spec, "arms": {**spec["arms"], "c": dict(attn_tokens=8)}}
+    jobs = study.plan("tiny", spec, ["a", "c"], [0], tmp_path)
+    assert list(jobs) == ["_shared/s0/domainshift1", "a/s0/camtl", "c/s0/domainshift1", "c/s0/camtl"]
+    assert jobs["c/s0/camtl"].deps == ["c/s0/domainshift1"] and jobs["c/s0/domainshift1"].cfg["attn_tokens"] == 8
+    assert jobs["c/s0/camtl"].cfg["weights_dir"] == str(tmp_path / "tiny" / "c" / "s0" / "domainshift1" / "exp" /
+                                                        "weights")
+    assert jobs["_shared/s0/domainshift1"].cfg["attn_tokens"] == 16
+    assert study.layout(tmp_path, "tiny", {"arms": {"x": {"stage1": False}}}, "x", 0)[1:] == (None, "none")
+
+
+def test_an_interrupted_run_is_resumed_and_its_clock_continues(tiny, tmp_path, monkeypatch):
+    _, spec = tiny
+    job = study.plan("tiny", spec, ["a"], [0], tmp_path)["a/s0/camtl"]
+    job.cfg["epochs"] = 3
+    argvs = []
+    monkeypatch.setattr(study, "launch", lambda argv, log, threads: argvs.append(argv) or Done(0))
+    assert study.state(job) == "fresh"
+    study.start(job, "fresh", 1)
+    assert "--set" in argvs[-1] and "--resume" not in argvs[-1]
+    (job.dir / "weights").mkdir()
+    torch.save({"epoch": 0}, job.dir / "weights" / "last.pt")  # killed in epoch 2 of 3
+    clock = json.loads((job.dir / "time.json").read_text())
+    (job.dir / "time.json").write_text(json.dumps({**clock, "start": clock["start"] - 100}))
+    assert study.state(job) == "resume"
+    study.start(job, "resume", 1)
+    assert argvs[-1][-2:] == ["--resume", str(job.dir)] and (job.dir / "weights" / "last.pt").exists()
+    assert json.loads((job.dir / "time.json").read_text())["spent"] >= 100  # the first attempt counts
+    torch.save({"epoch": 2}, job.dir / "weights" / "last.pt")  # the last epoch, but killed before its product
+    assert study.state(job) == "fresh"
+    study.start(job, "fresh", 1)
+    assert not (job.dir / "weights").exists()  # started over in a clean folder
+
+
+def test_a_failed_run_skips_what_needs_it_and_is_named(tiny, tmp_path, monkeypatch, capsys):
+    _, spec = tiny
+    monkeypatch.setattr(study, "launch", lambda argv, log, threads: Done(1))
+    with pytest.raises(SystemExit, match=r"3 runs failed or were skipped: _shared/s0/domainshift1, a/s0/camtl"):
+        study.main(["tiny", "--out", str(tmp_path), "--only", "a", "--only", "b", "--seeds", "0"])
+    out = capsys.readouterr().out
+    assert "_shared/s0/domainshift1: FAILED (exit 1)" in out and "a/s0/camtl: skipped" in out
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["nope"], "study 'nope': no such study; studies: "),
+    (["tiny", "--only", "a,zz"], "--only zz: not an arm of tiny; arms: a, b"),
+    (["tiny", "--seeds", "0,x"], "--seeds '0,x': expected a comma list of integers"),
+    (["tiny", "--jobs", "0"], "--jobs 0: expected >= 1"),
+])
+def test_mistakes_are_one_line(tiny, args, msg):
+    with pytest.raises(SystemExit) as e:
+        study.main(args + ["--dry-run"])
+    assert str(e.value).startswith(msg) and "\n" not in str(e.value)
+
+
+def test_an_arm_with_a_bad_key_stops_the_study_before_anything_runs(tiny, tmp_path, monkeypatch):
+    _, spec = tiny
+    monkeypatch.setitem(study.STUDIES, "bad", {**spec, "arms": {"a": {}, "z": {"no_such_key": 1}}})
+    monkeypatch.setattr(study, "launch", lambda *a: pytest.fail("launched"))
+    with pytest.raises(SystemExit, match="study bad, arm z: --set: unknown key 'no_such_key'"):
+        study.main(["bad", "--out", str(tmp_path)])
