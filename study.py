@@ -275,7 +275,8 @@ def write_table(path, name, spec, summary):
     ref = spec["reference"]
     heads = [label for _, _, label in METRICS]
     lines = [f"# Study `{name}`", "",
-             f"Config `{spec['config'] or 'configs/synthetic.py'}`; each run's best epoch; mean ± sample standard deviation over seeds. "
+             f"Config `{spec['config'] or 'configs/synthetic.py'}`; each run's best epoch; mean ± sample standard "
+             "deviation over seeds. "
              f"Δ: per seed the arm minus `{ref}` (same seed = same data order and initialisation), mean ± std over "
              "the seeds both have. camtl min: the camtl stage's wall time.", "",
              "| arm | seeds | " + " | ".join(heads) + " | camtl min | " + " | ".join(f"Δ {h}" for h in heads) + " |",

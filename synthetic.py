@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from data import TASK_KEYS, TaskDataset, task_dir, yolo_line, load_splits, log
+from data import TASK_KEYS, TaskDataset, load_splits, log, task_dir, yolo_line
 
 DEFAULT_ROOT = Path(__file__).resolve().parent / "data" / "synthetic"
 SYNTH = dict(n=300, imgsz=256, seed=0)  # the default synthetic set
