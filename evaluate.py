@@ -446,7 +446,7 @@ def metrics_cli(a, device):
     except ValueError as e:
         raise SystemExit(str(e)) from None
     # the synthetic set is looked up with the training parameters (other ones would regenerate it), whatever --imgsz
-    root = Path(a.data or cfg["data"] or synthetic.ensure_synthetic(n=cfg["synthetic_n"], imgsz=cfg["imgsz"]))
+    root = Path(a.data or cfg["data"] or synthetic.ensure_config(cfg))
     if not root.is_dir():
         where = "--data" if a.data else "from the checkpoint config"
         raise SystemExit(f"data root {root} ({where}) is not a directory; pass --data ROOT")

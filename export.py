@@ -414,8 +414,8 @@ def export_int8_cli(model, cfg, imgsz, a):
     where = "--calib-data" if a.calib_data else "the checkpoint's data"
     try:  # the synthetic set is looked up with the training parameters (other ones would regenerate it); an
         # Ultralytics detector has no config: the default synthetic set
-        params = dict(n=cfg["synthetic_n"], imgsz=cfg["imgsz"]) if cfg else {}
-        root = Path(a.calib_data or (cfg or {}).get("data") or synthetic.ensure_synthetic(**params))
+        root = Path(a.calib_data or (cfg or {}).get("data")
+                    or (synthetic.ensure_config(cfg) if cfg else synthetic.ensure_synthetic()))
     except FileExistsError as e:
         raise SystemExit(f"calibration data: the built-in synthetic set, but {e}; pass --calib-data ROOT") from None
     if not root.is_dir():

@@ -355,7 +355,7 @@ def build_data(cfg, rank, world):
     retinography) batches by camtl_ratio."""
     stage = cfg["stage"]
     try:
-        root = Path(cfg["data"] or synthetic.ensure_synthetic(n=cfg["synthetic_n"], imgsz=cfg["imgsz"]))
+        root = Path(cfg["data"] or synthetic.ensure_config(cfg))
     except FileExistsError as e:
         raise SystemExit(f"key 'data' is empty (the built-in synthetic set), but {e}") from None
     if not root.is_dir():

@@ -212,3 +212,20 @@ def test_a_run_that_fails_in_set_up_leaves_no_run_folder(synth):
     with pytest.raises(SystemExit, match="batch"):
         run("camtl", synth, "batch=64", "name=toobig")  # 4 training images cannot fill a batch of 64
     assert not (synth / "runs" / "camtl" / "toobig").exists()
+
+
+def test_a_configs_synthetic_preset_is_the_set_it_trains_on(monkeypatch, tmp_path):
+    """configs/hard.py names the hard preset: training (and so evaluation and int8 calibration, which look the set
+    up the same way, synthetic.ensure_config) must use that set, not the Quickstart's."""
+    seen = []
+
+    def fake(root=None, preset="default", **params):
+        seen.append((preset, params))
+        return tmp_path / "missing"
+
+    monkeypatch.setattr(synthetic, "ensure_synthetic", fake)
+    for file, preset in (("configs/hard.py", "hard"), (None, "default")):
+        cfg = {**config.load_config("camtl", file and str(ROOT / file), []), "stage": "camtl"}
+        with pytest.raises(SystemExit, match="is not a directory"):
+            train.build_data(cfg, 0, 1)
+        assert seen[-1] == (preset, {"n": cfg["synthetic_n"], "imgsz": cfg["imgsz"]})
