@@ -17,5 +17,5 @@ config = {
     "warmup_min_iters": 30,
     "log_interval": 20,
 }
-domainshift1 = {"epochs": 3}  # 87 batches per epoch
-camtl = {"epochs": 4, "camtl_ratio": [2, 1]}  # 43 cycles of 2 det + 1 seg batches per epoch
+domainshift1 = {"epochs": 3}  # 88 batches per epoch
+camtl = {"epochs": 3, "camtl_ratio": [2, 1]}  # 44 cycles of 2 det + 1 seg batches per epoch
