@@ -18,7 +18,7 @@ A finished run is skipped, an interrupted one resumed (`train.py --resume`) or, 
 checkpoint, restarted; the outputs are rewritten after every run, so a killed study loses at most the runs in
 flight. --dry-run estimates the cost from the wall times of this study's finished runs (the pilot's first).
 Reported per run: the best epoch's metrics from results.csv (the epoch best.pt holds), and the mAP50 of the
-small stenoses (longest side < 32 px at the run's imgsz), computed here on best.pt.
+small stenoses (longest side < 32 px at the run's imgsz), computed here on best.pt. More: docs/study.md.
 """
 import argparse
 import csv
