@@ -18,7 +18,7 @@ A finished run is skipped, an interrupted one resumed (`train.py --resume`) or, 
 checkpoint, restarted; the outputs are rewritten after every run, so a killed study loses at most the runs in
 flight. --dry-run estimates the cost from the wall times of this study's finished runs (the pilot's first).
 Reported per run: the best epoch's metrics from results.csv (the epoch best.pt holds), and the mAP50 of the
-small stenoses (longest side < 32 px at the run's imgsz), computed here on best.pt.
+small stenoses (longest side < 32 px at the run's imgsz), computed here on best.pt. More: docs/study.md.
 """
 import argparse
 import csv
@@ -142,9 +142,22 @@ def epochs_logged(job):
         return len(list(csv.DictReader(f)))
 
 
+def changed(job):
+    """The config keys whose value differs from the one the job's run folder was started with ([] if none or no
+    run): a study or config file edited since."""
+    clock = job.dir / "time.json"
+    if not clock.is_file():
+        return []
+    was, now = json.loads(clock.read_text()).get("config", {}), json.loads(json.dumps(job.cfg))
+    return [f"{k} {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+
+
 def state(job):
     """done (its marker is there); score (trained, not yet scored and marked: killed in between); resume (a
-    checkpoint before the last epoch); fresh (nothing, or nothing to continue from)."""
+    checkpoint before the last epoch); fresh (nothing, or nothing to continue from); stale (its folder holds a
+    run of another config)."""
+    if changed(job):
+        return "stale"
     if (job.dir / DONE).is_file():
         return "done"
     if product(job).is_file() and epochs_logged(job) >= job.cfg["epochs"]:
@@ -178,7 +191,7 @@ def start(job, how, threads):
     elif job.dir.exists():  # killed before its first checkpoint, or at the very end: start over
         shutil.rmtree(job.dir)
     job.dir.mkdir(parents=True, exist_ok=True)
-    clock.write_text(json.dumps({"spent": spent, "start": time.time()}))
+    clock.write_text(json.dumps({"spent": spent, "start": time.time(), "config": job.cfg}))
     argv = [str(ROOT / "train.py"), "--stage", job.stage]
     if job.config:
         argv += ["--config", job.config]
@@ -276,9 +289,8 @@ def write_table(path, name, spec, summary):
     heads = [label for _, _, label in METRICS]
     lines = [f"# Study `{name}`", "",
              f"Config `{spec['config'] or 'configs/synthetic.py'}`; each run's best epoch; mean ± sample standard "
-             "deviation over seeds. "
-             f"Δ: per seed the arm minus `{ref}` (same seed = same data order and initialisation), mean ± std over "
-             "the seeds both have. camtl min: the camtl stage's wall time.", "",
+             f"deviation over seeds. Δ: per seed the arm minus `{ref}` (same seed = same data order and "
+             "initialisation), mean ± std over the seeds both have. camtl min: the camtl stage's wall time.", "",
              "| arm | seeds | " + " | ".join(heads) + " | camtl min | " + " | ".join(f"Δ {h}" for h in heads) + " |",
              "|" + " --- |" * 2 + " ---: |" * (2 * len(heads) + 1)]
     for arm, s in summary.items():
@@ -495,6 +507,10 @@ def main(argv=None):
 
 def run(out, name, spec, jobs, n_jobs):
     """Data first, then the jobs; the results rewritten after every camtl run."""
+    stale = [j for j in jobs.values() if changed(j)]
+    if stale:
+        raise SystemExit(f"{len(stale)} runs in {out / name} were started with another config ({stale[0].key}: "
+                         f"{', '.join(changed(stale[0])[:3])}); move them away (or give --out) to run them again")
     ensure_data(jobs)
     threads = max(len(os.sched_getaffinity(0)) // n_jobs, 1)
     torch.set_num_threads(threads)  # the scoring done here, next to the runs

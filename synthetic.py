@@ -157,13 +157,13 @@ def synth_angiogram(rng, size=256, stenoses=0):
 
 # the `hard` preset's angiograms: the X-ray physics and the confounders of real ones
 HARD = dict(
-    trees=[3, 6],  # coronary trees per image (more crossings than the default 2-3)
+    trees=[3, 6],  # coronary trees per image, [low, high): 3-5, more crossings than the default 2-3
     mu=[0.025, 0.045],  # attenuation per px of contrast (at 256): the thickest lumen dims the image by ~25-40%
     photons=[150, 600],  # quanta per pixel at full brightness: Poisson noise of std sqrt(I / photons)
     severity=[0.25, 0.9],  # stenosis depth: fraction of the lumen width lost
     reach=1.0,  # a stenosis needs no other vessel within reach * L (the default set: 2 L)
     tilt=[0.5, 0.85], p_tilt=0.5,  # a tree seen foreshortened: compressed along one axis by this factor
-    tapers=[1, 4], taper=[0.3, 0.55],  # per image, step-downs in width that do not recover: not stenoses
+    tapers=[1, 4], taper=[0.3, 0.55],  # 1-3 per image: width step-downs (by 30-55%) that are no stenoses
     catheter=[5, 7],  # guide catheter width (px at 256), ending at the ostium of the first tree
     blur=1.0,  # detector blur (px at 256)
 )

@@ -266,6 +266,17 @@ def test_an_interrupted_run_is_resumed_and_its_clock_continues(tiny, tmp_path, m
     assert study.state(job) == "fresh"
     study.start(job, "fresh", 1)
     assert not (job.dir / "weights").exists()  # started over in a clean folder
+    job.cfg["epochs"] = 4  # the study's config edited since: its folder holds another run
+    assert study.state(job) == "stale" and study.changed(job) == ["epochs 3 -> 4"]
+
+
+def test_runs_of_another_config_are_never_taken_as_done(ran, monkeypatch):
+    tmp, spec, _, _ = ran
+    monkeypatch.setitem(study.STUDIES, "tiny", {**spec, "set": {**spec["set"], "lambda_seg": 0.5}})
+    monkeypatch.setattr(study, "launch", lambda *a: pytest.fail("launched"))
+    with pytest.raises(SystemExit, match=r"6 runs in .* were started with another config \(_shared/s0/domainshift1: "
+                                         r"lambda_seg 1.0 -> 0.5\); move them away"):
+        study.main(["tiny", "--out", str(tmp / "runs")])
 
 
 def test_a_failed_run_skips_what_needs_it_and_is_named(tiny, tmp_path, monkeypatch, capsys):
