@@ -35,12 +35,13 @@ from modules import DualBatchNorm2d
 # validation loop (per epoch in train.py, and the CLI below)
 
 
-def fitness(m):
-    """best.pt criterion: 0.1 mAP50 + 0.9 mAP50-95 for detection, Dice(full) for segmentation, mean of present."""
+def fitness(m, tasks=("det", "seg")):
+    """best.pt criterion: 0.1 mAP50 + 0.9 mAP50-95 for detection, Dice(full) for segmentation, mean of those
+    present among the run's tasks."""
     parts = []
-    if "map50" in m:
+    if "map50" in m and "det" in tasks:
         parts.append(0.1 * m["map50"] + 0.9 * m["map50_95"])
-    if "dice_full" in m:
+    if "dice_full" in m and "seg" in tasks:
         parts.append(m["dice_full"])
     return float(np.mean(parts)) if parts else 0.0
 

@@ -284,6 +284,9 @@ def test_camtl_det_only_trains_detection_alone(synth):
     assert float(row["train/det"]) > 0
     assert not {"train/seg", "train/cons", "train/align"} & set(row)  # no seg batch, no term that needs seg
     assert "map50" in metrics
+    # best.pt is chosen by detection alone: the seg head's Dice (validated, reported) is no task of this run
+    assert float(row["metrics/dice_full"]) > 0
+    assert float(row["fitness"]) == pytest.approx(0.1 * metrics["map50"] + 0.9 * metrics["map50_95"])
 
 
 def test_camtl_with_every_part_switched_off_trains_and_its_checkpoint_rebuilds_it(synth, capsys):
