@@ -261,8 +261,8 @@ def find_stage1(cfg):
     return runs[-1] if runs else None
 
 
-# switches of seg-stream parts that stage 1 trains: a camtl run with other values cannot carry them over
-STAGE1_SWITCHES = ("fpma", "xtam")
+# switches of parts that stage 1 trains (seg stream, neck): a camtl run with other values cannot carry them over
+STAGE1_SWITCHES = ("fpma", "xtam", "ema_attention")
 
 
 def build_model(cfg, stage, log, verbose=True):

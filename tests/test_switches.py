@@ -244,14 +244,15 @@ def test_stage1_false_ignores_an_existing_stage1_checkpoint_and_says_so(tmp_path
     assert not any("WARNING" in line for line in logs)  # nothing is missing: it was asked for
 
 
-def test_a_stage1_checkpoint_with_other_seg_switches_is_warned_about(tmp_path):
-    path, sets = stage1_file(tmp_path, fpma=False)
+@pytest.mark.parametrize("key, was", [("fpma", False), ("ema_attention", True)])
+def test_a_stage1_checkpoint_with_other_seg_switches_is_warned_about(tmp_path, key, was):
+    path, sets = stage1_file(tmp_path, **{key: was})
     logs = []
     train.build_model(load_config("camtl", None, sets), "camtl", logs.append, verbose=False)
     warned = [line for line in logs if line.startswith("WARNING") and str(path) in line]
-    assert len(warned) == 1 and "fpma=False" in warned[0] and "fpma=True" in warned[0]
+    assert len(warned) == 1 and f"{key}={was}" in warned[0] and f"{key}={not was}" in warned[0]
     logs.clear()
-    train.build_model(load_config("camtl", None, sets + ["fpma=False"]), "camtl", logs.append, verbose=False)
+    train.build_model(load_config("camtl", None, sets + [f"{key}={was}"]), "camtl", logs.append, verbose=False)
     assert not any(line.startswith("WARNING") for line in logs)
 
 
