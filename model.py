@@ -457,7 +457,7 @@ def load_checkpoint(path, device="cpu"):
                               f"({str(e).strip().splitlines()[0][:150]})") from None
     model.set_domain("target" if stage == "camtl" else "source")
     epoch = f", epoch {ckpt['epoch'] + 1}" if "epoch" in ckpt else ""
-    print(f"{path}: {stage} checkpoint{epoch}, {which} weights")
+    print(f"{path}: {stage} checkpoint{epoch}, {ckpt.get('weights', which)} weights")  # a small file: EMA as model
     return model.to(device).eval(), cfg
 
 

@@ -690,8 +690,8 @@ def finish_stage(run):
     cfg, stage, wdir = run.cfg, run.cfg["stage"], run.run_dir / "weights"
     best = torch.load(wdir / "best.pt", map_location="cpu", weights_only=True)
     if "optimizer" in best:  # not made small yet (a resumed run that had finished)
-        small = {"model": best["ema"] or best["model"], "config": cfg, "stage": stage, "epoch": best["epoch"],
-                 "metrics": best["metrics"]}
+        small = {"model": best["ema"] or best["model"], "weights": "ema" if best["ema"] else "model", "config": cfg,
+                 "stage": stage, "epoch": best["epoch"], "metrics": best["metrics"]}
         save_checkpoint(small, wdir / "best.pt")
         best = small
     out = wdir / f"yolov8{scale_tag(cfg)}-{stage}.pt"

@@ -1,5 +1,7 @@
 """Both training stages end to end on a tiny synthetic set: artefacts, stage hand-over, resume, config
 errors, NaN handling, DDP. Tiny widths and 64 px images keep each run to seconds on 2 CPU cores."""
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import evaluate
 import synthetic
 import train
 from losses import MultiTaskLoss
+from model import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["scale=[0.33,0.125,1024]", "imgsz=64", "batch=2", "workers=0", "attn_dim=16", "attn_heads=2",
@@ -65,7 +68,10 @@ def test_each_stage_writes_every_artefact(stages):
         assert {"model", "ema", "optimizer", "scaler", "epoch", "config", "rng"} <= set(last)
         assert last["config"]["stage"] == stage
         best = torch.load(d / "weights" / "best.pt", weights_only=True)  # small: weights, config, metrics
-        assert set(best) == {"model", "config", "stage", "epoch", "metrics"}
+        assert set(best) == {"model", "weights", "config", "stage", "epoch", "metrics"}
+        with contextlib.redirect_stdout(io.StringIO()) as said:
+            load_checkpoint(d / "weights" / "best.pt")
+        assert said.getvalue().strip().endswith(f"{stage} checkpoint, epoch {best['epoch'] + 1}, ema weights")
         assert (d / "weights" / "best.pt").stat().st_size < (d / "weights" / "last.pt").stat().st_size / 2
         # config.py fed back with --config reproduces the run's resolved config
         assert config.load_config(stage, str(d / "config.py")) == last["config"]
