@@ -17,8 +17,9 @@ Same seed = same data order and initialisation, so each arm's difference to the 
 A finished run is skipped, an interrupted one resumed (`train.py --resume`) or, killed before its first
 checkpoint, restarted; the outputs are rewritten after every run, so a killed study loses at most the runs in
 flight. --dry-run estimates the cost from the wall times of this study's finished runs (the pilot's first).
-Reported per run: the best epoch's metrics from results.csv (the epoch best.pt holds), and the mAP50 of the
-small stenoses (longest side < 32 px at the run's imgsz), computed here on best.pt. More: docs/study.md.
+Reported per run: the best epoch's metrics from results.csv (the epoch best.pt holds), and, computed here on
+best.pt, the mAP50 of the small stenoses (longest side < 32 px at the run's imgsz) and the vessel Dice on the
+source domain's val images (what camtl kept of stage 1). More: docs/study.md.
 """
 import argparse
 import csv
@@ -55,7 +56,8 @@ SEG_STREAM = ("scale", "fpma", "xtam", "attn_dim", "attn_heads", "attn_tokens", 
               "ema_attention", "imgsz", "data", "synthetic_preset", "synthetic_n")
 # (key in study.csv, results.csv column or None when computed here, name in the table)
 METRICS = (("map50", "metrics/mAP50(B)", "mAP50"), ("map50_95", "metrics/mAP50-95(B)", "mAP50-95"),
-           ("map50_small", None, f"mAP50 <{SMALL}px"), ("dice_full", "metrics/dice_full", "Dice(full)"))
+           ("map50_small", None, f"mAP50 <{SMALL}px"), ("dice_full", "metrics/dice_full", "Dice(full)"),
+           ("dice_source", None, "Dice(source)"))
 
 STUDIES = {
     "ablation": dict(
@@ -200,14 +202,23 @@ def start(job, how, threads):
 
 
 def finish(job, end=None):
-    """Score a trained job (camtl: the small-box mAP50 of best.pt) and write its marker -> the marker."""
+    """Score a trained job (camtl: the SCORES of best.pt) and write its marker -> the marker."""
     clock = json.loads((job.dir / "time.json").read_text())
     mark = {"seconds": clock["spent"] + (end or time.time()) - clock["start"]}
     if job.stage == "camtl":
-        mark["map50_small"] = small_box_map50(job.dir / "weights" / "best.pt", job.cfg["data"])
-    tmp = job.dir / (DONE + ".tmp")
+        mark.update(score(job.dir, job.cfg["data"]))
+    return write_mark(job.dir, mark)
+
+
+def score(run_dir, root, have=()):
+    """{key: value} of the SCORES of a camtl run's best.pt not in `have`."""
+    return {k: f(run_dir / "weights" / "best.pt", root) for k, f in SCORES.items() if k not in have}
+
+
+def write_mark(run_dir, mark):
+    tmp = run_dir / (DONE + ".tmp")
     tmp.write_text(json.dumps(mark))
-    os.replace(tmp, job.dir / DONE)
+    os.replace(tmp, run_dir / DONE)
     return mark
 
 
@@ -230,6 +241,19 @@ def small_box_map50(weights, root, max_side=SMALL):
         return math.nan
     return float(meter.compute(cfg["nc"])["map50"])
 
+
+
+@torch.no_grad()
+def source_dice(weights, root):
+    """Dice(full) of a camtl checkpoint on the val fundus photographs (the source domain), through its source
+    BatchNorm branch: what camtl kept of stage 1. Without DualBN its one BatchNorm has followed the angiograms."""
+    model, cfg = load_checkpoint(weights)
+    loaders = data.val_loaders(root, "domainshift1", "val", cfg["imgsz"], cfg["batch"], 0, cfg["nc"])
+    return float(evaluate.validate(model, loaders, cfg, torch.device("cpu"))["dice_full"])
+
+
+SCORES = {"map50_small": small_box_map50, "dice_source": source_dice}  # computed on best.pt, not in results.csv
+
 # -----------------------------------------------------------------------------
 # the results: rows per arm x seed, mean/std and paired differences, table and picture
 
@@ -243,9 +267,12 @@ def best_row(csv_path):
 
 
 def run_row(out, name, spec, arm, seed):
-    """One study.csv row of a finished arm x seed: its camtl run's best epoch, the small-box mAP50, wall times."""
+    """One study.csv row of a finished arm x seed: its camtl run's best epoch, the SCORES, wall times."""
     camtl_dir, s1_dir, kind = layout(out, name, spec, arm, seed)
     r, mark = best_row(camtl_dir / "results.csv"), json.loads((camtl_dir / DONE).read_text())
+    if set(SCORES) - set(mark):  # a run scored before a score was added: score it now, once
+        root = json.loads((camtl_dir / "time.json").read_text())["config"]["data"]
+        mark = write_mark(camtl_dir, {**mark, **score(camtl_dir, root, have=mark)})
     s1 = json.loads((s1_dir / DONE).read_text()) if s1_dir is not None and (s1_dir / DONE).is_file() else {}
     metrics = {k: float(r.get(col) or "nan") if col else float(mark[k]) for k, col, _ in METRICS}
     return dict(study=name, arm=arm, seed=seed, epoch=int(r["epoch"]), **metrics, camtl_s=round(mark["seconds"], 1),

@@ -213,11 +213,11 @@ def test_study_table_equals_the_runs_csvs(ran, capsys):
                                                                                                   abs=6e-4)
         d = [want["b", s]["map50"] - want["a", s]["map50"] for s in (0, 1)]
         if arm == "b":  # paired per seed, not mean minus mean of unpaired runs
-            m, sd = cells[6].split(" ± ")
+            m, sd = cells[len(study.METRICS) + 2].split(" ± ")
             assert float(m) == pytest.approx(np.mean(d), abs=6e-4) and float(sd) == pytest.approx(np.std(d, ddof=1),
                                                                                                   abs=6e-4)
         else:
-            assert cells[6] == "ref"
+            assert cells[len(study.METRICS) + 2] == "ref"
     study.main(["tiny", "--out", str(tmp / "runs"), "--dry-run"])
     assert "0 of 6 runs to do" in capsys.readouterr().out
 
@@ -228,6 +228,30 @@ def test_small_box_map50_is_the_validation_map50_when_nothing_is_filtered(ran):
     val = torch.load(best, map_location="cpu", weights_only=True)["metrics"]["map50"]
     assert study.small_box_map50(best, tmp / "synth", max_side=10_000) == pytest.approx(val, abs=1e-6)
     assert math.isnan(study.small_box_map50(best, tmp / "synth", max_side=0))  # no box that small: NaN, not 0
+
+
+
+def test_source_dice_scores_the_fundus_vessels_and_an_older_marker_gets_it_once(ran, monkeypatch):
+    tmp, spec, _, _ = ran
+    out = tmp / "runs" / "tiny"
+    stage1 = out / "_shared" / "s0" / "domainshift1" / "exp" / "weights" / "best.pt"
+    val = torch.load(stage1, map_location="cpu", weights_only=True)["metrics"]["dice_full"]
+    assert study.source_dice(stage1, tmp / "synth") == pytest.approx(val, abs=1e-6)  # as stage 1 validated it
+    run = out / "a" / "s1" / "camtl" / "exp"
+    mark = json.loads((run / study.DONE).read_text())
+    assert 0 <= mark["dice_source"] <= 1 and mark["dice_source"] == study.source_dice(run / "weights" / "best.pt",
+                                                                                      tmp / "synth")
+    del mark["dice_source"]
+    study.write_mark(run, mark)  # a run scored before dice_source existed
+    study.write_results(tmp / "runs", "tiny", spec)
+    again = json.loads((run / study.DONE).read_text())
+    assert again["dice_source"] == pytest.approx(study.source_dice(run / "weights" / "best.pt", tmp / "synth"))
+    assert again["seconds"] == mark["seconds"] and again["map50_small"] == mark["map50_small"]
+    rows = {(r["arm"], r["seed"]): r for r in csv.DictReader(open(out / "study.csv", newline=""))}
+    assert float(rows["a", "1"]["dice_source"]) == pytest.approx(again["dice_source"])
+    monkeypatch.setattr(study, "source_dice", lambda *a: pytest.fail("scored twice"))
+    monkeypatch.setitem(study.SCORES, "dice_source", study.source_dice)
+    study.write_results(tmp / "runs", "tiny", spec)  # every marker has it now: nothing is scored again
 
 # -----------------------------------------------------------------------------
 # the plan, interrupted runs, failures, mistakes
