@@ -76,6 +76,9 @@ STUDIES = {
             "+xtam": dict(xtam=True),
             "speed-qs32": dict(attn_query_stride=32),
             "speed-h2t128": dict(attn_heads=2, attn_tokens=128),
+            # DualBN acts only when fundus batches enter camtl: the two arms that show what it buys there
+            "replay": dict(camtl_ratio=[2, 1, 1]),
+            "replay-DualBN": dict(camtl_ratio=[2, 1, 1], dual_bn=False),
         }),
 }
 
