@@ -37,13 +37,19 @@ from modules import DualBatchNorm2d
 
 def fitness(m, tasks=("det", "seg")):
     """best.pt criterion: 0.1 mAP50 + 0.9 mAP50-95 for detection, Dice(full) for segmentation, mean of those
-    present among the run's tasks."""
+    present among the run's tasks (fitness_tasks)."""
     parts = []
     if "map50" in m and "det" in tasks:
         parts.append(0.1 * m["map50"] + 0.9 * m["map50_95"])
     if "dice_full" in m and "seg" in tasks:
         parts.append(m["dice_full"])
     return float(np.mean(parts)) if parts else 0.0
+
+
+def fitness_tasks(cfg):
+    """The tasks a run trains: a det-only camtl run (camtl_ratio [k, 0]) does not train the vessels, so their Dice,
+    still validated and reported, does not choose its best.pt."""
+    return ("det",) if cfg.get("stage") == "camtl" and not any(cfg["camtl_ratio"][1:]) else ("det", "seg")
 
 
 def class_names(nc):
@@ -116,7 +122,7 @@ def validate(model, loaders, cfg, device, crit=None, plot_dir=None, log=None, ga
         if plot_dir is not None:
             plots.plot_confusion_matrix(cm, names, Path(plot_dir) / "confusion_matrix.png")
             plot_det_curves(r, Path(plot_dir), names)
-    m["fitness"] = fitness(m)
+    m["fitness"] = fitness(m, fitness_tasks(cfg))
     if log is not None:
         log(per_class_table(m, r, images, per_class_images, names))
         n = max(sum(images.values()), 1)

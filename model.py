@@ -450,14 +450,16 @@ def load_checkpoint(path, device="cpu"):
     cfg["stage"] = stage = ckpt.get("stage") or cfg.get("stage") or "camtl"
     model = CAMTL.from_pretrained(camtl_config(cfg, stage), stage=stage, verbose=False)
     which = "ema" if ckpt.get("ema") else "model"
+    # a small best.pt / stage product keeps the EMA's weights under "model"; files before "weights": by their config
+    shown = ckpt.get("weights") or ("ema" if ckpt.get("ema") or ("optimizer" not in ckpt and cfg["ema"]) else "model")
     try:  # strict: our own file must fit exactly, or we would score random weights
         model.load_state_dict(ckpt[which])
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: its {which} weights do not fit the model its config describes "
+        raise CheckpointError(f"{path}: its {shown} weights do not fit the model its config describes "
                               f"({str(e).strip().splitlines()[0][:150]})") from None
     model.set_domain("target" if stage == "camtl" else "source")
     epoch = f", epoch {ckpt['epoch'] + 1}" if "epoch" in ckpt else ""
-    print(f"{path}: {stage} checkpoint{epoch}, {ckpt.get('weights', which)} weights")  # a small file: EMA as model
+    print(f"{path}: {stage} checkpoint{epoch}, {shown} weights")
     return model.to(device).eval(), cfg
 
 

@@ -219,6 +219,7 @@ def score(run_dir, root, have=()):
 
 
 def write_mark(run_dir, mark):
+    """Write a run's marker (DONE) atomically -> mark."""
     tmp = run_dir / (DONE + ".tmp")
     tmp.write_text(json.dumps(mark))
     os.replace(tmp, run_dir / DONE)
@@ -243,7 +244,6 @@ def small_box_map50(weights, root, max_side=SMALL):
     if not sum(len(t) for t in meter.target_cls):
         return math.nan
     return float(meter.compute(cfg["nc"])["map50"])
-
 
 
 @torch.no_grad()

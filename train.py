@@ -654,8 +654,6 @@ def validate_and_save(run, epoch, train_terms):
         net = run.ema.ema if run.ema else run.model
         run.metrics = evaluate.validate(net, run.val_shards, cfg, run.device, run.crit,
                                         log=run.log if run.master else None, gather=run.comm.gather_objects)
-        if not any(cfg["camtl_ratio"][1:]) and cfg["stage"] == "camtl":  # det only: the vessels are no task here
-            run.metrics["fitness"] = evaluate.fitness(run.metrics, tasks=("det",))
         run.log(evaluate.format_metrics(run.metrics, prefix=f"val {epoch + 1}/{cfg['epochs']}"))
     fitness = run.metrics.get("fitness", 0.0)
     if not run.master:

@@ -13,9 +13,13 @@ import torch
 from PIL import Image
 
 import config
+import data
+import evaluate
 import study
 import synthetic
 import train
+from model import load_checkpoint
+from modules import DualBatchNorm2d
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = dict(scale=[0.33, 0.125, 1024], imgsz=64, batch=2, workers=0, attn_dim=16, attn_heads=2, attn_tokens=16,
@@ -241,6 +245,12 @@ def test_source_dice_scores_the_fundus_vessels_and_an_older_marker_gets_it_once(
     mark = json.loads((run / study.DONE).read_text())
     assert 0 <= mark["dice_source"] <= 1 and mark["dice_source"] == study.source_dice(run / "weights" / "best.pt",
                                                                                       tmp / "synth")
+    model, cfg = load_checkpoint(run / "weights" / "best.pt")  # DualBN: the target branch would score otherwise
+    assert any(isinstance(m, DualBatchNorm2d) for m in model.modules())
+    loader = data.val_loaders(tmp / "synth", "domainshift1", "val", cfg["imgsz"], cfg["batch"], 0, cfg["nc"])["seg"]
+    as_target = [{**b, "domain": "target"} for b in loader]
+    target = evaluate.validate(model, {"seg": as_target}, cfg, torch.device("cpu"))["dice_full"]
+    assert abs(target - mark["dice_source"]) > 1e-6
     del mark["dice_source"]
     study.write_mark(run, mark)  # a run scored before dice_source existed
     study.write_results(tmp / "runs", "tiny", spec)

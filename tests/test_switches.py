@@ -245,7 +245,7 @@ def test_stage1_false_ignores_an_existing_stage1_checkpoint_and_says_so(tmp_path
 
 
 @pytest.mark.parametrize("key, was", [("fpma", False), ("ema_attention", True)])
-def test_a_stage1_checkpoint_with_other_seg_switches_is_warned_about(tmp_path, key, was):
+def test_a_stage1_checkpoint_with_other_stage1_switches_is_warned_about(tmp_path, key, was):
     path, sets = stage1_file(tmp_path, **{key: was})
     logs = []
     train.build_model(load_config("camtl", None, sets), "camtl", logs.append, verbose=False)
