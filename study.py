@@ -460,7 +460,7 @@ def execute(jobs, n_jobs, threads, on_done, log=print):
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGINT)  # train.py stops and says where its last checkpoint is
+                proc.send_signal(signal.SIGTERM)  # train.py stops and says where its last checkpoint is
                 proc.wait()
     return failed
 

@@ -16,6 +16,7 @@ import math
 import os
 import pprint
 import random
+import signal
 import sys
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -777,4 +778,7 @@ one line saying what to change (docs/troubleshooting.md).""")
 
 
 if __name__ == "__main__":
+    # `kill`, a scheduler's stop (SLURM) and study.py end a run as Ctrl-C does: at once, naming its last checkpoint.
+    # Started in the background (nohup ... &), a process ignores SIGINT, so SIGTERM is the signal that reaches it.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     main()

@@ -3,8 +3,10 @@ errors, NaN handling, DDP. Tiny widths and 64 px images keep each run to seconds
 import contextlib
 import io
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +118,24 @@ def test_domainshift1_keeps_detection_parts_frozen(stages):
     model, _ = train.build_model(ck["config"], "domainshift1", print)
     init = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("detect.", "ctam.", "csam."))}
     assert all(torch.equal(ck["model"][k], v) for k, v in init.items())  # Detect/CTAM/CSAM untouched, BN stats too
+
+
+def test_sigterm_stops_a_background_run_at_once_naming_its_last_checkpoint(synth, tmp_path):
+    """`nohup python train.py ... &` ignores SIGINT; `kill` (SIGTERM, also study.py's and a scheduler's stop) must
+    still end it like Ctrl-C: within seconds, one line naming last.pt, resumable."""
+    cmd = [sys.executable, str(Path(train.__file__)), "--stage", "domainshift1", "--set", *TINY, "epochs=500",
+           f"data={synth / 'synth'}", f"project={tmp_path}", "name=bg"]
+    ignore_int = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731  (a background job's signals)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=ignore_int)
+    last = tmp_path / "domainshift1" / "bg" / "weights" / "last.pt"
+    t0 = time.monotonic()
+    while not last.is_file() and proc.poll() is None and time.monotonic() - t0 < 240:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0, out[-500:]
+    said = [line for line in out.splitlines() if line.startswith("interrupted:")]
+    assert len(said) == 1 and str(last) in said[0] and "--resume" in said[0] and "Traceback" not in out
 
 
 def test_resume_reproduces_the_uninterrupted_run(synth, monkeypatch, capsys):
