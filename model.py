@@ -450,7 +450,7 @@ def load_checkpoint(path, device="cpu"):
     cfg["stage"] = stage = ckpt.get("stage") or cfg.get("stage") or "camtl"
     model = CAMTL.from_pretrained(camtl_config(cfg, stage), stage=stage, verbose=False)
     which = "ema" if ckpt.get("ema") else "model"
-    # a small best.pt / stage product keeps the EMA's weights under "model"; files before "weights": by their config
+    # a small best.pt / stage product holds the EMA's weights under "model": its "weights" says so, else its config
     shown = ckpt.get("weights") or ("ema" if ckpt.get("ema") or ("optimizer" not in ckpt and cfg["ema"]) else "model")
     try:  # strict: our own file must fit exactly, or we would score random weights
         model.load_state_dict(ckpt[which])
