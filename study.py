@@ -251,7 +251,8 @@ def source_dice(weights, root):
     """Dice(full) of a camtl checkpoint on the val fundus photographs (the source domain), through its source
     BatchNorm branch: what camtl kept of stage 1. Without DualBN its one BatchNorm has followed the angiograms."""
     model, cfg = load_checkpoint(weights)
-    loaders = data.val_loaders(root, "domainshift1", "val", cfg["imgsz"], cfg["batch"], 0, cfg["nc"])
+    stage = evaluate.DOMAIN_STAGE["source"]  # the stage whose val data is the source domain's
+    loaders = data.val_loaders(root, stage, "val", cfg["imgsz"], cfg["batch"], 0, cfg["nc"])
     return float(evaluate.validate(model, loaders, cfg, torch.device("cpu"))["dice_full"])
 
 

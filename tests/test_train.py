@@ -126,13 +126,16 @@ def test_sigterm_stops_a_background_run_at_once_naming_its_last_checkpoint(synth
     cmd = [sys.executable, str(Path(train.__file__)), "--stage", "domainshift1", "--set", *TINY, "epochs=500",
            f"data={synth / 'synth'}", f"project={tmp_path}", "name=bg"]
     ignore_int = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731  (a background job's signals)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=ignore_int)
+    log = open(tmp_path / "bg.log", "w")  # a file, not a pipe: a full pipe would stall the run
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=ignore_int)
     last = tmp_path / "domainshift1" / "bg" / "weights" / "last.pt"
     t0 = time.monotonic()
     while not last.is_file() and proc.poll() is None and time.monotonic() - t0 < 240:
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
+    proc.wait(timeout=60)
+    log.close()
+    out = (tmp_path / "bg.log").read_text()
     assert proc.returncode != 0, out[-500:]
     said = [line for line in out.splitlines() if line.startswith("interrupted:")]
     assert len(said) == 1 and str(last) in said[0] and "--resume" in said[0] and "Traceback" not in out
