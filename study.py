@@ -5,6 +5,7 @@
     python study.py ablation --only full,det-only --seeds 0   # some arms, one seed
     python study.py ablation --dry-run                        # the runs, which are done, the estimated cost
     python study.py ablation --jobs 2                         # two runs at once, each with half the cores
+    python study.py ablation --record results/ablation        # the results kept there too; what they hold is done
 
 A run of an arm is its camtl stage, started from a stage-1 (domainshift1) product: the study's shared one of
 that seed, or the arm's own when it changes what stage 1 trains (SEG_STREAM keys), or none (`stage1=False`).
@@ -16,7 +17,9 @@ Same seed = same data order and initialisation, so each arm's difference to the 
 
 A finished run is skipped, an interrupted one resumed (`train.py --resume`) or, killed before its first
 checkpoint, restarted; the outputs are rewritten after every run, so a killed study loses at most the runs in
-flight. --dry-run estimates the cost from the wall times of this study's finished runs (the pilot's first).
+flight. With --record DIR the results are also kept in DIR, a folder that can travel (the repository's
+results/ablation): an arm x seed whose row is there counts as finished, so a study continues on another machine
+from its record alone (its stage-1 runs are trained again where a pending run needs one). --dry-run estimates the cost from the wall times of this study's finished runs (the pilot's first).
 Reported per run: the best epoch's metrics from results.csv (the epoch best.pt holds), and, computed here on
 best.pt, the mAP50 of the small stenoses (longest side < 32 px at the run's imgsz) and the vessel Dice on the
 source domain's val images (what camtl kept of stage 1). More: docs/study.md.
@@ -362,33 +365,74 @@ def plot_study(path, name, summary, rows, reference, panel=230, row_h=24):
     return plots.save(img, path)
 
 
-def write_results(out, name, spec):
-    """study.csv (every finished arm x seed of the study on disk, in the study's arm order), study.md and
-    study.png, rewritten whole."""
+def read_record(record, name, spec):
+    """The rows of a study's record (RECORD/study.csv as write_results wrote it) of the study's arms -> [row]."""
+    path = Path(record) / "study.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    other = sorted({r["study"] for r in rows} - {name})
+    if other:
+        raise SystemExit(f"--record {record}: its study.csv holds study {other[0]!r}, not {name!r}; give another "
+                         "folder")
+    ints, floats = ("seed", "epoch"), [k for k, _, _ in METRICS] + ["camtl_s", "stage1_s"]
+    return [{k: int(v) if k in ints else float(v) if k in floats else v for k, v in r.items()}
+            for r in rows if r["arm"] in spec["arms"]]
+
+
+def write_results(out, name, spec, record=None):
+    """study.csv (every finished arm x seed of the study on disk, and those of the record not on disk, in the
+    study's arm order), study.md and study.png, rewritten whole in out/name and in the record (with the camtl
+    runs' results.csv as curves/ARM-sSEED.csv) -> the rows."""
     d = out / name
     seeds = sorted({int(p.name[1:]) for p in d.glob("*/s*") if p.name[1:].isdigit()})
     rows = [run_row(out, name, spec, arm, seed) for arm in spec["arms"] for seed in seeds
             if (layout(out, name, spec, arm, seed)[0] / DONE).is_file()]
+    on_disk = {(r["arm"], r["seed"]) for r in rows}
+    rows += [r for r in (read_record(record, name, spec) if record else []) if (r["arm"], r["seed"]) not in on_disk]
     if not rows:
         return None
-    tmp = d / "study.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, d / "study.csv")
-    summary = summarize(rows, list(spec["arms"]), spec["reference"])
-    write_table(d / "study.md", name, spec, summary)
-    plot_study(d / "study.png", name, summary, rows, spec["reference"])
+    order = list(spec["arms"])
+    rows.sort(key=lambda r: (order.index(r["arm"]), r["seed"]))
+    summary = summarize(rows, order, spec["reference"])
+    for folder in [d] + ([Path(record)] if record else []):
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / "study.csv.tmp"
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, folder / "study.csv")
+        write_table(folder / "study.md", name, spec, summary)
+        plot_study(folder / "study.png", name, summary, rows, spec["reference"])
+    if record:
+        (Path(record) / "curves").mkdir(exist_ok=True)
+        for arm, seed in on_disk:
+            shutil.copyfile(layout(out, name, spec, arm, seed)[0] / "results.csv",
+                            Path(record) / "curves" / f"{arm}-s{seed}.csv")
     return rows
+
+
+def unrecorded(jobs, rows):
+    """The jobs without the camtl runs the record's rows hold, and without the stage-1 runs only those needed."""
+    have = {f"{r['arm']}/s{r['seed']}/camtl" for r in rows}
+    left = {k: j for k, j in jobs.items() if k not in have}
+    needed = {dep for j in left.values() for dep in j.deps}
+    return {k: j for k, j in left.items() if j.stage == "camtl" or k in needed}
 
 # -----------------------------------------------------------------------------
 # the CLI: list, dry run, run
 
 
-def timings(out, name):
-    """{(arm, stage): [seconds]} of this study's finished runs (the pilot's and every run since)."""
+def timings(out, name, recorded=()):
+    """{(arm, stage): [seconds]} of this study's finished runs (the pilot's and every run since), on disk or
+    recorded."""
     t = {}
+    for r in recorded:
+        t.setdefault((r["arm"], "camtl"), []).append(r["camtl_s"])
+        if math.isfinite(r["stage1_s"]):
+            t.setdefault((SHARED if r["stage1"] == "shared" else r["arm"], "domainshift1"), []).append(r["stage1_s"])
     for mark in (out / name).glob(f"*/s*/*/exp/{DONE}"):
         arm, stage = mark.parts[-5], mark.parts[-3]
         t.setdefault((arm, stage), []).append(json.loads(mark.read_text())["seconds"])
@@ -405,8 +449,10 @@ def estimate(t, job, reference):
     return None
 
 
-def dry_run(out, name, spec, jobs, n_jobs):
-    t = timings(out, name)
+def dry_run(out, name, spec, jobs, n_jobs, recorded=()):
+    t = timings(out, name, recorded)
+    if recorded:
+        print(f"  {len(recorded)} arm x seed runs are in the record: {', '.join(sorted({r['arm'] for r in recorded}))}")
     todo, unknown = 0.0, 0
     for job in jobs.values():
         st = state(job)
@@ -490,6 +536,8 @@ def parse_args(argv):
     ap.add_argument("--dry-run", action="store_true", help="list the runs, which are done, and the estimated cost")
     ap.add_argument("--jobs", type=int, default=1, help="runs at once, each with cores / jobs threads")
     ap.add_argument("--out", default="runs/study", help="where studies are written (default runs/study)")
+    ap.add_argument("--record", metavar="DIR", help="keep the results in DIR too (study.csv, .md, .png, curves/); "
+                    "an arm x seed whose row is in DIR/study.csv counts as finished, on this machine or another")
     return ap.parse_args(argv)
 
 
@@ -525,18 +573,20 @@ def main(argv=None):
     name, spec, arms, seeds = selection(a)
     out = Path(a.out)
     jobs = plan(name, spec, arms, seeds, out)
+    recorded = read_record(a.record, name, spec) if a.record else []
+    jobs = unrecorded(jobs, recorded)
     if a.dry_run:
-        return dry_run(out, name, spec, jobs, a.jobs)
+        return dry_run(out, name, spec, jobs, a.jobs, recorded)
     (out / name).mkdir(parents=True, exist_ok=True)
     with open(out / name / ".lock", "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise SystemExit(f"{out / name}: another study.py is running this study; wait for it or stop it") from None
-        run(out, name, spec, jobs, a.jobs)
+        run(out, name, spec, jobs, a.jobs, a.record)
 
 
-def run(out, name, spec, jobs, n_jobs):
+def run(out, name, spec, jobs, n_jobs, record=None):
     """Data first, then the jobs; the results rewritten after every camtl run."""
     stale = [j for j in jobs.values() if changed(j)]
     if stale:
@@ -545,10 +595,10 @@ def run(out, name, spec, jobs, n_jobs):
     ensure_data(jobs)
     threads = max(len(os.sched_getaffinity(0)) // n_jobs, 1)
     torch.set_num_threads(threads)  # the scoring done here, next to the runs
-    write_results(out, name, spec)
+    write_results(out, name, spec, record)
     term = signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops the study as Ctrl-C does
     try:
-        failed = execute(jobs, n_jobs, threads, lambda job: job.stage == "camtl" and write_results(out, name, spec))
+        failed = execute(jobs, n_jobs, threads, lambda job: job.stage == "camtl" and write_results(out, name, spec, record))
     except KeyboardInterrupt:
         raise SystemExit(f"\ninterrupted; the same command continues the study ({out / name})") from None
     finally:

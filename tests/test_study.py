@@ -5,6 +5,7 @@ import csv
 import hashlib
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -149,9 +150,10 @@ def ran(tiny):
         return Done(0)
     mp = pytest.MonkeyPatch()
     mp.setattr(study, "launch", in_process)
-    study.main(["tiny", "--out", str(tmp / "runs"), "--jobs", "2"])  # 2 jobs: 1 torch thread for the scoring
+    record = ["--record", str(tmp / "record")]
+    study.main(["tiny", "--out", str(tmp / "runs"), "--jobs", "2", *record])  # 2 jobs: 1 torch thread to score
     first = list(launched)
-    study.main(["tiny", "--out", str(tmp / "runs"), "--jobs", "2"])  # all done: nothing trains
+    study.main(["tiny", "--out", str(tmp / "runs"), "--jobs", "2", *record])  # all done: nothing trains
     mp.undo()
     return tmp, spec, first, launched
 
@@ -178,6 +180,44 @@ def test_tiny_study_runs_each_stage_once_and_skips_finished_runs(ran):
             assert json.loads((run / study.DONE).read_text())["seconds"] > 0
     with Image.open(out / "study.png") as im:
         assert im.width >= 600 and im.height >= 100
+
+
+def test_a_study_continues_on_another_machine_from_its_record_alone(ran, monkeypatch, capsys):
+    tmp, spec, _, _ = ran
+    record = tmp / "record"
+    kept = {(r["arm"], r["seed"]): r for r in csv.DictReader(open(record / "study.csv", newline=""))}
+    assert sorted(kept) == [("a", "0"), ("a", "1"), ("b", "0"), ("b", "1")]
+    assert sorted(p.name for p in (record / "curves").iterdir()) == ["a-s0.csv", "a-s1.csv", "b-s0.csv", "b-s1.csv"]
+    assert (record / "curves" / "b-s1.csv").read_text() == (tmp / "runs/tiny/b/s1/camtl/exp/results.csv").read_text()
+    travelled = tmp / "travelled"  # the record without b seed 1 (killed in flight), on a machine without runs/
+    shutil.copytree(record, travelled)
+    with open(travelled / "study.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(kept["a", "0"]))
+        w.writeheader()
+        w.writerows(r for k, r in kept.items() if k != ("b", "1"))
+    launched = []
+
+    def in_process(argv, log_path, threads):
+        launched.append(argv[argv.index("--stage") + 1] + " " + next(x for x in argv if x.startswith("project=")))
+        train.main(argv[1:])
+        return Done(0)
+    monkeypatch.setattr(study, "launch", in_process)
+    new = tmp / "new-machine"
+    args = ["tiny", "--out", str(new), "--jobs", "2", "--record", str(travelled)]
+    study.main([*args, "--dry-run"])
+    assert "3 arm x seed runs are in the record" in capsys.readouterr().out
+    study.main(args)
+    assert sorted(launched) == [f"camtl project={str(new / 'tiny/b/s1')!r}",  # the missing run and its stage 1 only
+                                f"domainshift1 project={str(new / 'tiny/_shared/s1')!r}"]
+    got = {(r["arm"], r["seed"]): r for r in csv.DictReader(open(travelled / "study.csv", newline=""))}
+    assert sorted(got) == sorted(kept)
+    assert all(got[k] == kept[k] for k in kept if k != ("b", "1"))  # recorded rows kept exactly
+    assert got["b", "1"]["run"] == str(new / "tiny/b/s1/camtl/exp") and float(got["b", "1"]["camtl_s"]) > 0
+    assert "| b | 0,1 |" in (travelled / "study.md").read_text()
+    bad = travelled / "study.csv"
+    bad.write_text(bad.read_text().replace("tiny,", "other,"))
+    with pytest.raises(SystemExit, match="--record .* holds study 'other', not 'tiny'"):
+        study.main(args)
 
 
 def test_study_table_equals_the_runs_csvs(ran, capsys):
