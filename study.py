@@ -407,11 +407,25 @@ def write_results(out, name, spec, record=None):
         write_table(folder / "study.md", name, spec, summary)
         plot_study(folder / "study.png", name, summary, rows, spec["reference"])
     if record:
-        (Path(record) / "curves").mkdir(exist_ok=True)
-        for arm, seed in on_disk:
-            shutil.copyfile(layout(out, name, spec, arm, seed)[0] / "results.csv",
-                            Path(record) / "curves" / f"{arm}-s{seed}.csv")
+        keep_curves(d, Path(record) / "curves", on_disk)
     return rows
+
+
+def keep_curves(d, curves, on_disk):
+    """Copy the camtl runs' results.csv to curves/ARM-sSEED.csv and the stage-1 runs' to
+    curves/ARM-sSEED-domainshift1.csv (ARM _shared for a shared one). A stage 1 trained again keeps the recorded
+    curve, and is named when it differs from it: its camtl runs then start from another stage-1 product than the
+    recorded runs of that seed did."""
+    curves.mkdir(parents=True, exist_ok=True)
+    for arm, seed in on_disk:
+        shutil.copyfile(d / arm / f"s{seed}" / "camtl" / "exp" / "results.csv", curves / f"{arm}-s{seed}.csv")
+    for s1 in d.glob(f"*/s*/domainshift1/exp/{DONE}"):
+        src, dst = s1.parent / "results.csv", curves / f"{s1.parts[-5]}-{s1.parts[-4]}-domainshift1.csv"
+        if not dst.is_file():
+            shutil.copyfile(src, dst)
+        elif dst.read_bytes() != src.read_bytes():
+            print(f"warning: {src} differs from the recorded {dst}: its camtl runs do not start from the stage 1 "
+                  "of the recorded runs of that seed, so their paired differences mix two stage-1 products")
 
 
 def unrecorded(jobs, rows):

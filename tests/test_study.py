@@ -187,7 +187,8 @@ def test_a_study_continues_on_another_machine_from_its_record_alone(ran, monkeyp
     record = tmp / "record"
     kept = {(r["arm"], r["seed"]): r for r in csv.DictReader(open(record / "study.csv", newline=""))}
     assert sorted(kept) == [("a", "0"), ("a", "1"), ("b", "0"), ("b", "1")]
-    assert sorted(p.name for p in (record / "curves").iterdir()) == ["a-s0.csv", "a-s1.csv", "b-s0.csv", "b-s1.csv"]
+    assert sorted(p.name for p in (record / "curves").iterdir()) == [
+        "_shared-s0-domainshift1.csv", "_shared-s1-domainshift1.csv", "a-s0.csv", "a-s1.csv", "b-s0.csv", "b-s1.csv"]
     assert (record / "curves" / "b-s1.csv").read_text() == (tmp / "runs/tiny/b/s1/camtl/exp/results.csv").read_text()
     travelled = tmp / "travelled"  # the record without b seed 1 (killed in flight), on a machine without runs/
     shutil.copytree(record, travelled)
@@ -214,6 +215,12 @@ def test_a_study_continues_on_another_machine_from_its_record_alone(ran, monkeyp
     assert all(got[k] == kept[k] for k in kept if k != ("b", "1"))  # recorded rows kept exactly
     assert got["b", "1"]["run"] == str(new / "tiny/b/s1/camtl/exp") and float(got["b", "1"]["camtl_s"]) > 0
     assert "| b | 0,1 |" in (travelled / "study.md").read_text()
+    s1 = travelled / "curves" / "_shared-s1-domainshift1.csv"  # kept from the first machine; retrained the same
+    assert s1.read_bytes() == (tmp / "runs/tiny/_shared/s1/domainshift1/exp/results.csv").read_bytes()
+    assert "differs from the recorded" not in capsys.readouterr().out
+    s1.write_text(s1.read_text().replace(",", ";", 1))
+    study.write_results(new, "tiny", spec, travelled)
+    assert f"{new / 'tiny/_shared/s1/domainshift1/exp/results.csv'} differs from the recorded" in capsys.readouterr().out
     bad = travelled / "study.csv"
     bad.write_text(bad.read_text().replace("tiny,", "other,"))
     with pytest.raises(SystemExit, match="--record .* holds study 'other', not 'tiny'"):
