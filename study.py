@@ -27,6 +27,7 @@ source domain's val images (what camtl kept of stage 1). More: docs/study.md.
 import argparse
 import csv
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -130,12 +131,34 @@ def plan(name, spec, arms, seeds, out):
         for arm in arms:
             over, common = spec["arms"][arm], {**base, "seed": seed}
             camtl_dir, s1_dir, kind = layout(out, name, spec, arm, seed)
-            deps, wd = [], {}
+            # the shared stage 1 first, in every arm: its fingerprint names the machine a run's numbers come from
+            deps, wd = [add("domainshift1", SHARED, shared_stage1(out, name, seed), common, [])], {}
+            if kind == "own":
+                deps.append(add("domainshift1", arm, s1_dir, {**common, **over}, []))
             if s1_dir is not None:
-                deps = [add("domainshift1", arm, s1_dir, {**common, **(over if kind == "own" else {})}, [])]
                 wd = {"weights_dir": str(s1_dir / "weights")}
             add("camtl", arm, camtl_dir, {**common, **over, **wd}, deps)
     return jobs
+
+
+def shared_stage1(out, name, seed):
+    return out / name / SHARED / f"s{seed}" / "domainshift1" / "exp"
+
+
+def fingerprint(weights):
+    """12 hex digits of the sha256 of a weights file's tensors in key order: the same stage 1 trained on another
+    machine has another one as soon as one float sum rounded otherwise there."""
+    h = hashlib.sha256()
+    for k, v in torch.load(weights, map_location="cpu", weights_only=True)["model"].items():
+        h.update(k.encode())
+        h.update(v.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def seed_fingerprint(out, name, seed):
+    """The fingerprint of the seed's shared stage-1 product on this disk ('' without one)."""
+    found = sorted((shared_stage1(out, name, seed) / "weights").glob("yolov8*-domainshift1.pt"))
+    return fingerprint(found[0]) if found else ""
 
 
 def product(job):
@@ -282,7 +305,8 @@ def run_row(out, name, spec, arm, seed):
         mark = write_mark(camtl_dir, {**mark, **score(camtl_dir, root, have=mark)})
     s1 = json.loads((s1_dir / DONE).read_text()) if s1_dir is not None and (s1_dir / DONE).is_file() else {}
     metrics = {k: float(r.get(col) or "nan") if col else float(mark[k]) for k, col, _ in METRICS}
-    return dict(study=name, arm=arm, seed=seed, epoch=int(r["epoch"]), **metrics, camtl_s=round(mark["seconds"], 1),
+    return dict(study=name, arm=arm, seed=seed, stage1_id=seed_fingerprint(out, name, seed), epoch=int(r["epoch"]),
+                **metrics, camtl_s=round(mark["seconds"], 1),
                 stage1=kind, stage1_s=round(s1.get("seconds", math.nan), 1), run=str(camtl_dir))
 
 
@@ -294,8 +318,9 @@ def mean_std(values):
 
 def summarize(rows, arms, reference):
     """{arm: {metric: (mean, std, n), "d_" + metric: the same of the per-seed differences arm - reference,
-    camtl_min, seeds}} for the arms that have rows, in the order of arms."""
-    ref = {r["seed"]: r for r in rows if r["arm"] == reference}
+    camtl_min, seeds}} for the arms that have rows, in the order of arms. A run pairs with the reference run of
+    its seed and stage1_id (the same stage-1 product: the same machine's arithmetic)."""
+    ref = {(r["seed"], r["stage1_id"]): r for r in rows if r["arm"] == reference}
     out = {}
     for arm in arms:
         mine = [r for r in rows if r["arm"] == arm]
@@ -304,7 +329,8 @@ def summarize(rows, arms, reference):
         s = {"seeds": [r["seed"] for r in mine], "camtl_min": mean_std([r["camtl_s"] / 60 for r in mine])}
         for k, _, _ in METRICS:
             s[k] = mean_std([r[k] for r in mine])
-            s["d_" + k] = mean_std([r[k] - ref[r["seed"]][k] for r in mine if r["seed"] in ref])
+            s["d_" + k] = mean_std([r[k] - ref[r["seed"], r["stage1_id"]][k] for r in mine
+                                    if (r["seed"], r["stage1_id"]) in ref])
         out[arm] = s
     return out
 
@@ -323,8 +349,9 @@ def write_table(path, name, spec, summary):
     heads = [label for _, _, label in METRICS]
     lines = [f"# Study `{name}`", "",
              f"Config `{spec['config'] or 'configs/synthetic.py'}`; each run's best epoch; mean ± sample standard "
-             f"deviation over seeds. Δ: per seed the arm minus `{ref}` (same seed = same data order and "
-             "initialisation), mean ± std over the seeds both have. camtl min: the camtl stage's wall time.", "",
+             f"deviation over the runs. Δ: per run the arm minus the `{ref}` run of the same seed and stage-1 "
+             "product (same data order, initialisation and machine arithmetic), mean ± std over such pairs. camtl "
+             "min: the camtl stage's wall time.", "",
              "| arm | seeds | " + " | ".join(heads) + " | camtl min | " + " | ".join(f"Δ {h}" for h in heads) + " |",
              "|" + " --- |" * 2 + " ---: |" * (2 * len(heads) + 1)]
     for arm, s in summary.items():
@@ -377,7 +404,7 @@ def read_record(record, name, spec):
         raise SystemExit(f"--record {record}: its study.csv holds study {other[0]!r}, not {name!r}; give another "
                          "folder")
     ints, floats = ("seed", "epoch"), [k for k, _, _ in METRICS] + ["camtl_s", "stage1_s"]
-    return [{k: int(v) if k in ints else float(v) if k in floats else v for k, v in r.items()}
+    return [{"stage1_id": "", **{k: int(v) if k in ints else float(v) if k in floats else v for k, v in r.items()}}
             for r in rows if r["arm"] in spec["arms"]]
 
 
@@ -389,8 +416,9 @@ def write_results(out, name, spec, record=None):
     seeds = sorted({int(p.name[1:]) for p in d.glob("*/s*") if p.name[1:].isdigit()})
     rows = [run_row(out, name, spec, arm, seed) for arm in spec["arms"] for seed in seeds
             if (layout(out, name, spec, arm, seed)[0] / DONE).is_file()]
-    on_disk = {(r["arm"], r["seed"]) for r in rows}
-    rows += [r for r in (read_record(record, name, spec) if record else []) if (r["arm"], r["seed"]) not in on_disk]
+    on_disk = {(r["arm"], r["seed"], r["stage1_id"]) for r in rows}
+    rows += [r for r in (read_record(record, name, spec) if record else [])
+             if (r["arm"], r["seed"], r["stage1_id"]) not in on_disk]
     if not rows:
         return None
     order = list(spec["arms"])
@@ -400,38 +428,40 @@ def write_results(out, name, spec, record=None):
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / "study.csv.tmp"
         with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(["study", "arm", "seed", "stage1_id", *rows[0]])))
             w.writeheader()
             w.writerows(rows)
         os.replace(tmp, folder / "study.csv")
         write_table(folder / "study.md", name, spec, summary)
         plot_study(folder / "study.png", name, summary, rows, spec["reference"])
     if record:
-        keep_curves(d, Path(record) / "curves", on_disk)
+        keep_curves(out, name, Path(record) / "curves")
     return rows
 
 
-def keep_curves(d, curves, on_disk):
-    """Copy the camtl runs' results.csv to curves/ARM-sSEED.csv and the stage-1 runs' to
-    curves/ARM-sSEED-domainshift1.csv (ARM _shared for a shared one). A stage 1 trained again keeps the recorded
-    curve, and is named when it differs from it: its camtl runs then start from another stage-1 product than the
-    recorded runs of that seed did."""
+def keep_curves(out, name, curves):
+    """Copy every finished run's results.csv (its validations epoch by epoch) to curves/ARM-sSEED-ID.csv (camtl)
+    or curves/ARM-sSEED-ID-domainshift1.csv (ARM _shared for a shared stage 1); ID: the seed's stage1_id."""
     curves.mkdir(parents=True, exist_ok=True)
-    for arm, seed in on_disk:
-        shutil.copyfile(d / arm / f"s{seed}" / "camtl" / "exp" / "results.csv", curves / f"{arm}-s{seed}.csv")
-    for s1 in d.glob(f"*/s*/domainshift1/exp/{DONE}"):
-        src, dst = s1.parent / "results.csv", curves / f"{s1.parts[-5]}-{s1.parts[-4]}-domainshift1.csv"
-        if not dst.is_file():
-            shutil.copyfile(src, dst)
-        elif dst.read_bytes() != src.read_bytes():
-            print(f"warning: {src} differs from the recorded {dst}: its camtl runs do not start from the stage 1 "
-                  "of the recorded runs of that seed, so their paired differences mix two stage-1 products")
+    for mark in (out / name).glob(f"*/s*/*/exp/{DONE}"):
+        arm, s, stage = mark.parts[-5], mark.parts[-4], mark.parts[-3]
+        stem = f"{arm}-{s}-{seed_fingerprint(out, name, int(s[1:]))}" + ("" if stage == "camtl" else f"-{stage}")
+        shutil.copyfile(mark.parent / "results.csv", curves / f"{stem}.csv")
 
 
-def unrecorded(jobs, rows):
-    """The jobs without the camtl runs the record's rows hold, and without the stage-1 runs only those needed."""
+def unrecorded(jobs, rows, reference):
+    """The jobs without the camtl runs the record's rows hold, and without the stage-1 runs only those needed.
+    A recorded reference run is kept while its seed has other runs to do: they pair with a reference run from the
+    same stage 1 (stage1_id), so it runs again unless the record holds one of the id this machine trains (known)."""
     have = {f"{r['arm']}/s{r['seed']}/camtl" for r in rows}
-    left = {k: j for k, j in jobs.items() if k not in have}
+    todo = {j.cfg["seed"] for k, j in jobs.items() if j.stage == "camtl" and k not in have}
+    left = {}
+    for k, j in jobs.items():
+        if j.stage == "camtl" and j.arm == reference and k in have and j.cfg["seed"] in todo:
+            j.known = {r["stage1_id"] for r in rows if r["arm"] == reference and r["seed"] == j.cfg["seed"]}
+            left[k] = j
+        elif k not in have:
+            left[k] = j
     needed = {dep for j in left.values() for dep in j.deps}
     return {k: j for k, j in left.items() if j.stage == "camtl" or k in needed}
 
@@ -497,6 +527,11 @@ def execute(jobs, n_jobs, threads, on_done, log=print):
                 elif len(running) < n_jobs and all(d in done for d in job.deps):
                     pending.remove(job)
                     how = state(job)
+                    if getattr(job, "known", None) is not None and how != "score" and (
+                            fingerprint(product(jobs[job.deps[0]])) in job.known):
+                        log(f"{job.key}: in the record, from this machine's stage 1")
+                        done.add(job.key)
+                        continue
                     if how == "score":  # trained; killed before it was scored
                         finish(job, end=product(job).stat().st_mtime)
                         done.add(job.key)
@@ -588,7 +623,7 @@ def main(argv=None):
     out = Path(a.out)
     jobs = plan(name, spec, arms, seeds, out)
     recorded = read_record(a.record, name, spec) if a.record else []
-    jobs = unrecorded(jobs, recorded)
+    jobs = unrecorded(jobs, recorded, spec["reference"])
     if a.dry_run:
         return dry_run(out, name, spec, jobs, a.jobs, recorded)
     (out / name).mkdir(parents=True, exist_ok=True)

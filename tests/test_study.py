@@ -182,20 +182,19 @@ def test_tiny_study_runs_each_stage_once_and_skips_finished_runs(ran):
         assert im.width >= 600 and im.height >= 100
 
 
-def test_a_study_continues_on_another_machine_from_its_record_alone(ran, monkeypatch, capsys):
-    tmp, spec, _, _ = ran
-    record = tmp / "record"
-    kept = {(r["arm"], r["seed"]): r for r in csv.DictReader(open(record / "study.csv", newline=""))}
-    assert sorted(kept) == [("a", "0"), ("a", "1"), ("b", "0"), ("b", "1")]
-    assert sorted(p.name for p in (record / "curves").iterdir()) == [
-        "_shared-s0-domainshift1.csv", "_shared-s1-domainshift1.csv", "a-s0.csv", "a-s1.csv", "b-s0.csv", "b-s1.csv"]
-    assert (record / "curves" / "b-s1.csv").read_text() == (tmp / "runs/tiny/b/s1/camtl/exp/results.csv").read_text()
-    travelled = tmp / "travelled"  # the record without b seed 1 (killed in flight), on a machine without runs/
+def travel(tmp, record, name, rows):
+    """A copy of the record holding `rows` only, as a machine without runs/ gets it."""
+    travelled = tmp / name
     shutil.copytree(record, travelled)
     with open(travelled / "study.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(kept["a", "0"]))
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
-        w.writerows(r for k, r in kept.items() if k != ("b", "1"))
+        w.writerows(rows)
+    return travelled
+
+
+def continue_study(tmp, travelled, machine, monkeypatch):
+    """Run the tiny study on `machine` with the record `travelled` -> (the stage runs launched, the rows after)."""
     launched = []
 
     def in_process(argv, log_path, threads):
@@ -203,28 +202,54 @@ def test_a_study_continues_on_another_machine_from_its_record_alone(ran, monkeyp
         train.main(argv[1:])
         return Done(0)
     monkeypatch.setattr(study, "launch", in_process)
-    new = tmp / "new-machine"
-    args = ["tiny", "--out", str(new), "--jobs", "2", "--record", str(travelled)]
-    study.main([*args, "--dry-run"])
+    study.main(["tiny", "--out", str(tmp / machine), "--jobs", "2", "--record", str(travelled)])
+    return sorted(launched), list(csv.DictReader(open(travelled / "study.csv", newline="")))
+
+
+def test_a_study_continues_on_another_machine_from_its_record_alone(ran, monkeypatch, capsys):
+    tmp, spec, _, _ = ran
+    record, runs = tmp / "record", tmp / "runs" / "tiny"
+    kept = {(r["arm"], r["seed"]): r for r in csv.DictReader(open(record / "study.csv", newline=""))}
+    assert sorted(kept) == [("a", "0"), ("a", "1"), ("b", "0"), ("b", "1")]
+    ids = [study.fingerprint(next((runs / f"_shared/s{s}/domainshift1/exp/weights").glob("yolov8*-domainshift1.pt")))
+           for s in (0, 1)]
+    assert ids[0] != ids[1] and all(kept[arm, str(s)]["stage1_id"] == ids[s] for arm in "ab" for s in (0, 1))
+    assert sorted(p.name for p in (record / "curves").iterdir()) == sorted(
+        [f"_shared-s{s}-{ids[s]}-domainshift1.csv" for s in (0, 1)] + [f"{a}-s{s}-{ids[s]}.csv" for a in "ab"
+                                                                         for s in (0, 1)])
+    assert (record / "curves" / f"b-s1-{ids[1]}.csv").read_text() == (runs / "b/s1/camtl/exp/results.csv").read_text()
+
+    # the record without b seed 1 (killed in flight), on a machine that trains stage 1 as the first one did
+    travelled = travel(tmp, record, "travelled", [r for k, r in kept.items() if k != ("b", "1")])
+    study.main(["tiny", "--out", str(tmp / "m2"), "--record", str(travelled), "--dry-run"])
     assert "3 arm x seed runs are in the record" in capsys.readouterr().out
-    study.main(args)
-    assert sorted(launched) == [f"camtl project={str(new / 'tiny/b/s1')!r}",  # the missing run and its stage 1 only
-                                f"domainshift1 project={str(new / 'tiny/_shared/s1')!r}"]
-    got = {(r["arm"], r["seed"]): r for r in csv.DictReader(open(travelled / "study.csv", newline=""))}
-    assert sorted(got) == sorted(kept)
-    assert all(got[k] == kept[k] for k in kept if k != ("b", "1"))  # recorded rows kept exactly
-    assert got["b", "1"]["run"] == str(new / "tiny/b/s1/camtl/exp") and float(got["b", "1"]["camtl_s"]) > 0
+    launched, rows = continue_study(tmp, travelled, "m2", monkeypatch)
+    assert launched == [f"camtl project={str(tmp / 'm2/tiny/b/s1')!r}",  # the missing run and its stage 1 only
+                        f"domainshift1 project={str(tmp / 'm2/tiny/_shared/s1')!r}"]
+    assert "a/s1/camtl: in the record, from this machine's stage 1" in capsys.readouterr().out
+    got = {(r["arm"], r["seed"]): r for r in rows}
+    assert len(rows) == 4 and all(got[k] == kept[k] for k in kept if k != ("b", "1"))  # recorded rows kept exactly
+    assert got["b", "1"]["run"] == str(tmp / "m2/tiny/b/s1/camtl/exp") and got["b", "1"]["stage1_id"] == ids[1]
     assert "| b | 0,1 |" in (travelled / "study.md").read_text()
-    s1 = travelled / "curves" / "_shared-s1-domainshift1.csv"  # kept from the first machine; retrained the same
-    assert s1.read_bytes() == (tmp / "runs/tiny/_shared/s1/domainshift1/exp/results.csv").read_bytes()
-    assert "differs from the recorded" not in capsys.readouterr().out
-    s1.write_text(s1.read_text().replace(",", ";", 1))
-    study.write_results(new, "tiny", spec, travelled)
-    assert f"{new / 'tiny/_shared/s1/domainshift1/exp/results.csv'} differs from the recorded" in capsys.readouterr().out
+
+    # a machine whose arithmetic differs: seed 1's record came from a stage 1 this machine does not reproduce, so
+    # the reference runs again and b pairs with that run, not with the recorded one
+    other = [{**r, "stage1_id": "0123456789ab"} if r["seed"] == "1" else r for k, r in kept.items() if k != ("b", "1")]
+    travelled = travel(tmp, record, "travelled2", other)
+    launched, rows = continue_study(tmp, travelled, "m3", monkeypatch)
+    assert launched == [f"camtl project={str(tmp / f'm3/tiny/{arm}/s1')!r}" for arm in "ab"] + [
+        f"domainshift1 project={str(tmp / 'm3/tiny/_shared/s1')!r}"]
+    got = {(r["arm"], r["seed"], r["stage1_id"]): r for r in rows}
+    assert sorted(got) == [("a", "0", ids[0]), ("a", "1", "0123456789ab"), ("a", "1", ids[1]), ("b", "0", ids[0]),
+                           ("b", "1", ids[1])]
+    summary = study.summarize(study.read_record(travelled, "tiny", spec), ["a", "b"], "a")
+    want = [float(got["b", s, ids[int(s)]]["map50"]) - float(got["a", s, ids[int(s)]]["map50"]) for s in "01"]
+    assert summary["b"]["d_map50"][0] == pytest.approx(np.mean(want)) and summary["b"]["d_map50"][2] == 2
+    assert summary["a"]["seeds"] == [0, 1, 1] and summary["a"]["map50"][2] == 3
     bad = travelled / "study.csv"
     bad.write_text(bad.read_text().replace("tiny,", "other,"))
     with pytest.raises(SystemExit, match="--record .* holds study 'other', not 'tiny'"):
-        study.main(args)
+        study.main(["tiny", "--out", str(tmp / "m3"), "--record", str(travelled)])
 
 
 def test_study_table_equals_the_runs_csvs(ran, capsys):
@@ -319,7 +344,7 @@ def test_arms_that_change_the_seg_stream_train_their_own_stage1(tiny, tmp_path):
     spec = {**spec, "arms": {**spec["arms"], "c": dict(attn_tokens=8)}}
     jobs = study.plan("tiny", spec, ["a", "c"], [0], tmp_path)
     assert list(jobs) == ["_shared/s0/domainshift1", "a/s0/camtl", "c/s0/domainshift1", "c/s0/camtl"]
-    assert jobs["c/s0/camtl"].deps == ["c/s0/domainshift1"] and jobs["c/s0/domainshift1"].cfg["attn_tokens"] == 8
+    assert jobs["c/s0/camtl"].deps == ["_shared/s0/domainshift1", "c/s0/domainshift1"] and jobs["c/s0/domainshift1"].cfg["attn_tokens"] == 8
     assert jobs["c/s0/camtl"].cfg["weights_dir"] == str(tmp_path / "tiny" / "c" / "s0" / "domainshift1" / "exp" /
                                                         "weights")
     assert jobs["_shared/s0/domainshift1"].cfg["attn_tokens"] == 16
