@@ -9,7 +9,9 @@
 
 A run of an arm is its camtl stage, started from a stage-1 (domainshift1) product: the study's shared one of
 that seed, or the arm's own when it changes what stage 1 trains (SEG_STREAM keys), or none (`stage1=False`).
-Same seed = same data order and initialisation, so each arm's difference to the reference arm is paired per seed.
+Same seed = same data order and initialisation, so each arm's difference to the reference arm is paired per seed,
+and per stage1_id: the fingerprint of the seed's shared stage 1 as this machine trains it (another CPU rounds
+otherwise, and its runs take their own path).
 
     runs/study/NAME/_shared/sSEED/domainshift1/exp/     the shared stage 1 of a seed
     runs/study/NAME/ARM/sSEED/{domainshift1,camtl}/exp/ an arm's runs; study.json in each marks it finished
@@ -19,7 +21,9 @@ A finished run is skipped, an interrupted one resumed (`train.py --resume`) or, 
 checkpoint, restarted; the outputs are rewritten after every run, so a killed study loses at most the runs in
 flight. With --record DIR the results are also kept in DIR, a folder that can travel (the repository's
 results/ablation): an arm x seed whose row is there counts as finished, so a study continues on another machine
-from its record alone (its stage-1 runs are trained again where a pending run needs one). --dry-run estimates the cost from the wall times of this study's finished runs (the pilot's first).
+from its record alone (a seed with runs to do trains its shared stage 1 again, and its reference run too where
+that stage 1 comes out otherwise than the recorded one). --dry-run estimates the cost from the wall times of this
+study's finished runs (the pilot's first).
 Reported per run: the best epoch's metrics from results.csv (the epoch best.pt holds), and, computed here on
 best.pt, the mAP50 of the small stenoses (longest side < 32 px at the run's imgsz) and the vessel Dice on the
 source domain's val images (what camtl kept of stage 1). More: docs/study.md.
@@ -647,7 +651,8 @@ def run(out, name, spec, jobs, n_jobs, record=None):
     write_results(out, name, spec, record)
     term = signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops the study as Ctrl-C does
     try:
-        failed = execute(jobs, n_jobs, threads, lambda job: job.stage == "camtl" and write_results(out, name, spec, record))
+        failed = execute(jobs, n_jobs, threads,
+                         lambda job: job.stage == "camtl" and write_results(out, name, spec, record))
     except KeyboardInterrupt:
         raise SystemExit(f"\ninterrupted; the same command continues the study ({out / name})") from None
     finally:

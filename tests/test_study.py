@@ -344,7 +344,8 @@ def test_arms_that_change_the_seg_stream_train_their_own_stage1(tiny, tmp_path):
     spec = {**spec, "arms": {**spec["arms"], "c": dict(attn_tokens=8)}}
     jobs = study.plan("tiny", spec, ["a", "c"], [0], tmp_path)
     assert list(jobs) == ["_shared/s0/domainshift1", "a/s0/camtl", "c/s0/domainshift1", "c/s0/camtl"]
-    assert jobs["c/s0/camtl"].deps == ["_shared/s0/domainshift1", "c/s0/domainshift1"] and jobs["c/s0/domainshift1"].cfg["attn_tokens"] == 8
+    assert jobs["c/s0/camtl"].deps == ["_shared/s0/domainshift1", "c/s0/domainshift1"]  # the shared one: stage1_id
+    assert jobs["c/s0/domainshift1"].cfg["attn_tokens"] == 8
     assert jobs["c/s0/camtl"].cfg["weights_dir"] == str(tmp_path / "tiny" / "c" / "s0" / "domainshift1" / "exp" /
                                                         "weights")
     assert jobs["_shared/s0/domainshift1"].cfg["attn_tokens"] == 16
