@@ -322,19 +322,21 @@ def mean_std(values):
 
 def summarize(rows, arms, reference):
     """{arm: {metric: (mean, std, n), "d_" + metric: the same of the per-seed differences arm - reference,
-    camtl_min, seeds}} for the arms that have rows, in the order of arms. A run pairs with the reference run of
-    its seed and stage1_id (the same stage-1 product: the same machine's arithmetic)."""
+    camtl_min, seeds, pairs: [(seed, {metric: difference})]}} for the arms that have rows, in the order of arms. A
+    run pairs with the reference run of its seed and stage1_id (the same stage-1 product: the same machine's
+    arithmetic)."""
     ref = {(r["seed"], r["stage1_id"]): r for r in rows if r["arm"] == reference}
     out = {}
     for arm in arms:
         mine = [r for r in rows if r["arm"] == arm]
         if not mine:
             continue
-        s = {"seeds": [r["seed"] for r in mine], "camtl_min": mean_std([r["camtl_s"] / 60 for r in mine])}
+        paired = [(r, ref[r["seed"], r["stage1_id"]]) for r in mine if (r["seed"], r["stage1_id"]) in ref]
+        s = {"seeds": [r["seed"] for r in mine], "camtl_min": mean_std([r["camtl_s"] / 60 for r in mine]),
+             "pairs": [(r["seed"], {k: r[k] - f[k] for k, _, _ in METRICS}) for r, f in paired]}
         for k, _, _ in METRICS:
             s[k] = mean_std([r[k] for r in mine])
-            s["d_" + k] = mean_std([r[k] - ref[r["seed"], r["stage1_id"]][k] for r in mine
-                                    if (r["seed"], r["stage1_id"]) in ref])
+            s["d_" + k] = mean_std([d[k] for _, d in s["pairs"]])
         out[arm] = s
     return out
 
@@ -362,6 +364,10 @@ def write_table(path, name, spec, summary):
         cells = [fmt(s[k]) for k, _, _ in METRICS] + [fmt(s["camtl_min"], digits=1)]
         cells += ["ref" if arm == ref else fmt(s["d_" + k], sign=True) for k, _, _ in METRICS]
         lines.append(f"| {arm} | {','.join(map(str, s['seeds']))} | " + " | ".join(cells) + " |")
+    lines += ["", f"Each pair: the arm's run minus the `{ref}` run of the same seed and stage-1 product.", "",
+              "| arm | seed | " + " | ".join(f"Δ {h}" for h in heads) + " |", "|" + " --- |" * 2 + " ---: |" * len(heads)]
+    lines += [f"| {arm} | {seed} | " + " | ".join(fmt((d[k], math.nan, 1), sign=True) for k, _, _ in METRICS) + " |"
+              for arm, s in summary.items() if arm != ref for seed, d in s["pairs"]]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -277,9 +277,15 @@ def test_study_table_equals_the_runs_csvs(ran, capsys):
                                                              ("map50_95", "metrics/mAP50-95(B)"),
                                                              ("dice_full", "metrics/dice_full"))}
         assert all(float(row[k]) == pytest.approx(v) for k, v in want[arm, s].items())
+    summary_md, pairs_md = (out / "study.md").read_text().split("Each pair:")
     table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-             for line in (out / "study.md").read_text().splitlines() if line.startswith("| a ") or
-             line.startswith("| b ")}
+             for line in summary_md.splitlines() if line.startswith("| a ") or line.startswith("| b ")}
+    pairs = {int(line.split("|")[2]): [float(c) for c in line.split("|")[3:-1]]
+             for line in pairs_md.splitlines() if line.startswith("| b ")}
+    assert sorted(pairs) == [0, 1] and not any(line.startswith("| a ") for line in pairs_md.splitlines())
+    for s in (0, 1):  # per seed: b's run minus a's, each metric
+        assert pairs[s][0] == pytest.approx(want["b", s]["map50"] - want["a", s]["map50"], abs=6e-4)
+        assert pairs[s][3] == pytest.approx(want["b", s]["dice_full"] - want["a", s]["dice_full"], abs=6e-4)
     for arm in "ab":
         cells = table[arm]
         for col, k in ((1, "map50"), (2, "map50_95"), (4, "dice_full")):
