@@ -159,12 +159,6 @@ def fingerprint(weights):
     return h.hexdigest()[:12]
 
 
-def seed_fingerprint(out, name, seed):
-    """The fingerprint of the seed's shared stage-1 product on this disk ('' without one)."""
-    found = sorted((shared_stage1(out, name, seed) / "weights").glob("yolov8*-domainshift1.pt"))
-    return fingerprint(found[0]) if found else ""
-
-
 def product(job):
     return job.dir / "weights" / f"yolov8{scale_tag(job.cfg)}-{job.stage}.pt"
 
@@ -235,12 +229,31 @@ def start(job, how, threads):
 
 
 def finish(job, end=None):
-    """Score a trained job (camtl: the SCORES of best.pt) and write its marker -> the marker."""
+    """Score a trained job (camtl: the SCORES of best.pt) and write its marker, with the stage1_id the run has
+    from its seed's shared stage 1 (a stage-1 run: that of its own product) -> the marker."""
     clock = json.loads((job.dir / "time.json").read_text())
     mark = {"seconds": clock["spent"] + (end or time.time()) - clock["start"]}
     if job.stage == "camtl":
         mark.update(score(job.dir, job.cfg["data"]))
+    mark["stage1_id"] = run_stage1_id(job.dir)
     return write_mark(job.dir, mark)
+
+
+def run_stage1_id(run_dir):
+    """A run's stage1_id: a camtl run's is that of its seed's shared stage 1, a stage-1 run's the fingerprint of
+    its own product. Kept in the marker; a run finished before ids gets it from the disk, written into its marker
+    ('' when that stage 1 is gone)."""
+    mark = json.loads((run_dir / DONE).read_text()) if (run_dir / DONE).is_file() else {}
+    if "stage1_id" in mark:
+        return mark["stage1_id"]
+    if run_dir.parent.name == "camtl":  # runs/study/NAME/ARM/sSEED/camtl/exp -> NAME/_shared/sSEED/domainshift1/exp
+        sid = run_stage1_id(run_dir.parents[3] / SHARED / run_dir.parents[1].name / "domainshift1" / "exp")
+    else:
+        found = sorted((run_dir / "weights").glob("yolov8*-domainshift1.pt"))
+        sid = fingerprint(found[0]) if found else ""
+    if mark and sid:
+        write_mark(run_dir, {**mark, "stage1_id": sid})
+    return sid
 
 
 def score(run_dir, root, have=()):
@@ -309,7 +322,7 @@ def run_row(out, name, spec, arm, seed):
         mark = write_mark(camtl_dir, {**mark, **score(camtl_dir, root, have=mark)})
     s1 = json.loads((s1_dir / DONE).read_text()) if s1_dir is not None and (s1_dir / DONE).is_file() else {}
     metrics = {k: float(r.get(col) or "nan") if col else float(mark[k]) for k, col, _ in METRICS}
-    return dict(study=name, arm=arm, seed=seed, stage1_id=seed_fingerprint(out, name, seed), epoch=int(r["epoch"]),
+    return dict(study=name, arm=arm, seed=seed, stage1_id=run_stage1_id(camtl_dir), epoch=int(r["epoch"]),
                 **metrics, camtl_s=round(mark["seconds"], 1),
                 stage1=kind, stage1_s=round(s1.get("seconds", math.nan), 1), run=str(camtl_dir))
 
@@ -322,7 +335,7 @@ def mean_std(values):
 
 def summarize(rows, arms, reference):
     """{arm: {metric: (mean, std, n), "d_" + metric: the same of the per-seed differences arm - reference,
-    camtl_min, seeds, pairs: [(seed, {metric: difference})]}} for the arms that have rows, in the order of arms. A
+    camtl_min, seeds, pairs: [(seed, {metric: difference})], unpaired: [(seed, stage1_id)]}} for the arms that have rows, in the order of arms. A
     run pairs with the reference run of its seed and stage1_id (the same stage-1 product: the same machine's
     arithmetic)."""
     ref = {(r["seed"], r["stage1_id"]): r for r in rows if r["arm"] == reference}
@@ -333,7 +346,8 @@ def summarize(rows, arms, reference):
             continue
         paired = [(r, ref[r["seed"], r["stage1_id"]]) for r in mine if (r["seed"], r["stage1_id"]) in ref]
         s = {"seeds": [r["seed"] for r in mine], "camtl_min": mean_std([r["camtl_s"] / 60 for r in mine]),
-             "pairs": [(r["seed"], {k: r[k] - f[k] for k, _, _ in METRICS}) for r, f in paired]}
+             "pairs": [(r["seed"], {k: r[k] - f[k] for k, _, _ in METRICS}) for r, f in paired],
+             "unpaired": [(r["seed"], r["stage1_id"]) for r in mine if (r["seed"], r["stage1_id"]) not in ref]}
         for k, _, _ in METRICS:
             s[k] = mean_std([r[k] for r in mine])
             s["d_" + k] = mean_std([d[k] for _, d in s["pairs"]])
@@ -358,16 +372,21 @@ def write_table(path, name, spec, summary):
              f"deviation over the runs. Δ: per run the arm minus the `{ref}` run of the same seed and stage-1 "
              "product (same data order, initialisation and machine arithmetic), mean ± std over such pairs. camtl "
              "min: the camtl stage's wall time.", "",
-             "| arm | seeds | " + " | ".join(heads) + " | camtl min | " + " | ".join(f"Δ {h}" for h in heads) + " |",
-             "|" + " --- |" * 2 + " ---: |" * (2 * len(heads) + 1)]
+             "| arm | seeds | pairs | " + " | ".join(heads) + " | camtl min | " + " | ".join(f"Δ {h}" for h in heads)
+             + " |", "|" + " --- |" * 3 + " ---: |" * (2 * len(heads) + 1)]
     for arm, s in summary.items():
         cells = [fmt(s[k]) for k, _, _ in METRICS] + [fmt(s["camtl_min"], digits=1)]
         cells += ["ref" if arm == ref else fmt(s["d_" + k], sign=True) for k, _, _ in METRICS]
-        lines.append(f"| {arm} | {','.join(map(str, s['seeds']))} | " + " | ".join(cells) + " |")
+        pairs = "-" if arm == ref else str(len(s["pairs"]))
+        lines.append(f"| {arm} | {','.join(map(str, s['seeds']))} | {pairs} | " + " | ".join(cells) + " |")
     lines += ["", f"Each pair: the arm's run minus the `{ref}` run of the same seed and stage-1 product.", "",
               "| arm | seed | " + " | ".join(f"Δ {h}" for h in heads) + " |", "|" + " --- |" * 2 + " ---: |" * len(heads)]
     lines += [f"| {arm} | {seed} | " + " | ".join(fmt((d[k], math.nan, 1), sign=True) for k, _, _ in METRICS) + " |"
               for arm, s in summary.items() if arm != ref for seed, d in s["pairs"]]
+    alone = [f"{arm} s{seed} ({sid or 'no stage1_id'})" for arm, s in summary.items() if arm != ref
+             for seed, sid in s["unpaired"]]
+    if alone:
+        lines += ["", f"Without a `{ref}` run of the same seed and stage-1 product, so in no Δ: {', '.join(alone)}."]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -403,7 +422,8 @@ def plot_study(path, name, summary, rows, reference, panel=230, row_h=24):
 
 
 def read_record(record, name, spec):
-    """The rows of a study's record (RECORD/study.csv as write_results wrote it) of the study's arms -> [row]."""
+    """The rows of a study's record (RECORD/study.csv as write_results wrote it) -> [row]; a column an older
+    study.py did not write is NaN ('' for stage1_id)."""
     path = Path(record) / "study.csv"
     if not path.is_file():
         return []
@@ -414,31 +434,37 @@ def read_record(record, name, spec):
         raise SystemExit(f"--record {record}: its study.csv holds study {other[0]!r}, not {name!r}; give another "
                          "folder")
     ints, floats = ("seed", "epoch"), [k for k, _, _ in METRICS] + ["camtl_s", "stage1_s"]
-    return [{"stage1_id": "", **{k: int(v) if k in ints else float(v) if k in floats else v for k, v in r.items()}}
-            for r in rows if r["arm"] in spec["arms"]]
+    return [{"stage1_id": "", **{k: math.nan for k in floats},
+             **{k: int(v) if k in ints else float(v or "nan") if k in floats else v for k, v in r.items()}}
+            for r in rows]
 
 
 def write_results(out, name, spec, record=None):
-    """study.csv (every finished arm x seed of the study on disk, and those of the record not on disk, in the
-    study's arm order), study.md and study.png, rewritten whole in out/name and in the record (with the camtl
-    runs' results.csv as curves/ARM-sSEED.csv) -> the rows."""
+    """study.csv (every finished arm x seed of the study on disk, and the record's other rows, in the study's
+    arm order; rows of arms the study no longer has last, kept but not summarised), study.md and study.png,
+    rewritten whole in out/name and in the record (and its curves/, keep_curves) -> the rows. A run on disk and
+    in the record (same arm, seed and stage1_id) is the disk's, unless its stage1_id is unknown ('')."""
     d = out / name
     seeds = sorted({int(p.name[1:]) for p in d.glob("*/s*") if p.name[1:].isdigit()})
     rows = [run_row(out, name, spec, arm, seed) for arm in spec["arms"] for seed in seeds
             if (layout(out, name, spec, arm, seed)[0] / DONE).is_file()]
-    on_disk = {(r["arm"], r["seed"], r["stage1_id"]) for r in rows}
-    rows += [r for r in (read_record(record, name, spec) if record else [])
-             if (r["arm"], r["seed"], r["stage1_id"]) not in on_disk]
+    recorded = read_record(record, name, spec) if record else []
+
+    def key(r):
+        return r["arm"], r["seed"], r["stage1_id"]
+    rows = [r for r in rows if r["stage1_id"] or key(r) not in set(map(key, recorded))]
+    rows += [r for r in recorded if key(r) not in set(map(key, rows))]
     if not rows:
         return None
     order = list(spec["arms"])
-    rows.sort(key=lambda r: (order.index(r["arm"]), r["seed"]))
+    rows.sort(key=lambda r: (order.index(r["arm"]) if r["arm"] in order else len(order), r["arm"], r["seed"]))
     summary = summarize(rows, order, spec["reference"])
     for folder in [d] + ([Path(record)] if record else []):
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / "study.csv.tmp"
         with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(["study", "arm", "seed", "stage1_id", *rows[0]])))
+            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(["study", "arm", "seed", "stage1_id",
+                                                                   *(k for r in rows for k in r)])))
             w.writeheader()
             w.writerows(rows)
         os.replace(tmp, folder / "study.csv")
@@ -451,11 +477,11 @@ def write_results(out, name, spec, record=None):
 
 def keep_curves(out, name, curves):
     """Copy every finished run's results.csv (its validations epoch by epoch) to curves/ARM-sSEED-ID.csv (camtl)
-    or curves/ARM-sSEED-ID-domainshift1.csv (ARM _shared for a shared stage 1); ID: the seed's stage1_id."""
+    or curves/ARM-sSEED-ID-domainshift1.csv (ARM _shared for a shared stage 1); ID: the run's stage1_id."""
     curves.mkdir(parents=True, exist_ok=True)
     for mark in (out / name).glob(f"*/s*/*/exp/{DONE}"):
         arm, s, stage = mark.parts[-5], mark.parts[-4], mark.parts[-3]
-        stem = f"{arm}-{s}-{seed_fingerprint(out, name, int(s[1:]))}" + ("" if stage == "camtl" else f"-{stage}")
+        stem = f"{arm}-{s}-{run_stage1_id(mark.parent)}" + ("" if stage == "camtl" else f"-{stage}")
         shutil.copyfile(mark.parent / "results.csv", curves / f"{stem}.csv")
 
 
@@ -506,16 +532,18 @@ def estimate(t, job, reference):
 def dry_run(out, name, spec, jobs, n_jobs, recorded=()):
     t = timings(out, name, recorded)
     if recorded:
-        print(f"  {len(recorded)} arm x seed runs are in the record: {', '.join(sorted({r['arm'] for r in recorded}))}")
-    todo, unknown = 0.0, 0
+        print(f"  {len(recorded)} rows are in the record, of {', '.join(sorted({r['arm'] for r in recorded}))}")
+    todo, unknown, pending = 0.0, 0, 0
     for job in jobs.values():
         st = state(job)
+        if st != "done" and getattr(job, "known", None) is not None and product(jobs[job.deps[0]]).is_file():
+            st = "done" if fingerprint(product(jobs[job.deps[0]])) in job.known else st  # recorded from this stage 1
+        pending += st != "done"
         est = estimate(t, job, spec["reference"]) if st != "done" else None
         unknown += st != "done" and est is None
         todo += est or 0.0
         cost = "" if st == "done" else f"  ~{est / 60:.1f} min" if est is not None else "  (no timing yet)"
         print(f"  {st:7s} {job.key}{cost}")
-    pending = sum(state(j) != "done" for j in jobs.values())
     print(f"{pending} of {len(jobs)} runs to do, about {todo / 60 / n_jobs:.0f} min with --jobs {n_jobs}"
           + (f" plus {unknown} runs without a timing (run the pilot first: --only {spec['reference']} --seeds 0)"
              if unknown else ""))
@@ -596,7 +624,8 @@ def parse_args(argv):
     ap.add_argument("--jobs", type=int, default=1, help="runs at once, each with cores / jobs threads")
     ap.add_argument("--out", default="runs/study", help="where studies are written (default runs/study)")
     ap.add_argument("--record", metavar="DIR", help="keep the results in DIR too (study.csv, .md, .png, curves/); "
-                    "an arm x seed whose row is in DIR/study.csv counts as finished, on this machine or another")
+                    "an arm x seed whose row is in DIR/study.csv counts as finished, on this machine or another (the "
+                    "reference arm runs again where this machine's stage 1 differs: docs/study.md)")
     return ap.parse_args(argv)
 
 
@@ -630,6 +659,9 @@ def main(argv=None):
                 print(f"  {arm:14s} {' '.join(set_args(over)) or '(the config as it is)'}")
         return
     name, spec, arms, seeds = selection(a)
+    if spec["reference"] not in arms:  # every arm's runs pair with it
+        print(f"--only: the reference arm {spec['reference']} is run too where its run of a seed is missing")
+        arms = [x for x in spec["arms"] if x in arms or x == spec["reference"]]
     out = Path(a.out)
     jobs = plan(name, spec, arms, seeds, out)
     recorded = read_record(a.record, name, spec) if a.record else []

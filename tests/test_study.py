@@ -222,7 +222,7 @@ def test_a_study_continues_on_another_machine_from_its_record_alone(ran, monkeyp
     # the record without b seed 1 (killed in flight), on a machine that trains stage 1 as the first one did
     travelled = travel(tmp, record, "travelled", [r for k, r in kept.items() if k != ("b", "1")])
     study.main(["tiny", "--out", str(tmp / "m2"), "--record", str(travelled), "--dry-run"])
-    assert "3 arm x seed runs are in the record" in capsys.readouterr().out
+    assert "3 rows are in the record, of a, b" in capsys.readouterr().out
     launched, rows = continue_study(tmp, travelled, "m2", monkeypatch)
     assert launched == [f"camtl project={str(tmp / 'm2/tiny/b/s1')!r}",  # the missing run and its stage 1 only
                         f"domainshift1 project={str(tmp / 'm2/tiny/_shared/s1')!r}"]
@@ -250,6 +250,40 @@ def test_a_study_continues_on_another_machine_from_its_record_alone(ran, monkeyp
     bad.write_text(bad.read_text().replace("tiny,", "other,"))
     with pytest.raises(SystemExit, match="--record .* holds study 'other', not 'tiny'"):
         study.main(["tiny", "--out", str(tmp / "m3"), "--record", str(travelled)])
+
+
+def test_a_record_of_an_older_layout_keeps_every_row_and_pairs_only_what_it_can(tiny, tmp_path, capsys):
+    _, spec = tiny
+    spec = {**spec, "arms": {**spec["arms"], "c": dict(attn_tokens=8), "d": dict(stage1=False)}}
+    study.STUDIES["tiny2"] = spec
+    try:
+        record = tmp_path / "record"  # as study.py wrote it before stage1_id and Dice(source); an arm since removed
+        record.mkdir()
+        head = "study,arm,seed,epoch,map50,map50_95,map50_small,dice_full,camtl_s,stage1,stage1_s,run\n"
+        rows = [f"tiny2,{arm},0,3,{m},0.3,0.4,0.5,60.0,shared,10.0,r\n" for arm, m in
+                (("a", 0.5), ("b", 0.6), ("c", 0.7), ("d", 0.8), ("gone", 0.9))]
+        (record / "study.csv").write_text(head + "".join(rows) + "tiny2,b,1,3,0.1,0.3,0.4,0.5,60.0,shared,10.0,r\n")
+        recorded = study.read_record(record, "tiny2", spec)
+        assert all(r["stage1_id"] == "" and math.isnan(r["dice_source"]) for r in recorded)
+        jobs = study.unrecorded(study.plan("tiny2", spec, list(spec["arms"]), [0, 1], tmp_path / "runs"), recorded,
+                                "a")
+        # seed 0 is all recorded: nothing of it runs; seed 1: its reference, c's own stage 1, the shared one
+        assert list(jobs) == ["_shared/s1/domainshift1", "a/s1/camtl", "c/s1/domainshift1", "c/s1/camtl",
+                              "d/s1/camtl"]
+        assert jobs["d/s1/camtl"].deps == ["_shared/s1/domainshift1"] and "weights_dir" not in jobs["d/s1/camtl"].sets
+        got = study.write_results(tmp_path / "runs", "tiny2", spec, record)
+        assert [(r["arm"], r["seed"]) for r in got] == [("a", 0), ("b", 0), ("b", 1), ("c", 0), ("d", 0),
+                                                        ("gone", 0)]  # every row kept, the removed arm's last
+        md = (record / "study.md").read_text()
+        assert "| b | 0,1 | 1 | 0.350 ± 0.354 |" in md  # two runs, one pair: b s1 has no `a` run
+        assert "| b | 0 | +0.100 |" in md and "in no Δ: b s1 (no stage1_id)" in md and "gone" not in md
+        assert "stage1_id" in (record / "study.csv").read_text().splitlines()[0]
+        study.main(["tiny2", "--out", str(tmp_path / "runs"), "--only", "b", "--seeds", "1", "--record", str(record),
+                    "--dry-run"])
+        out = capsys.readouterr().out
+        assert "the reference arm a is run too" in out and "fresh   a/s1/camtl" in out and "b/s1" not in out
+    finally:
+        del study.STUDIES["tiny2"]
 
 
 def test_study_table_equals_the_runs_csvs(ran, capsys):
@@ -288,18 +322,19 @@ def test_study_table_equals_the_runs_csvs(ran, capsys):
         assert pairs[s][3] == pytest.approx(want["b", s]["dice_full"] - want["a", s]["dice_full"], abs=6e-4)
     for arm in "ab":
         cells = table[arm]
-        for col, k in ((1, "map50"), (2, "map50_95"), (4, "dice_full")):
+        assert cells[1] == ("-" if arm == "a" else "2")  # pairs
+        for col, k in ((2, "map50"), (3, "map50_95"), (5, "dice_full")):
             v = [want[arm, s][k] for s in (0, 1)]
             m, sd = cells[col].split(" ± ")
             assert float(m) == pytest.approx(np.mean(v), abs=6e-4) and float(sd) == pytest.approx(np.std(v, ddof=1),
                                                                                                   abs=6e-4)
         d = [want["b", s]["map50"] - want["a", s]["map50"] for s in (0, 1)]
         if arm == "b":  # paired per seed, not mean minus mean of unpaired runs
-            m, sd = cells[len(study.METRICS) + 2].split(" ± ")
+            m, sd = cells[len(study.METRICS) + 3].split(" ± ")
             assert float(m) == pytest.approx(np.mean(d), abs=6e-4) and float(sd) == pytest.approx(np.std(d, ddof=1),
                                                                                                   abs=6e-4)
         else:
-            assert cells[len(study.METRICS) + 2] == "ref"
+            assert cells[len(study.METRICS) + 3] == "ref"
     study.main(["tiny", "--out", str(tmp / "runs"), "--dry-run"])
     assert "0 of 6 runs to do" in capsys.readouterr().out
 
