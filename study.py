@@ -335,9 +335,9 @@ def mean_std(values):
 
 def summarize(rows, arms, reference):
     """{arm: {metric: (mean, std, n), "d_" + metric: the same of the per-seed differences arm - reference,
-    camtl_min, seeds, pairs: [(seed, {metric: difference})], unpaired: [(seed, stage1_id)]}} for the arms that have rows, in the order of arms. A
-    run pairs with the reference run of its seed and stage1_id (the same stage-1 product: the same machine's
-    arithmetic)."""
+    camtl_min, seeds, pairs: [(seed, {metric: difference})], unpaired: [(seed, stage1_id)]}} for the arms that
+    have rows, in the order of arms. A run pairs with the reference run of its seed and stage1_id (the same stage-1
+    product: the same machine's arithmetic)."""
     ref = {(r["seed"], r["stage1_id"]): r for r in rows if r["arm"] == reference}
     out = {}
     for arm in arms:
@@ -380,7 +380,8 @@ def write_table(path, name, spec, summary):
         pairs = "-" if arm == ref else str(len(s["pairs"]))
         lines.append(f"| {arm} | {','.join(map(str, s['seeds']))} | {pairs} | " + " | ".join(cells) + " |")
     lines += ["", f"Each pair: the arm's run minus the `{ref}` run of the same seed and stage-1 product.", "",
-              "| arm | seed | " + " | ".join(f"Δ {h}" for h in heads) + " |", "|" + " --- |" * 2 + " ---: |" * len(heads)]
+              "| arm | seed | " + " | ".join(f"Δ {h}" for h in heads) + " |",
+              "|" + " --- |" * 2 + " ---: |" * len(heads)]
     lines += [f"| {arm} | {seed} | " + " | ".join(fmt((d[k], math.nan, 1), sign=True) for k, _, _ in METRICS) + " |"
               for arm, s in summary.items() if arm != ref for seed, d in s["pairs"]]
     alone = [f"{arm} s{seed} ({sid or 'no stage1_id'})" for arm, s in summary.items() if arm != ref
