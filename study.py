@@ -346,11 +346,13 @@ def summarize(rows, arms, reference):
             continue
         paired = [(r, ref[r["seed"], r["stage1_id"]]) for r in mine if (r["seed"], r["stage1_id"]) in ref]
         s = {"seeds": [r["seed"] for r in mine], "camtl_min": mean_std([r["camtl_s"] / 60 for r in mine]),
-             "pairs": [(r["seed"], {k: r[k] - f[k] for k, _, _ in METRICS}) for r, f in paired],
+             "pairs": [(r["seed"], {**{k: r[k] - f[k] for k, _, _ in METRICS}, "time": r["camtl_s"] / f["camtl_s"]})
+                       for r, f in paired],
              "unpaired": [(r["seed"], r["stage1_id"]) for r in mine if (r["seed"], r["stage1_id"]) not in ref]}
         for k, _, _ in METRICS:
             s[k] = mean_std([r[k] for r in mine])
             s["d_" + k] = mean_std([d[k] for _, d in s["pairs"]])
+        s["time"] = mean_std([d["time"] for _, d in s["pairs"]])
         out[arm] = s
     return out
 
@@ -371,19 +373,21 @@ def write_table(path, name, spec, summary):
              f"Config `{spec['config'] or 'configs/synthetic.py'}`; each run's best epoch; mean ± sample standard "
              f"deviation over the runs. Δ: per run the arm minus the `{ref}` run of the same seed and stage-1 "
              "product (same data order, initialisation and machine arithmetic), mean ± std over such pairs. camtl "
-             "min: the camtl stage's wall time.", "",
+             "min: the camtl stage's wall time; time ×: per pair the arm's camtl wall time over the reference's (the "
+             "same machine).", "",
              "| arm | seeds | pairs | " + " | ".join(heads) + " | camtl min | " + " | ".join(f"Δ {h}" for h in heads)
-             + " |", "|" + " --- |" * 3 + " ---: |" * (2 * len(heads) + 1)]
+             + " | time × |", "|" + " --- |" * 3 + " ---: |" * (2 * len(heads) + 2)]
     for arm, s in summary.items():
         cells = [fmt(s[k]) for k, _, _ in METRICS] + [fmt(s["camtl_min"], digits=1)]
         cells += ["ref" if arm == ref else fmt(s["d_" + k], sign=True) for k, _, _ in METRICS]
+        cells += ["ref" if arm == ref else fmt(s["time"], digits=2)]
         pairs = "-" if arm == ref else str(len(s["pairs"]))
         lines.append(f"| {arm} | {','.join(map(str, s['seeds']))} | {pairs} | " + " | ".join(cells) + " |")
     lines += ["", f"Each pair: the arm's run minus the `{ref}` run of the same seed and stage-1 product.", "",
-              "| arm | seed | " + " | ".join(f"Δ {h}" for h in heads) + " |",
-              "|" + " --- |" * 2 + " ---: |" * len(heads)]
-    lines += [f"| {arm} | {seed} | " + " | ".join(fmt((d[k], math.nan, 1), sign=True) for k, _, _ in METRICS) + " |"
-              for arm, s in summary.items() if arm != ref for seed, d in s["pairs"]]
+              "| arm | seed | " + " | ".join(f"Δ {h}" for h in heads) + " | time × |",
+              "|" + " --- |" * 2 + " ---: |" * (len(heads) + 1)]
+    lines += [f"| {arm} | {seed} | " + " | ".join(fmt((d[k], math.nan, 1), sign=True) for k, _, _ in METRICS)
+              + f" | {d['time']:.2f} |" for arm, s in summary.items() if arm != ref for seed, d in s["pairs"]]
     alone = [f"{arm} s{seed} ({sid or 'no stage1_id'})" for arm, s in summary.items() if arm != ref
              for seed, sid in s["unpaired"]]
     if alone:

@@ -320,6 +320,7 @@ def test_study_table_equals_the_runs_csvs(ran, capsys):
     for s in (0, 1):  # per seed: b's run minus a's, each metric
         assert pairs[s][0] == pytest.approx(want["b", s]["map50"] - want["a", s]["map50"], abs=6e-4)
         assert pairs[s][3] == pytest.approx(want["b", s]["dice_full"] - want["a", s]["dice_full"], abs=6e-4)
+        assert pairs[s][-1] == pytest.approx(float(got["b", s]["camtl_s"]) / float(got["a", s]["camtl_s"]), abs=6e-3)
     for arm in "ab":
         cells = table[arm]
         assert cells[1] == ("-" if arm == "a" else "2")  # pairs
