@@ -246,8 +246,9 @@ def run_stage1_id(run_dir):
     mark = json.loads((run_dir / DONE).read_text()) if (run_dir / DONE).is_file() else {}
     if "stage1_id" in mark:
         return mark["stage1_id"]
-    if run_dir.parent.name == "camtl":  # runs/study/NAME/ARM/sSEED/camtl/exp -> NAME/_shared/sSEED/domainshift1/exp
-        sid = run_stage1_id(run_dir.parents[3] / SHARED / run_dir.parents[1].name / "domainshift1" / "exp")
+    if run_dir.parent.name == "camtl":  # OUT/NAME/ARM/sSEED/camtl/exp
+        out, name, seed = run_dir.parents[4], run_dir.parents[3].name, run_dir.parents[1].name[1:]
+        sid = run_stage1_id(shared_stage1(out, name, seed))
     else:
         found = sorted((run_dir / "weights").glob("yolov8*-domainshift1.pt"))
         sid = fingerprint(found[0]) if found else ""
@@ -426,7 +427,7 @@ def plot_study(path, name, summary, rows, reference, panel=230, row_h=24):
     return plots.save(img, path)
 
 
-def read_record(record, name, spec):
+def read_record(record, name):
     """The rows of a study's record (RECORD/study.csv as write_results wrote it) -> [row]; a column an older
     study.py did not write is NaN ('' for stage1_id)."""
     path = Path(record) / "study.csv"
@@ -453,7 +454,7 @@ def write_results(out, name, spec, record=None):
     seeds = sorted({int(p.name[1:]) for p in d.glob("*/s*") if p.name[1:].isdigit()})
     rows = [run_row(out, name, spec, arm, seed) for arm in spec["arms"] for seed in seeds
             if (layout(out, name, spec, arm, seed)[0] / DONE).is_file()]
-    recorded = read_record(record, name, spec) if record else []
+    recorded = read_record(record, name) if record else []
 
     def key(r):
         return r["arm"], r["seed"], r["stage1_id"]
@@ -669,7 +670,7 @@ def main(argv=None):
         arms = [x for x in spec["arms"] if x in arms or x == spec["reference"]]
     out = Path(a.out)
     jobs = plan(name, spec, arms, seeds, out)
-    recorded = read_record(a.record, name, spec) if a.record else []
+    recorded = read_record(a.record, name) if a.record else []
     jobs = unrecorded(jobs, recorded, spec["reference"])
     if a.dry_run:
         return dry_run(out, name, spec, jobs, a.jobs, recorded)

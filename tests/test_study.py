@@ -242,7 +242,7 @@ def test_a_study_continues_on_another_machine_from_its_record_alone(ran, monkeyp
     got = {(r["arm"], r["seed"], r["stage1_id"]): r for r in rows}
     assert sorted(got) == [("a", "0", ids[0]), ("a", "1", "0123456789ab"), ("a", "1", ids[1]), ("b", "0", ids[0]),
                            ("b", "1", ids[1])]
-    summary = study.summarize(study.read_record(travelled, "tiny", spec), ["a", "b"], "a")
+    summary = study.summarize(study.read_record(travelled, "tiny"), ["a", "b"], "a")
     want = [float(got["b", s, ids[int(s)]]["map50"]) - float(got["a", s, ids[int(s)]]["map50"]) for s in "01"]
     assert summary["b"]["d_map50"][0] == pytest.approx(np.mean(want)) and summary["b"]["d_map50"][2] == 2
     assert summary["a"]["seeds"] == [0, 1, 1] and summary["a"]["map50"][2] == 3
@@ -263,7 +263,7 @@ def test_a_record_of_an_older_layout_keeps_every_row_and_pairs_only_what_it_can(
         rows = [f"tiny2,{arm},0,3,{m},0.3,0.4,0.5,60.0,shared,10.0,r\n" for arm, m in
                 (("a", 0.5), ("b", 0.6), ("c", 0.7), ("d", 0.8), ("gone", 0.9))]
         (record / "study.csv").write_text(head + "".join(rows) + "tiny2,b,1,3,0.1,0.3,0.4,0.5,60.0,shared,10.0,r\n")
-        recorded = study.read_record(record, "tiny2", spec)
+        recorded = study.read_record(record, "tiny2")
         assert all(r["stage1_id"] == "" and math.isnan(r["dice_source"]) for r in recorded)
         jobs = study.unrecorded(study.plan("tiny2", spec, list(spec["arms"]), [0, 1], tmp_path / "runs"), recorded,
                                 "a")
