@@ -35,6 +35,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -228,11 +229,22 @@ def start(job, how, threads):
     return launch(argv, job.dir / "train.log", threads)
 
 
+def machine():
+    """The CPU this process runs on, as a short label: what a wall time depends on (a stage1_id names the
+    arithmetic, which two CPUs of one instruction set can share at different speeds)."""
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        return f"{info['model name']}, family {info['cpu family']} model {info['model']}"
+    except (OSError, KeyError, ValueError):
+        return platform.processor() or platform.machine()
+
+
 def finish(job, end=None):
     """Score a trained job (camtl: the SCORES of best.pt) and write its marker, with the stage1_id the run has
-    from its seed's shared stage 1 (a stage-1 run: that of its own product) -> the marker."""
+    from its seed's shared stage 1 (a stage-1 run: that of its own product) and the machine -> the marker."""
     clock = json.loads((job.dir / "time.json").read_text())
-    mark = {"seconds": clock["spent"] + (end or time.time()) - clock["start"]}
+    mark = {"seconds": clock["spent"] + (end or time.time()) - clock["start"], "machine": machine()}
     if job.stage == "camtl":
         mark.update(score(job.dir, job.cfg["data"]))
     mark["stage1_id"] = run_stage1_id(job.dir)
@@ -324,7 +336,7 @@ def run_row(out, name, spec, arm, seed):
     s1 = json.loads((s1_dir / DONE).read_text()) if s1_dir is not None and (s1_dir / DONE).is_file() else {}
     metrics = {k: float(r.get(col) or "nan") if col else float(mark[k]) for k, col, _ in METRICS}
     return dict(study=name, arm=arm, seed=seed, stage1_id=run_stage1_id(camtl_dir), epoch=int(r["epoch"]),
-                **metrics, camtl_s=round(mark["seconds"], 1),
+                **metrics, camtl_s=round(mark["seconds"], 1), machine=mark.get("machine", ""),
                 stage1=kind, stage1_s=round(s1.get("seconds", math.nan), 1), run=str(camtl_dir))
 
 
@@ -336,9 +348,9 @@ def mean_std(values):
 
 def summarize(rows, arms, reference):
     """{arm: {metric: (mean, std, n), "d_" + metric: the same of the per-seed differences arm - reference,
-    camtl_min, seeds, pairs: [(seed, {metric: difference})], unpaired: [(seed, stage1_id)]}} for the arms that
-    have rows, in the order of arms. A run pairs with the reference run of its seed and stage1_id (the same stage-1
-    product: the same machine's arithmetic)."""
+    camtl_min, seeds, pairs: [(seed, {metric: difference, time: wall-time ratio})], unpaired: [(seed, stage1_id)]}}
+    for the arms that have rows, in the order of arms. A run pairs with the reference run of its seed and stage1_id
+    (the same stage-1 product: the same arithmetic); its time ratio is NaN unless both ran on one known machine."""
     ref = {(r["seed"], r["stage1_id"]): r for r in rows if r["arm"] == reference}
     out = {}
     for arm in arms:
@@ -347,7 +359,7 @@ def summarize(rows, arms, reference):
             continue
         paired = [(r, ref[r["seed"], r["stage1_id"]]) for r in mine if (r["seed"], r["stage1_id"]) in ref]
         s = {"seeds": [r["seed"] for r in mine], "camtl_min": mean_std([r["camtl_s"] / 60 for r in mine]),
-             "pairs": [(r["seed"], {**{k: r[k] - f[k] for k, _, _ in METRICS}, "time": r["camtl_s"] / f["camtl_s"]})
+             "pairs": [(r["seed"], {**{k: r[k] - f[k] for k, _, _ in METRICS}, "time": time_ratio(r, f)})
                        for r, f in paired],
              "unpaired": [(r["seed"], r["stage1_id"]) for r in mine if (r["seed"], r["stage1_id"]) not in ref]}
         for k, _, _ in METRICS:
@@ -356,6 +368,12 @@ def summarize(rows, arms, reference):
         s["time"] = mean_std([d["time"] for _, d in s["pairs"]])
         out[arm] = s
     return out
+
+
+def time_ratio(run, ref):
+    """A run's camtl wall time over its reference's, NaN unless both name the same machine."""
+    same = run.get("machine") and run.get("machine") == ref.get("machine")
+    return run["camtl_s"] / ref["camtl_s"] if same else math.nan
 
 
 def fmt(ms, sign=False, digits=3):
@@ -374,8 +392,8 @@ def write_table(path, name, spec, summary):
              f"Config `{spec['config'] or 'configs/synthetic.py'}`; each run's best epoch; mean ± sample standard "
              f"deviation over the runs. Δ: per run the arm minus the `{ref}` run of the same seed and stage-1 "
              "product (same data order, initialisation and machine arithmetic), mean ± std over such pairs. camtl "
-             "min: the camtl stage's wall time; time ×: per pair the arm's camtl wall time over the reference's (the "
-             "same machine).", "",
+             "min: the camtl stage's wall time, over every machine; time ×: per pair the arm's camtl wall time over the "
+             "reference's, for pairs run on one machine (study.csv's machine).", "",
              "| arm | seeds | pairs | " + " | ".join(heads) + " | camtl min | " + " | ".join(f"Δ {h}" for h in heads)
              + " | time × |", "|" + " --- |" * 3 + " ---: |" * (2 * len(heads) + 2)]
     for arm, s in summary.items():
@@ -388,7 +406,8 @@ def write_table(path, name, spec, summary):
               "| arm | seed | " + " | ".join(f"Δ {h}" for h in heads) + " | time × |",
               "|" + " --- |" * 2 + " ---: |" * (len(heads) + 1)]
     lines += [f"| {arm} | {seed} | " + " | ".join(fmt((d[k], math.nan, 1), sign=True) for k, _, _ in METRICS)
-              + f" | {d['time']:.2f} |" for arm, s in summary.items() if arm != ref for seed, d in s["pairs"]]
+              + f" | {fmt((d['time'], math.nan, int(math.isfinite(d['time']))), digits=2)} |"
+              for arm, s in summary.items() if arm != ref for seed, d in s["pairs"]]
     alone = [f"{arm} s{seed} ({sid or 'no stage1_id'})" for arm, s in summary.items() if arm != ref
              for seed, sid in s["unpaired"]]
     if alone:
@@ -429,7 +448,7 @@ def plot_study(path, name, summary, rows, reference, panel=230, row_h=24):
 
 def read_record(record, name):
     """The rows of a study's record (RECORD/study.csv as write_results wrote it) -> [row]; a column an older
-    study.py did not write is NaN ('' for stage1_id)."""
+    study.py did not write is NaN ('' for stage1_id and machine)."""
     path = Path(record) / "study.csv"
     if not path.is_file():
         return []
@@ -440,7 +459,7 @@ def read_record(record, name):
         raise SystemExit(f"--record {record}: its study.csv holds study {other[0]!r}, not {name!r}; give another "
                          "folder")
     ints, floats = ("seed", "epoch"), [k for k, _, _ in METRICS] + ["camtl_s", "stage1_s"]
-    return [{"stage1_id": "", **{k: math.nan for k in floats},
+    return [{"stage1_id": "", "machine": "", **{k: math.nan for k in floats},
              **{k: int(v) if k in ints else float(v or "nan") if k in floats else v for k, v in r.items()}}
             for r in rows]
 

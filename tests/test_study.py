@@ -214,6 +214,7 @@ def test_a_study_continues_on_another_machine_from_its_record_alone(ran, monkeyp
     ids = [study.fingerprint(next((runs / f"_shared/s{s}/domainshift1/exp/weights").glob("yolov8*-domainshift1.pt")))
            for s in (0, 1)]
     assert ids[0] != ids[1] and all(kept[arm, str(s)]["stage1_id"] == ids[s] for arm in "ab" for s in (0, 1))
+    assert {r["machine"] for r in kept.values()} == {study.machine()} and study.machine()
     assert sorted(p.name for p in (record / "curves").iterdir()) == sorted(
         [f"_shared-s{s}-{ids[s]}-domainshift1.csv" for s in (0, 1)] + [f"{a}-s{s}-{ids[s]}.csv" for a in "ab"
                                                                          for s in (0, 1)])
@@ -284,6 +285,23 @@ def test_a_record_of_an_older_layout_keeps_every_row_and_pairs_only_what_it_can(
         assert "the reference arm a is run too" in out and "fresh   a/s1/camtl" in out and "b/s1" not in out
     finally:
         del study.STUDIES["tiny2"]
+
+
+def test_time_ratios_pair_only_runs_of_one_machine(tmp_path):
+    def row(arm, seed, machine, camtl_s, map50):
+        return dict(arm=arm, seed=seed, stage1_id="ab12", machine=machine, camtl_s=camtl_s, map50=map50,
+                    **{k: 0.5 for k, _, _ in study.METRICS if k != "map50"})
+    # seed 0: both on machine X; seed 1: one stage 1 (same bits) on two CPUs; seed 2: an older row, no machine
+    rows = [row("a", 0, "X", 100.0, 0.5), row("b", 0, "X", 80.0, 0.6), row("a", 1, "X", 100.0, 0.5),
+            row("b", 1, "Y", 150.0, 0.7), row("a", 2, "", 100.0, 0.5), row("b", 2, "", 90.0, 0.4)]
+    s = study.summarize(rows, ["a", "b"], "a")["b"]
+    assert [seed for seed, _ in s["pairs"]] == [0, 1, 2]  # every pair counts for the metrics
+    assert s["d_map50"][0] == pytest.approx((0.1 + 0.2 - 0.1) / 3) and s["d_map50"][2] == 3
+    assert s["time"][0] == pytest.approx(0.8) and s["time"][2] == 1  # only seed 0's time is a ratio
+    study.write_table(tmp_path / "study.md", "t", {"config": None, "reference": "a"}, study.summarize(rows, "ab", "a"))
+    md = (tmp_path / "study.md").read_text()
+    assert "| b | 0 | +0.100 | +0.000 | +0.000 | +0.000 | +0.000 | 0.80 |" in md
+    assert "| b | 1 | +0.200 | +0.000 | +0.000 | +0.000 | +0.000 | - |" in md and "| 0.80 |" in md
 
 
 def test_study_table_equals_the_runs_csvs(ran, capsys):
