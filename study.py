@@ -392,8 +392,8 @@ def write_table(path, name, spec, summary):
              f"Config `{spec['config'] or 'configs/synthetic.py'}`; each run's best epoch; mean ± sample standard "
              f"deviation over the runs. Δ: per run the arm minus the `{ref}` run of the same seed and stage-1 "
              "product (same data order, initialisation and machine arithmetic), mean ± std over such pairs. camtl "
-             "min: the camtl stage's wall time, over every machine; time ×: per pair the arm's camtl wall time over the "
-             "reference's, for pairs run on one machine (study.csv's machine).", "",
+             "min: the camtl stage's wall time, over every machine; time ×: per pair the arm's camtl wall time over "
+             "the reference's, for pairs run on one machine (study.csv's machine).", "",
              "| arm | seeds | pairs | " + " | ".join(heads) + " | camtl min | " + " | ".join(f"Δ {h}" for h in heads)
              + " | time × |", "|" + " --- |" * 3 + " ---: |" * (2 * len(heads) + 2)]
     for arm, s in summary.items():
