@@ -390,10 +390,11 @@ def write_table(path, name, spec, summary):
     heads = [label for _, _, label in METRICS]
     lines = [f"# Study `{name}`", "",
              f"Config `{spec['config'] or 'configs/synthetic.py'}`; each run's best epoch; mean ± sample standard "
-             f"deviation over the runs. Δ: per run the arm minus the `{ref}` run of the same seed and stage-1 "
-             "product (same data order, initialisation and machine arithmetic), mean ± std over such pairs. camtl "
-             "min: the camtl stage's wall time, over every machine; time ×: per pair the arm's camtl wall time over "
-             "the reference's, for pairs run on one machine (study.csv's machine).", "",
+             f"deviation over the runs. Δ: per run the arm minus the `{ref}` run of the same seed and stage1_id "
+             "(the seed's shared stage 1 as trained there: same data order, initialisation and machine arithmetic; "
+             "an arm with its own stage 1 differs in that too), mean ± std over such pairs. camtl min: the camtl "
+             "stage's wall time, over every machine; time ×: per pair the arm's camtl wall time over the "
+             "reference's, over the pairs run on one machine (study.csv's machine), which can be fewer.", "",
              "| arm | seeds | pairs | " + " | ".join(heads) + " | camtl min | " + " | ".join(f"Δ {h}" for h in heads)
              + " | time × |", "|" + " --- |" * 3 + " ---: |" * (2 * len(heads) + 2)]
     for arm, s in summary.items():
@@ -402,7 +403,7 @@ def write_table(path, name, spec, summary):
         cells += ["ref" if arm == ref else fmt(s["time"], digits=2)]
         pairs = "-" if arm == ref else str(len(s["pairs"]))
         lines.append(f"| {arm} | {','.join(map(str, s['seeds']))} | {pairs} | " + " | ".join(cells) + " |")
-    lines += ["", f"Each pair: the arm's run minus the `{ref}` run of the same seed and stage-1 product.", "",
+    lines += ["", f"Each pair: the arm's run minus the `{ref}` run of the same seed and stage1_id.", "",
               "| arm | seed | " + " | ".join(f"Δ {h}" for h in heads) + " | time × |",
               "|" + " --- |" * 2 + " ---: |" * (len(heads) + 1)]
     lines += [f"| {arm} | {seed} | " + " | ".join(fmt((d[k], math.nan, 1), sign=True) for k, _, _ in METRICS)
@@ -411,7 +412,7 @@ def write_table(path, name, spec, summary):
     alone = [f"{arm} s{seed} ({sid or 'no stage1_id'})" for arm, s in summary.items() if arm != ref
              for seed, sid in s["unpaired"]]
     if alone:
-        lines += ["", f"Without a `{ref}` run of the same seed and stage-1 product, so in no Δ: {', '.join(alone)}."]
+        lines += ["", f"Without a `{ref}` run of the same seed and stage1_id, so in no Δ: {', '.join(alone)}."]
     path.write_text("\n".join(lines) + "\n")
 
 
