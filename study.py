@@ -407,7 +407,7 @@ def write_table(path, name, spec, summary):
               "| arm | seed | " + " | ".join(f"Δ {h}" for h in heads) + " | time × |",
               "|" + " --- |" * 2 + " ---: |" * (len(heads) + 1)]
     lines += [f"| {arm} | {seed} | " + " | ".join(fmt((d[k], math.nan, 1), sign=True) for k, _, _ in METRICS)
-              + f" | {fmt((d['time'], math.nan, int(math.isfinite(d['time']))), digits=2)} |"
+              + (f" | {d['time']:.2f} |" if math.isfinite(d["time"]) else " | - |")
               for arm, s in summary.items() if arm != ref for seed, d in s["pairs"]]
     alone = [f"{arm} s{seed} ({sid or 'no stage1_id'})" for arm, s in summary.items() if arm != ref
              for seed, sid in s["unpaired"]]
