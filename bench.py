@@ -364,7 +364,8 @@ def bench_steplevers(a):
     """(i) train step (forward + loss + backward), 512 px, batch 4: YOLOv8 and CAMTL in the camtl stage set-up
     (camtl_step), eager and channels_last, and with --compile Module.compile(dynamic=False) in channels_last (first
     call = compile, minutes per graph on a CPU, reported apart); also CAMTL in channels_last with every query kept
-    (attn_query_stride=8). All alternate in one process; ratios are medians of per-round ratios. Headline: CAMTL
+    (attn_query_stride=8), with the study's speed arms (attn_query_stride=32; attn_heads=2 attn_tokens=128) and
+    with xtam=True. All alternate in one process; ratios are medians of per-round ratios. Headline: CAMTL
     eager."""
     S, out = a.size or 512, {}
     levers = {"eager": {}, "channels_last": {"channels_last": True}}
@@ -372,9 +373,12 @@ def bench_steplevers(a):
         levers["compiled"] = {"channels_last": True, "compiled": True}
     steps = {f"{m}_{k}": camtl_step(m, S, scale=a.scale, camtl_stage=True, **kw)
              for k, kw in levers.items() for m in ("yolov8", "camtl")}
-    # what attn_query_stride=16 (the default: P3's queries pooled 2x2) buys against every query kept
-    steps["camtl_channels_last_all_queries"] = camtl_step("camtl", S, scale=a.scale, camtl_stage=True,
-                                                          channels_last=True, cfg={"attn_query_stride": 8})
+    # the default's attention against every query kept, the study's two speed arms and the two-way exchange
+    variants = {"all_queries": {"attn_query_stride": 8}, "qs32": {"attn_query_stride": 32},
+                "h2t128": {"attn_heads": 2, "attn_tokens": 128}, "xtam": {"xtam": True}}
+    for v, cfg in variants.items():
+        steps[f"camtl_channels_last_{v}"] = camtl_step("camtl", S, scale=a.scale, camtl_stage=True,
+                                                       channels_last=True, cfg=cfg)
     for k, step in steps.items():
         if k.endswith("_compiled"):
             t = time.perf_counter()
@@ -384,8 +388,8 @@ def bench_steplevers(a):
     out.update({f"{k}_ms": statistics.median(v) for k, v in times.items()})
     for k in levers:
         out[f"camtl_vs_yolov8_{k}"] = ratio(times, f"camtl_{k}", f"yolov8_{k}")
-    out["camtl_all_queries_vs_yolov8_channels_last"] = ratio(times, "camtl_channels_last_all_queries",
-                                                             "yolov8_channels_last")
+    for v in variants:
+        out[f"camtl_{v}_vs_yolov8_channels_last"] = ratio(times, f"camtl_channels_last_{v}", "yolov8_channels_last")
     if a.compile:
         out["camtl_compiled_vs_yolov8_eager"] = ratio(times, "camtl_compiled", "yolov8_eager")
     return {"what": f"YOLOv8{a.scale} / CAMTL{a.scale} (camtl stage) train step levers, 4x3x{S}x{S}; headline CAMTL "
