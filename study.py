@@ -645,7 +645,8 @@ def parse_args(argv):
     ap.add_argument("study", nargs="?", help=f"one of {', '.join(STUDIES)}")
     ap.add_argument("--list", action="store_true", help="list the studies and their arms")
     ap.add_argument("--seeds", help="comma list, e.g. 0,1,2 (default: the study's)")
-    ap.add_argument("--only", action="append", metavar="ARM", help="these arms only (repeatable, or a comma list)")
+    ap.add_argument("--only", action="append", metavar="ARM",
+                    help="these arms only (repeatable, or a comma list; an arm starting with - as --only=-CTAM)")
     ap.add_argument("--dry-run", action="store_true", help="list the runs, which are done, and the estimated cost")
     ap.add_argument("--jobs", type=int, default=1, help="runs at once, each with cores / jobs threads")
     ap.add_argument("--out", default="runs/study", help="where studies are written (default runs/study)")
