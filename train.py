@@ -162,10 +162,12 @@ def csv_row(epoch, train_terms, metrics, opt):
 
 
 def write_run_config(path, cfg):
-    """The run folder's config.py: the resolved config as a --config file that reproduces the run."""
+    """The run folder's config.py: the resolved config as a --config file that reproduces the run. Its command
+    repeats the run in a new folder, also when this one was reused (exist_ok), so it never writes over the run."""
     body = pprint.pformat({k: v for k, v in cfg.items() if k != "stage"}, sort_dicts=False, width=110)
+    fresh = " exist_ok=False" if cfg["exist_ok"] else ""
     path.write_text(f'"""The resolved config of a {cfg["stage"]} run. Reproduce it with\n'
-                    f'    python train.py --stage {cfg["stage"]} --config {path}\n"""\nconfig = {body}\n')
+                    f'    python train.py --stage {cfg["stage"]} --config {path}{fresh}\n"""\nconfig = {body}\n')
 
 
 def write_csv(path, row, keep_epochs=None):

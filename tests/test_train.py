@@ -88,6 +88,21 @@ def test_each_stage_writes_every_artefact(stages):
     assert 0 <= camtl_m["dice_full"] <= 1 and 0 <= camtl_m["map50"] <= 1
 
 
+@pytest.mark.parametrize("exist_ok", [False, True])
+def test_config_py_repeats_a_run_in_a_new_folder(tmp_path, exist_ok):
+    # config.py's own command must not write over the run it describes, also when the run reused its folder
+    # (exist_ok=True, as study.py's runs do)
+    cfg = config.load_config("camtl", None, [f"project={tmp_path}", f"exist_ok={exist_ok}"])
+    d = config.next_run_dir(cfg["project"], "camtl", cfg["name"], cfg["exist_ok"])
+    d.mkdir(parents=True)
+    train.write_run_config(d / "config.py", cfg)
+    cmd = (d / "config.py").read_text().splitlines()[1].split()
+    assert cmd[:6] == ["python", "train.py", "--stage", "camtl", "--config", str(d / "config.py")]
+    again = config.load_config("camtl", cmd[5], cmd[6:])
+    assert {k: v for k, v in again.items() if k != "exist_ok"} == {k: v for k, v in cfg.items() if k != "exist_ok"}
+    assert config.next_run_dir(again["project"], "camtl", again["name"], again["exist_ok"]) == d.parent / "exp2"
+
+
 def test_key_value_arguments_after_the_command_are_set_keys(synth):
     run_dir, _ = train.main(["--stage", "domainshift1", *TINY, f"data={synth / 'synth'}",
                              f"project={synth / 'runs_kv'}", f"weights_dir={synth / 'weights'}", "epochs=1",
