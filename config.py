@@ -198,7 +198,7 @@ def check_config(cfg):
     """Rules between keys, once every layer is merged."""
     if cfg["attn_dim"] % cfg["attn_heads"]:
         raise SystemExit(f"keys 'attn_dim' {cfg['attn_dim']} and 'attn_heads' {cfg['attn_heads']}: attn_dim must be "
-                         "divisible by attn_heads (e.g. attn_dim=64 attn_heads=4)")
+                         "divisible by attn_heads (e.g. attn_dim=64 attn_heads=2)")
     return cfg
 
 

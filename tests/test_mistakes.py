@@ -183,7 +183,7 @@ ROWS = [
      "key 'device' expects auto, cpu, cuda, cuda:N or a GPU index N, got 'gpu'"),
     ("device=0,1", "exit", setting("device=0,1"),
      "names 2 GPUs, and one process drives one GPU: run `CUDA_VISIBLE_DEVICES=0,1 torchrun --nproc_per_node=2"),
-    ("attn_dim % heads", "exit", setting("attn_dim=30"), "attn_dim must be divisible by attn_heads"),
+    ("attn_dim % heads", "exit", setting("attn_dim=31"), "attn_dim must be divisible by attn_heads"),
     ("gn_groups=0", "exit", setting("gn_groups=0"), "key 'gn_groups' must be"),
     ("attn_query_stride=12", "exit", setting("attn_query_stride=12"), "key 'attn_query_stride' must be one of 8"),
     ("synthetic_n=0", "exit", setting("synthetic_n=0"), "key 'synthetic_n' must be >= 1"),

@@ -412,6 +412,19 @@ def test_arms_that_change_the_seg_stream_train_their_own_stage1(tiny, tmp_path):
     assert study.layout(tmp_path, "tiny", {"arms": {"x": {"stage1": False}}}, "x", 0)[1:] == (None, "none")
 
 
+def test_the_ablation_keeps_the_attention_its_record_measured(tmp_path, capsys):
+    # its full arm is the model of results/ablation (4 heads, 256 tokens) whatever configs/defaults.py says, so
+    # `python study.py ablation` repeats the record and never takes its runs for ones of another config
+    spec = study.STUDIES["ablation"]
+    jobs = study.plan("ablation", spec, ["full", "speed-h2t128"], [0], tmp_path)
+    for key, heads, tokens in (("_shared/s0/domainshift1", 4, 256), ("full/s0/camtl", 4, 256),
+                               ("speed-h2t128/s0/domainshift1", 2, 128), ("speed-h2t128/s0/camtl", 2, 128)):
+        assert (jobs[key].cfg["attn_heads"], jobs[key].cfg["attn_tokens"]) == (heads, tokens), key
+    assert jobs["full/s0/camtl"].cfg["attn_query_stride"] == 16 and not jobs["full/s0/camtl"].cfg["xtam"]
+    study.main(["--list"])
+    assert "set attn_heads=4 attn_tokens=256" in capsys.readouterr().out
+
+
 def test_an_interrupted_run_is_resumed_and_its_clock_continues(tiny, tmp_path, monkeypatch):
     _, spec = tiny
     job = study.plan("tiny", spec, ["a"], [0], tmp_path)["a/s0/camtl"]
