@@ -266,6 +266,8 @@ def find_stage1(cfg):
 
 # switches of parts that stage 1 trains (seg stream, neck): a camtl run with other values cannot carry them over
 STAGE1_SWITCHES = ("fpma", "xtam", "ema_attention")
+# keys that change what stage 1's attention and GroupNorm compute but no weight's shape: its weights load either way
+STAGE1_FUNCTION = ("attn_heads", "attn_tokens", "attn_query_stride", "gn_groups")
 
 
 def build_model(cfg, stage, log, verbose=True):
@@ -284,11 +286,14 @@ def build_model(cfg, stage, log, verbose=True):
             "starting camtl from COCO weights or random init. Run `python train.py --stage domainshift1` first.")
     if stage_ckpt is not None:
         was = saved_config(read_checkpoint(stage_ckpt).get("config", {}))
-        diff = [k for k in STAGE1_SWITCHES if was[k] != cfg[k]]
-        if diff:
-            then, now = (" ".join(f"{k}={c[k]}" for k in diff) for c in (was, cfg))
-            log(f"WARNING: {stage_ckpt} was trained with {then}, this run has {now}: what stage 1 trained there does "
-                f"not carry over, the parts this run has start fresh (--set {then} to continue from it)")
+        for keys, what in ((STAGE1_SWITCHES, "what stage 1 trained there does not carry over, the parts this run "
+                            "has start fresh"), (STAGE1_FUNCTION, "its weights load, but compute otherwise than in "
+                                                                  "stage 1")):
+            diff = [k for k in keys if was[k] != cfg[k]]
+            if diff:
+                then, now = (" ".join(f"{k}={c[k]}" for k in diff) for c in (was, cfg))
+                log(f"WARNING: {stage_ckpt} was trained with {then}, this run has {now}: {what} (--set {then} to "
+                    "continue from it as trained)")
     if not cfg["ctam"] and cfg["lambda_align"]:
         log(f"ctam=False: the align term is skipped (it aligns CTAM's attention with the vessels; lambda_align "
             f"{cfg['lambda_align']} unused)")

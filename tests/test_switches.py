@@ -256,6 +256,21 @@ def test_a_stage1_checkpoint_with_other_stage1_switches_is_warned_about(tmp_path
     assert not any(line.startswith("WARNING") for line in logs)
 
 
+def test_a_stage1_checkpoint_with_another_attention_is_warned_about(tmp_path):
+    # heads, tokens, query stride and GroupNorm groups change no weight shape: such a checkpoint loads silently
+    # unless told, and its attention then computes something else than in stage 1
+    path, sets = stage1_file(tmp_path, attn_heads=4, attn_tokens=32)
+    logs = []
+    train.build_model(load_config("camtl", None, sets), "camtl", logs.append, verbose=False)
+    warned = [line for line in logs if line.startswith("WARNING") and str(path) in line]
+    assert len(warned) == 1 and "attn_heads=4 attn_tokens=32" in warned[0]
+    assert "this run has attn_heads=2 attn_tokens=16" in warned[0] and "--set attn_heads=4 attn_tokens=32" in warned[0]
+    logs.clear()
+    train.build_model(load_config("camtl", None, sets + ["attn_heads=4", "attn_tokens=32"]), "camtl", logs.append,
+                      verbose=False)
+    assert not any(line.startswith("WARNING") for line in logs)
+
+
 def test_det_only_ratio_and_ctam_off_skip_the_terms_that_need_seg_or_ctam():
     det, seg = batches()
     cfg = {**DEFAULTS, "stage": "camtl"}
