@@ -286,9 +286,9 @@ def build_model(cfg, stage, log, verbose=True):
             "starting camtl from COCO weights or random init. Run `python train.py --stage domainshift1` first.")
     if stage_ckpt is not None:
         was = saved_config(read_checkpoint(stage_ckpt).get("config", {}))
-        for keys, what in ((STAGE1_SWITCHES, "what stage 1 trained there does not carry over, the parts this run "
-                            "has start fresh"), (STAGE1_FUNCTION, "its weights load, but compute otherwise than in "
-                                                                  "stage 1")):
+        effect = {STAGE1_SWITCHES: "what stage 1 trained there does not carry over, the parts this run has start fresh",
+                  STAGE1_FUNCTION: "its weights load, but compute otherwise than in stage 1"}
+        for keys, what in effect.items():
             diff = [k for k in keys if was[k] != cfg[k]]
             if diff:
                 then, now = (" ".join(f"{k}={c[k]}" for k in diff) for c in (was, cfg))
