@@ -363,9 +363,9 @@ def bench_levers(a):
 def bench_steplevers(a):
     """(i) train step (forward + loss + backward), 512 px, batch 4: YOLOv8 and CAMTL in the camtl stage set-up
     (camtl_step), eager and channels_last, and with --compile Module.compile(dynamic=False) in channels_last (first
-    call = compile, minutes per graph on a CPU, reported apart); also CAMTL in channels_last with every query kept
-    (attn_query_stride=8), with the study's speed arms (attn_query_stride=32; attn_heads=2 attn_tokens=128) and
-    with xtam=True. All alternate in one process; ratios are medians of per-round ratios. Headline: CAMTL
+    call = compile, minutes per graph on a CPU, reported apart); also CAMTL in channels_last with one change to its
+    defaults each: attn_heads=4 attn_tokens=256 (the ablation's full model), attn_query_stride=8 (every query kept),
+    attn_query_stride=32, xtam=True. All alternate in one process; ratios are medians of per-round ratios. Headline: CAMTL
     eager."""
     S, out = a.size or 512, {}
     levers = {"eager": {}, "channels_last": {"channels_last": True}}
@@ -373,9 +373,10 @@ def bench_steplevers(a):
         levers["compiled"] = {"channels_last": True, "compiled": True}
     steps = {f"{m}_{k}": camtl_step(m, S, scale=a.scale, camtl_stage=True, **kw)
              for k, kw in levers.items() for m in ("yolov8", "camtl")}
-    # the default's attention against every query kept, the study's two speed arms and the two-way exchange
-    variants = {"all_queries": {"attn_query_stride": 8}, "qs32": {"attn_query_stride": 32},
-                "h2t128": {"attn_heads": 2, "attn_tokens": 128}, "xtam": {"xtam": True}}
+    # the default attention (2 heads, 128 tokens, P3's queries pooled 2x2) against the ablation's full model (4 heads,
+    # 256 tokens), every query kept, P4's queries pooled too, and the two-way exchange
+    variants = {"h4t256": {"attn_heads": 4, "attn_tokens": 256}, "all_queries": {"attn_query_stride": 8},
+                "qs32": {"attn_query_stride": 32}, "xtam": {"xtam": True}}
     for v, cfg in variants.items():
         steps[f"camtl_channels_last_{v}"] = camtl_step("camtl", S, scale=a.scale, camtl_stage=True,
                                                        channels_last=True, cfg=cfg)
