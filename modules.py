@@ -282,7 +282,7 @@ class CrossAttention(nn.Module):
     averaged over heads and queries (rows sum to 1 over all sources). It is computed from queries pooled
     to the same budget, never from the full (B, heads, HW, N) weights; SDPA does not return those."""
 
-    def __init__(self, c, csrc, dim=64, heads=4, tokens=256, qpool=1):
+    def __init__(self, c, csrc, dim=64, heads=2, tokens=128, qpool=1):
         super().__init__()
         assert dim % heads == 0, f"attention width {dim} not divisible by {heads} heads"
         self.heads, self.tokens, self.qpool = heads, tokens, qpool
@@ -307,8 +307,9 @@ class CrossAttention(nn.Module):
     def forward(self, x, sources, need_attn=False):
         b, _, h, w = x.shape
         k, v, pooled = self.keys_values(sources)
-        # the values are pooled to ~16x16 tokens, so a query grid finer than stride 16 px mostly adds SDPA work
-        # (at 512 px, P3's three attentions hold 3/4 of it); pooling before the 1x1 conv gives the same queries
+        # the values are pooled to at most `tokens` positions (11x11 at 128, 16x16 at 256), so a query grid finer
+        # than stride 16 px mostly adds SDPA work (at 512 px, P3's three attentions hold 3/4 of it); pooling before
+        # the 1x1 conv gives the same queries
         hq, wq = max(1, h // self.qpool), max(1, w // self.qpool)
         xq = x if self.qpool == 1 else F.adaptive_avg_pool2d(x, (hq, wq))  # (B, C, hq, wq)
         q = self.split_heads(self.q(xq))  # (B, heads, hq*wq, d)

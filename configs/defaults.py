@@ -9,7 +9,7 @@ config = {
     "scale": "n",  # n/s/m/l/x (or [depth, width, max_channels])
     "nc": 1,  # detection classes (stenosis)
     "attn_dim": 64,  # attention width of FPMA/CTAM/CSAM (the original: 256 at every scale)
-    "attn_heads": 2,  # 2 heads and 128 tokens: no measurable loss against 4 and 256 in the ablation (docs/study.md)
+    "attn_heads": 2,  # 2 heads, 128 tokens: no measurable loss against 4 and 256 (docs/benchmarks.md, the ablation)
     "attn_tokens": 128,  # keys/values pooled to at most this many tokens: cost linear in image area
     "attn_query_stride": 16,  # queries average-pooled to this stride (px), output upsampled back: P3's 2x2.
     # 8 keeps every query, as the original; speed and accuracy of each: docs/benchmarks.md

@@ -414,7 +414,7 @@ def test_arms_that_change_the_seg_stream_train_their_own_stage1(tiny, tmp_path):
 
 def test_the_ablation_keeps_the_attention_its_record_measured(tmp_path, capsys):
     # its full arm is the model of results/ablation (4 heads, 256 tokens) whatever configs/defaults.py says, so
-    # `python study.py ablation` repeats the record and never takes its runs for ones of another config
+    # `python study.py ablation` repeats the record and its new runs pair with recorded rows of the same config
     spec = study.STUDIES["ablation"]
     jobs = study.plan("ablation", spec, ["full", "speed-h2t128"], [0], tmp_path)
     for key, heads, tokens in (("_shared/s0/domainshift1", 4, 256), ("full/s0/camtl", 4, 256),
