@@ -54,15 +54,16 @@ import plots
 import synthetic
 from config import load_config
 from model import load_checkpoint
-from train import scale_tag
+from train import STAGE1_FUNCTION, STAGE1_SWITCHES, scale_tag
 
 ROOT = Path(__file__).resolve().parent
 SHARED = "_shared"  # the folder of the shared stage-1 runs (arm names never start with _)
 DONE = "study.json"  # in a run folder: written once the run and its scoring have finished
 SMALL = 32  # px: a stenosis box with a longer side is not "small"
 # keys that change what stage 1 trains (the seg stream, the data): an arm setting one trains its own stage 1
-SEG_STREAM = ("scale", "fpma", "xtam", "attn_dim", "attn_heads", "attn_tokens", "attn_query_stride", "gn_groups",
-              "ema_attention", "imgsz", "data", "synthetic_preset", "synthetic_n")
+# (train.py's STAGE1_* keys, which it warns about, and those that change weight shapes or stage 1's data)
+SEG_STREAM = (*STAGE1_SWITCHES, *STAGE1_FUNCTION, "scale", "attn_dim", "imgsz", "data", "synthetic_preset",
+              "synthetic_n")
 # (key in study.csv, results.csv column or None when computed here, name in the table)
 METRICS = (("map50", "metrics/mAP50(B)", "mAP50"), ("map50_95", "metrics/mAP50-95(B)", "mAP50-95"),
            ("map50_small", None, f"mAP50 <{SMALL}px"), ("dice_full", "metrics/dice_full", "Dice(full)"),
