@@ -365,7 +365,7 @@ def bench_steplevers(a):
     (camtl_step), eager and channels_last, and with --compile Module.compile(dynamic=False) in channels_last (first
     call = compile, minutes per graph on a CPU, reported apart); also CAMTL in channels_last with one change to its
     defaults each: attn_heads=4 attn_tokens=256 (the ablation's full model), attn_query_stride=8 (every query kept),
-    attn_query_stride=32, xtam=True. All alternate in one process; ratios are medians of per-round ratios.
+    attn_query_stride=32, xtam=True, seg_stride=4 and 2 (the fine vessel path). All alternate in one process; ratios are medians of per-round ratios.
     Headline: CAMTL eager."""
     S, out = a.size or 512, {}
     levers = {"eager": {}, "channels_last": {"channels_last": True}}
@@ -376,7 +376,8 @@ def bench_steplevers(a):
     # the default attention (2 heads, 128 tokens, P3's queries pooled 2x2) against the ablation's full model (4 heads,
     # 256 tokens), every query kept, P4's queries pooled too, and the two-way exchange
     variants = {"h4t256": {"attn_heads": 4, "attn_tokens": 256}, "all_queries": {"attn_query_stride": 8},
-                "qs32": {"attn_query_stride": 32}, "xtam": {"xtam": True}}
+                "qs32": {"attn_query_stride": 32}, "xtam": {"xtam": True}, "seg_stride4": {"seg_stride": 4},
+                "seg_stride2": {"seg_stride": 2}}
     for v, cfg in variants.items():
         steps[f"camtl_channels_last_{v}"] = camtl_step("camtl", S, scale=a.scale, camtl_stage=True,
                                                        channels_last=True, cfg=cfg)

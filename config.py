@@ -44,7 +44,7 @@ def interval(lo, hi, closed="[]"):
 
 
 def one_of(*choices):
-    return (lambda v: v in choices), "one of " + ", ".join(choices)
+    return (lambda v: v in choices), "one of " + ", ".join(map(str, choices))
 
 
 def _is_scale(v):
@@ -107,6 +107,7 @@ RULES = {
     "warmup_bias_lr": NON_NEGATIVE,
     "clip_grad": ((lambda v: v > 0), "> 0"),
     "amp_dtype": one_of("fp16", "bf16"),
+    "seg_stride": one_of(8, 4, 2),
     "compile": ((lambda v: v is True or v is False or v == "auto"), "true, false or auto (on CUDA only)"),
     "ema_decay": interval(0, 1, "[)"),
     "ema_tau": at_least(1),
@@ -121,8 +122,8 @@ RULES = {
     "max_det": at_least(1),
     "log_interval": at_least(1),
 }
-for _k in ("box", "cls", "dfl", "kpt", "kobj", "w_p3", "w_p4", "w_p5", "w_full", "lambda_det", "lambda_seg",
-           "lambda_cons", "lambda_align", "lambda_l2sp"):
+for _k in ("box", "cls", "dfl", "kpt", "kobj", "w_p3", "w_p4", "w_p5", "w_p2", "w_p1", "w_full", "lambda_det",
+           "lambda_seg", "lambda_cons", "lambda_align", "lambda_l2sp"):
     RULES[_k] = NON_NEGATIVE
 # keys without a rule: bools and paths/names (their type is all; paths are checked where used), and device
 # (check_device). A new key belongs in RULES or here (tests/test_mistakes.py checks that every key is in one).

@@ -227,13 +227,19 @@ def dice_bce(logits, target):
     return bce + dice
 
 
+SEG_STRIDES = {"p1": 2, "p2": 4, "p3": 8, "p4": 16, "p5": 32}  # deep supervision's logit maps and their strides
+
+
 def seg_loss(seg_out, batch, weights):
-    """Deep supervision: p3/p4/p5 against area-averaged soft masks at their stride, `full` against the mask."""
+    """Deep supervision: each p_k that seg_out has (p3/p4/p5, and the fine path's p2/p1) against the mask
+    area-averaged to its stride (soft targets), `full` against the mask. weights: {key: weight}."""
     B = batch["mask"].shape[0]
     total = 0.0
-    for k, w in zip(("p3", "p4", "p5", "full"), weights):
-        if w:
-            target = batch["mask"] if k == "full" else batch[f"mask_{k}"]
+    for k, w in weights.items():
+        if w and k in seg_out:
+            target = batch["mask"] if k == "full" else batch.get(f"mask_{k}")
+            if target is None:  # p2, p1: made here, the loader keeps only p3..p5's
+                target = F.avg_pool2d(batch["mask"], SEG_STRIDES[k])
             total = total + w * dice_bce(seg_out[k].float(), target.to(seg_out[k].device).float()).mean()
     return total * B
 
@@ -306,7 +312,7 @@ class MultiTaskLoss:
         self.weight = {k: cfg[f"lambda_{k}"] for k in self.NAMES[:-1]}
         self.det = DetectionLoss(cfg["nc"], box=cfg["box"], cls=cfg["cls"], dfl=cfg["dfl"], kpt=cfg["kpt"],
                                  kobj=cfg["kobj"])
-        self.seg_w = (cfg["w_p3"], cfg["w_p4"], cfg["w_p5"], cfg["w_full"])
+        self.seg_w = {k: cfg[f"w_{k}"] for k in ("p3", "p4", "p5", "p2", "p1", "full")}
 
     def __call__(self, det_out, seg_out, batch, model=None):
         c, w = self.cfg, self.weight

@@ -75,15 +75,18 @@ def gflops(model, imgsz=640, forward=None):
 
 
 class Backbone(nn.Sequential):
-    """CSPDarknet layers 0-9, indexed as in Ultralytics. Returns B3 (stride 8), B4 (16), B5 (32)."""
+    """CSPDarknet layers 0-9, indexed as in Ultralytics. Returns [B3 (stride 8), B4 (16), B5 (32)]; with `early`
+    (layer indices, e.g. (2, 0): stride 4, then 2) also those layers' outputs: ([B3, B4, B5], [early maps])."""
 
-    def forward(self, x):
-        taps = []
+    def forward(self, x, early=()):
+        taps, skips = [], {}
         for i, layer in enumerate(self):
             x = layer(x)
             if i in (4, 6, 9):
                 taps.append(x)
-        return taps
+            if i in early:
+                skips[i] = x
+        return (taps, [skips[i] for i in early]) if early else taps
 
 
 class PAN(nn.Module):
@@ -186,8 +189,9 @@ class YOLOv8(nn.Module):
 # -----------------------------------------------------------------------------
 # CA-MTL: YOLOv8 + a vessel-segmentation stream, cross-task and cross-scale attention (docs/design.md)
 #
-#   backbone -> neck -> N3, N4, N5
+#   backbone -> neck -> N3, N4, N5   (and with seg_stride 4 / 2 the backbone's layer 2 / layers 2 and 0: B2, B1)
 #   seg stream:  S5 = s5(N5);  S4 = fpma4(N4 <- S5);  S3 = fpma3(N3 <- S4);  seg_head(S3, S4, S5) -> p3, p4, p5, full
+#   fine path (seg_stride < 8): seg_head's stride-8 logit up through B2 (p2), B1 (p1); full = the finest, upsampled
 #   det stream:  D_k = ctam[k](N_k <- S_k);  D3', D4', D5' = csam(D3 <- D4, D5;  D4 <- D5;  D5);  detect(D')
 #   xtam (opt.): S_k' = xtam[k](S_k <- N_k) into the seg head instead of S_k: the exchange's seg <- det direction
 #
@@ -197,9 +201,10 @@ class YOLOv8(nn.Module):
 
 # the model's keys of a config, with their defaults and meaning in configs/defaults.py (imgsz: of the summary)
 MODEL_KEYS = ("scale", "nc", "attn_dim", "attn_heads", "attn_tokens", "attn_query_stride", "ema_attention",
-              "gn_groups", "dual_bn", "imgsz", "kpt_aux", "ctam", "csam", "fpma", "xtam")
+              "gn_groups", "dual_bn", "imgsz", "kpt_aux", "ctam", "csam", "fpma", "xtam", "seg_stride")
 CAMTL_DEFAULTS = {k: DEFAULTS[k] for k in MODEL_KEYS}
 TASKS = ("det", "seg")
+EARLY = {8: (), 4: (2,), 2: (2, 0)}  # seg_stride -> the backbone layers the fine path reads (stride 4, then 2)
 GN_PARTS = ("s5", "fpma4", "fpma3", "fpn4", "fpn3", "ctam", "xtam", "csam", "seg_head")  # GroupNorm, both stages
 DUALBN_PARTS = ("backbone", "neck", "detect")
 
@@ -220,6 +225,8 @@ class CAMTL(YOLOv8):
             if k not in CAMTL_DEFAULTS:
                 raise ValueError(f"CAMTL config: unknown key {k!r} (known: {', '.join(CAMTL_DEFAULTS)})")
         cfg = {**CAMTL_DEFAULTS, **cfg}
+        if cfg["seg_stride"] not in EARLY:
+            raise ValueError(f"CAMTL config: seg_stride {cfg['seg_stride']!r}: expected one of {list(EARLY)}")
         if cfg["attn_dim"] % cfg["attn_heads"]:
             raise ValueError(f"CAMTL config: attn_dim {cfg['attn_dim']} is not divisible by "
                              f"attn_heads {cfg['attn_heads']}")
@@ -238,7 +245,9 @@ class CAMTL(YOLOv8):
             self.fpma3 = FPMA(c3, c4, qpool=qp[0], **a)
         else:
             self.fpn4, self.fpn3 = UpAdd(c4, cs5), UpAdd(c3, c4)
-        self.seg_head = SegHeadMulti(seg_ch)
+        self.early = EARLY[cfg["seg_stride"]]
+        self.seg_head = SegHeadMulti(seg_ch, skips=[self.backbone[i].conv.out_channels if i == 0 else
+                                                    self.backbone[i].cv2.conv.out_channels for i in self.early])
         self.ctam = (nn.ModuleList(CTAM(c, (cs,), qpool=p, **a) for c, cs, p in zip(self.channels, seg_ch, qp))
                      if cfg["ctam"] else None)
         self.csam = CSAM(self.channels, qpools=qp, **a) if cfg["csam"] else None
@@ -261,9 +270,9 @@ class CAMTL(YOLOv8):
             raise ValueError(f"tasks {tasks!r}: expected a non-empty subset of {TASKS}")
         if need_attn and "seg" not in tasks:
             raise ValueError("need_attn needs the seg task: the attention maps are compared with the predicted vessels")
-        n = self.features(x)  # [N3, N4, N5]
+        n, b = self.features_and_skips(x) if "seg" in tasks else (self.features(x), [])  # [N3, N4, N5], [B2, B1]
         s = self.seg_stream(*n) if "seg" in tasks or self.ctam is not None else None  # [S3, S4, S5]: CTAM's keys
-        seg_out = self.seg_head(self.exchange(s, n), x.shape[-2:]) if "seg" in tasks else None
+        seg_out = self.seg_head(self.exchange(s, n), x.shape[-2:], b) if "seg" in tasks else None
         det_out, maps = None, None
         if "det" in tasks:
             d, maps = self.cross_task(n, s, need_attn)
@@ -273,6 +282,15 @@ class CAMTL(YOLOv8):
         if need_attn and maps is not None:
             seg_out["attn"] = [m[0] for m in maps]  # (B, h', w') per scale over S_k's pooled grid
         return det_out, seg_out
+
+    def features_and_skips(self, x):
+        """-> (neck outputs [N3, N4, N5], the fine path's skips [B2 (B, C, H/4, W/4), B1 (B, C', H/2, W/2)]: the
+        backbone's layers 2 and 0 as seg_stride asks, [] at 8)."""
+        if not self.early:
+            return self.features(x), []
+        check_imgsz(*x.shape[-2:])
+        b, skips = self.backbone(x, self.early)
+        return self.neck(*b), skips
 
     def seg_stream(self, n3, n4, n5):
         """Neck outputs -> [S3, S4, S5], (B, C3 | C4 | 256w, H/s, W/s): the top-down path by FPMA, or a plain FPN."""

@@ -390,12 +390,21 @@ class CSAM(nn.Module):
 # segmentation head
 
 
+def resize_logits(x, size, training):
+    """Bilinear resize of a logit map (B, 1, h, w) -> (B, 1, H, W): in training two matmuls, whose backward is the
+    fast one on a CPU; in eval (validation, gflops, export) ATen's kernel, the faster forward, and no matmul FLOPs
+    that grow with the cube of the side."""
+    return upsample_bilinear(x, size) if training else F.interpolate(x, size, mode="bilinear", align_corners=False)
+
+
 class SegHeadMulti(nn.Module):
     """Per scale three halving 3x3 Convs then a 1x1 conv to one vessel logit (deep supervision at
-    p3/p4/p5); `full`: p4/p5 upsampled to p3, mixed by per-pixel softmax gates (1x1 conv over the
-    three logits), a 3x3 refine, bilinear to the input size. Returns {p3, p4, p5, full} logits."""
+    p3/p4/p5); p4/p5 upsampled to p3, mixed by per-pixel softmax gates (1x1 conv over the three logits), a 3x3
+    refine. With `skips` (the channels of the backbone's early maps, stride 4 first), a FinePath carries that
+    stride-8 logit down to stride 4 (p2) and 2 (p1). `full`: the finest logit, bilinear to the input size.
+    Returns {p3, p4, p5, [p2, [p1,]] full} logits."""
 
-    def __init__(self, ch):
+    def __init__(self, ch, skips=()):
         super().__init__()
         self.heads = nn.ModuleList(nn.Sequential(Conv(c, c // 2, 3), Conv(c // 2, c // 4, 3), Conv(c // 4, c // 8, 3),
                                                  nn.Conv2d(c // 8, 1, 1)) for c in ch)
@@ -403,18 +412,56 @@ class SegHeadMulti(nn.Module):
         self.refine = nn.Conv2d(1, 1, 3, padding=1)
         nn.init.dirac_(self.refine.weight)  # starts as the identity: `full` = the fused logits, upsampled
         nn.init.zeros_(self.refine.bias)
+        self.fine = FinePath(ch[0] // 8 + 1, skips) if skips else None
 
-    def forward(self, xs, size):
-        p = [m(x) for m, x in zip(self.heads, xs)]  # (B, 1, H/s, W/s) per scale
+    def forward(self, xs, size, skips=()):
+        h3 = xs[0]
+        for m in self.heads[0][:-1]:  # P3's head up to its last hidden map, which the fine path reads too
+            h3 = m(h3)  # (B, C3/8, H/8, W/8)
+        p = [self.heads[0][-1](h3)] + [m(x) for m, x in zip(self.heads[1:], xs[1:])]  # (B, 1, H/s, W/s) per scale
         up = torch.cat([p[0]] + [F.interpolate(t, p[0].shape[-2:], mode="bilinear", align_corners=False)
                                  for t in p[1:]], 1)  # (B, 3, H/8, W/8)
         fused = (self.gate(up).softmax(1) * up).sum(1, keepdim=True)  # (B, 1, H/8, W/8)
-        # training: two matmuls, whose backward is the fast one on a CPU; eval (validation, gflops, export): ATen's
-        # kernel, the faster forward, and no matmul FLOPs that grow with the cube of the side
         r = self.refine(fused)  # (B, 1, H/8, W/8)
-        full = (upsample_bilinear(r, size) if self.training  # (B, 1, H, W)
-                else F.interpolate(r, size, mode="bilinear", align_corners=False))
-        return {"p3": p[0], "p4": p[1], "p5": p[2], "full": full}
+        out = {"p3": p[0], "p4": p[1], "p5": p[2]}
+        if self.fine is not None:
+            fine = self.fine(torch.cat((h3, r), 1), r, skips)  # [(B, 1, H/4, W/4), (B, 1, H/2, W/2)]
+            out.update(zip(("p2", "p1"), fine))
+            r = fine[-1]
+        out["full"] = resize_logits(r, size, self.training)  # (B, 1, H, W)
+        return out
+
+
+class FinePath(nn.Module):
+    """Vessels below stride 8 (seg_stride 4 or 2). Per step: the map so far upsampled x2 (nearest), concatenated
+    with the backbone's own map at that stride (the skip: layer 2 at stride 4, layer 0 at stride 2), two 3x3 Convs
+    as wide as the skip, and a 1x1 conv to a logit *added* to the coarser logit upsampled. That 1x1 starts at zero,
+    so a new fine path draws exactly the stride-8 head's vessels, upsampled, and learns only the residual detail.
+    Each step is half as wide as its skip (16 and 8 channels at scale n): a 3x3 conv at stride 4 or 2 costs 16 or
+    64 times one at stride 8, and twice the width costs 2.6x the step time (docs/benchmarks.md). No attention at
+    these scales, for the same reason."""
+
+    def __init__(self, c, skips):
+        super().__init__()
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.blocks, self.logits = nn.ModuleList(), nn.ModuleList()
+        for cs in skips:
+            w = max(cs // 2, 8)
+            self.blocks.append(nn.Sequential(Conv(c + cs, w, 3), Conv(w, w, 3)))
+            self.logits.append(nn.Conv2d(w, 1, 1))
+            nn.init.zeros_(self.logits[-1].weight)
+            nn.init.zeros_(self.logits[-1].bias)
+            c = w
+
+    def forward(self, x, logit, skips):
+        """x (B, C, H/8, W/8) features at stride 8, logit (B, 1, H/8, W/8) the stride-8 vessels, skips [(B, Cs,
+        H/4, W/4), (B, Cs', H/2, W/2)] -> one logit map per skip, [(B, 1, H/4, W/4), (B, 1, H/2, W/2)]."""
+        out = []
+        for block, head, s in zip(self.blocks, self.logits, skips):
+            x = block(torch.cat((self.up(x), s), 1))  # (B, Cs/2, 2h, 2w)
+            logit = head(x) + resize_logits(logit, x.shape[-2:], self.training)  # (B, 1, 2h, 2w)
+            out.append(logit)
+        return out
 
 
 # -----------------------------------------------------------------------------

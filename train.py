@@ -134,6 +134,19 @@ def make_get_lr(cfg, lr0, nb):
     return get_lr, nw
 
 
+MIN_STEPS = 300  # fewer optimizer steps than this, or half of them in the warmup: a run too short to learn much
+
+
+def few_steps_warning(cfg, nb, accumulate, nw):
+    """One line when the run will take few optimizer steps (a small data set with a large nbs), else ''."""
+    steps, warm = cfg["epochs"] * nb // accumulate, nw // accumulate
+    if steps >= MIN_STEPS and warm <= steps / 2:
+        return ""
+    return (f"WARNING only {steps} optimizer steps ({cfg['epochs']} epochs x {nb} batches / accumulate {accumulate}), "
+            f"{min(warm, steps)} of them in the warmup: set nbs={cfg['batch']} (a step every batch), raise epochs, or "
+            f"lower warmup_epochs / warmup_min_iters (configs/fundus.py is a recipe for small sets)")
+
+
 def set_lr(opt, lr_bias, lr, momentum):
     """Apply one get_lr(it) to every group (biases have their own warmup); returns the main lr."""
     for g in opt.param_groups:
@@ -513,6 +526,8 @@ def setup(cfg, args, log=print):
         f"compile {'on' if compiled else 'off'}{' (auto: CUDA only)' if cfg['compile'] == 'auto' else ''}")
     log(f"{nb} batches/epoch x {cfg['epochs']} epochs, batch {cfg['batch']} x {world} rank(s) "
         f"= {cfg['batch'] * world} images per iteration, imgsz {cfg['imgsz']}")
+    if warning := few_steps_warning(cfg, nb, accumulate, nw):
+        log(warning)
     return Run(cfg=cfg, device=device, rank=rank, world=world, comm=comm, log=log, run_dir=run_dir, loader=loader,
                val_loaders=val_loaders, val_shards=shard_loaders(val_loaders, rank, world), model=model, opt=opt,
                get_lr=get_lr, nb=nb, accumulate=accumulate, ctx=ctx, scaler=scaler, ema=ema,
@@ -656,26 +671,30 @@ def all_reduce_grads(model, comm):
 def validate_and_save(run, epoch, train_terms):
     """After each epoch (every val_interval epochs and after the last): every rank validates the EMA weights on
     its share of the val images, and each gets the metrics of all of them. Then rank 0 appends a results.csv row,
-    writes last.pt, and best.pt when the fitness improved."""
+    writes last.pt, and best.pt when this epoch was validated and its fitness is at least the best so far: a tie
+    goes to the later epoch, as in YOLOv8, so a run whose scores are all zero until some epoch does not keep its
+    first epoch, and an epoch without a validation never becomes best.pt."""
     cfg = run.cfg
-    if (epoch + 1) % cfg["val_interval"] == 0 or epoch + 1 == cfg["epochs"]:
+    validated = (epoch + 1) % cfg["val_interval"] == 0 or epoch + 1 == cfg["epochs"]
+    if validated:
         net = run.ema.ema if run.ema else run.model
         run.metrics = evaluate.validate(net, run.val_shards, cfg, run.device, run.crit,
                                         log=run.log if run.master else None, gather=run.comm.gather_objects)
         run.log(evaluate.format_metrics(run.metrics, prefix=f"val {epoch + 1}/{cfg['epochs']}"))
     fitness = run.metrics.get("fitness", 0.0)
+    better = validated and fitness >= run.best_fitness
+    if better:
+        run.best_fitness = fitness
     if not run.master:
-        run.best_fitness = max(run.best_fitness, fitness)
         return
     write_csv(run.run_dir / "results.csv", csv_row(epoch, train_terms, run.metrics, run.opt))
     ck = {"model": run.model.state_dict(), "ema": run.ema.ema.state_dict() if run.ema else None,
           "ema_updates": run.ema.updates if run.ema else 0, "optimizer": run.opt.state_dict(),
-          "scaler": run.scaler.state_dict(), "epoch": epoch, "best_fitness": max(run.best_fitness, fitness),
+          "scaler": run.scaler.state_dict(), "epoch": epoch, "best_fitness": run.best_fitness,
           "config": cfg, "stage": cfg["stage"], "rng": rng_state(), "anchor": run.crit.anchor, "metrics": run.metrics,
           "nan_steps": run.nan_total, "skipped_steps": run.skipped_steps}
     save_checkpoint(ck, run.run_dir / "weights" / "last.pt")
-    if fitness > run.best_fitness:
-        run.best_fitness = fitness
+    if better:
         save_checkpoint(ck, run.run_dir / "weights" / "best.pt")
 
 

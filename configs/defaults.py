@@ -22,6 +22,8 @@ config = {
     "csam": True,  # cross-scale attention; off: D_k go straight to Detect
     "fpma": True,  # the seg stream's top-down attention; off: a plain FPN, S4 = N4 + up(1x1 conv(S5)), S3 alike
     "xtam": False,  # DenseMTL's two-way exchange: seg <- det too, S_k += gate * attn(S_k <- N_k), gates zero at init
+    "seg_stride": 8,  # stride of the finest vessel logits: 8 (P3 only, the original), 4 or 2 (a fine path through the
+    # backbone's stride-4 and stride-2 maps); docs/benchmarks.md compares them on DRIVE
     "kpt_aux": False,  # centre-keypoint auxiliary on Detect (training only; stripped at export); try it with
     # box=0.01 dfl=0.01, the seed recipe (ablation: docs/benchmarks.md)
     # --- data
@@ -76,6 +78,8 @@ config = {
     "w_p3": 0.25,
     "w_p4": 0.25,
     "w_p5": 0.25,
+    "w_p2": 0.25,  # the fine path's stride-4 logit (seg_stride 4 or 2)
+    "w_p1": 0.25,  # its stride-2 logit (seg_stride 2)
     "w_full": 1.0,
     "lambda_det": 1.0,
     "lambda_seg": 1.0,

@@ -7,8 +7,10 @@ import torch.nn as nn
 
 from losses import MultiTaskLoss, align_loss, consistency_loss, dice_bce, l2sp_loss, seg_loss
 
-CFG = dict(nc=1, box=7.5, cls=0.5, dfl=1.5, kpt=12.0, kobj=1.0, w_p3=0.25, w_p4=0.25, w_p5=0.25, w_full=1.0,
-           lambda_det=1.0, lambda_seg=1.0, lambda_cons=0.1, cons_mode="contain", cons_margin=0.3, lambda_align=0.05,
+W4 = {"p3": 0.25, "p4": 0.25, "p5": 0.25, "full": 1.0}  # the default deep-supervision weights
+
+CFG = dict(nc=1, box=7.5, cls=0.5, dfl=1.5, kpt=12.0, kobj=1.0, w_p3=0.25, w_p4=0.25, w_p5=0.25, w_p2=0.25, w_p1=0.25,
+           w_full=1.0, lambda_det=1.0, lambda_seg=1.0, lambda_cons=0.1, cons_mode="contain", cons_margin=0.3, lambda_align=0.05,
            lambda_l2sp=1e-3)
 B, S = 2, 64
 
@@ -60,13 +62,13 @@ def test_seg_loss_is_small_for_a_perfect_prediction_and_weights_scales():
     batch = seg_batch(mask)
     perfect = {k: (batch[f"mask_{k}"] * 2 - 1) * 20 for k in ("p3", "p4", "p5")}
     perfect["full"] = (mask * 2 - 1) * 20
-    good = float(seg_loss(perfect, batch, (0.25, 0.25, 0.25, 1.0)))
-    bad = float(seg_loss(seg_maps(0.0), batch, (0.25, 0.25, 0.25, 1.0)).detach())  # the maps require grad
+    good = float(seg_loss(perfect, batch, W4))
+    bad = float(seg_loss(seg_maps(0.0), batch, W4).detach())  # the maps require grad
     assert good < 0.05 * bad
     # per-image mean x batch: doubling the batch with the same images doubles the loss
     both = {k: torch.cat([v, v]) for k, v in perfect.items()}
     bb = {k: torch.cat([v, v]) for k, v in batch.items() if torch.is_tensor(v)}
-    assert math.isclose(float(seg_loss(both, bb, (0.25, 0.25, 0.25, 1.0))), 2 * good, rel_tol=1e-5)
+    assert math.isclose(float(seg_loss(both, bb, W4)), 2 * good, rel_tol=1e-5)
 
 
 def test_dice_bce_of_empty_mask_predicted_empty_is_near_zero():
