@@ -227,7 +227,8 @@ def write_sample(root, key, name, image, mask=None, boxes=None, group=None, prep
     -> labels/{name}.png, 0/255 8-bit.
     boxes (detection): list of (x1, y1, x2, y2) pixels of the source image -> labels/{name}.txt, YOLO class 0,
     normalised; [] writes an empty file (a negative); a str is YOLO label text, written as it is.
-    group: grouping key for splits (default: name). prep: parse_preprocess dict. fov: the set's FOV mask (path)."""
+    group: grouping key for splits (default: name). prep: parse_preprocess dict. fov: the set's FOV mask (path) ->
+    fov/{name}.png beside images/ and labels/, 0/255, through the same preprocessing as the mask."""
     prep, folder, d = prep or {}, TASK_KEYS[key][0], task_dir(root, key)
     if prep.get("fov") and key != SRC:
         raise ValueError("--preprocess fov is for fundus sets (retinography) only: it crops, which would move boxes")
@@ -246,11 +247,16 @@ def write_sample(root, key, name, image, mask=None, boxes=None, group=None, prep
     if m is not None and m.shape != (H, W):
         log(f"{image}: mask {mask} is {m.shape[1]}x{m.shape[0]}, the image {W}x{H} -> skipped")
         return None
+    f = read_binary(fov) if fov is not None and Path(fov).exists() else None
+    f = f if f is not None and f.shape == (H, W) else None
+    out_f = None
     if prep:
-        f = read_binary(fov) if fov is not None and Path(fov).exists() else None
         out_im, out_m = preprocess(pil_to_float(src_im, keep_gray=True), m, prep, f)
+        if f is not None:  # the FOV mask through the same crop and resize as the vessel mask
+            out_f = preprocess(pil_to_float(src_im, keep_gray=True), f, prep, f)[1]
     else:
         out_im, out_m = src_im, Image.fromarray(m.astype(np.uint8) * 255) if m is not None else None
+        out_f = Image.fromarray(f.astype(np.uint8) * 255) if f is not None else None
     dst = d / "images" / (f"{name}{image.suffix}" if out_im is None else f"{name}.png")
     for old in (q for q in (d / "images").glob(f"{name}.*") if q.stem == name and q != dst):
         old.unlink()  # an earlier conversion's copy in another format: one image per stem
@@ -266,6 +272,10 @@ def write_sample(root, key, name, image, mask=None, boxes=None, group=None, prep
     else:
         e["mask"] = f"{folder}/labels/{name}.png"
         out_m.save(Path(root) / e["mask"])
+        if out_f is not None:  # the set's field of view: vessel scores count only inside it (evaluate.py)
+            e["fov"] = f"{folder}/fov/{name}.png"
+            (Path(root) / e["fov"]).parent.mkdir(parents=True, exist_ok=True)
+            out_f.save(Path(root) / e["fov"])
     return e
 
 # -----------------------------------------------------------------------------
@@ -323,11 +333,11 @@ def drop_own(root, per, owner, prefixes, written):
     (per, files deleted). The files of its earlier entries that it no longer writes are deleted, for entries that
     record this owner only: never a file it cannot show it wrote."""
     root = Path(root)
-    keep = {os.path.normpath(root / e[k]) for e in written for k in ("image", "mask", "label") if k in e}
+    keep = {os.path.normpath(root / e[k]) for e in written for k in ("image", "mask", "label", "fov") if k in e}
     out, gone = {s: [] for s in SPLITS}, 0
     for s in SPLITS:
         for e in per.get(s, []):
-            files = [os.path.normpath(root / e[k]) for k in ("image", "mask", "label") if k in e]
+            files = [os.path.normpath(root / e[k]) for k in ("image", "mask", "label", "fov") if k in e]
             if not owns(owner, e, prefixes) and files[0] not in keep:
                 out[s].append(e)
             elif "set" in e or "folder" in e:

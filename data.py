@@ -554,8 +554,13 @@ def scan_entry(root, e, task, nc):
     except Exception as ex:
         empty = img.exists() and img.stat().st_size == 0
         return None, (img, "empty image file" if empty else "unreadable image", "" if empty else str(ex), "skipped")
-    item = dict(image=img, shape=shape, boxes=np.zeros((0, 5), np.float32), mask=None)
+    item = dict(image=img, shape=shape, boxes=np.zeros((0, 5), np.float32), mask=None, fov=None)
     if task == "seg":
+        if e.get("fov"):  # the set's field-of-view mask (convert.py keeps DRIVE's and HRF's): vessel scores inside it
+            f = Path(root) / e["fov"]
+            if not f.is_file():
+                return None, (f, "missing FOV mask", "listed in splits.json as the image's fov", "skipped")
+            item["fov"] = f
         m = Path(root) / e["mask"]
         if m.is_dir():
             return None, (m, "a directory, not a mask file", "", "skipped")
@@ -638,7 +643,8 @@ class TaskDataset(Dataset):
         soft = {f"mask_p{k}": None if m is None else F.avg_pool2d(m, s)  # (1, S/s, S/s) vessel fraction per cell
                 for k, s in ((3, 8), (4, 16), (5, 32))}
         return dict(img=im, mask=m, **soft, boxes=torch.from_numpy(boxes), task=self.task, domain=self.domain,
-                    path=str(it["image"]), orig_shape=img.shape[:2], ratio=ratio, pad=pad)
+                    path=str(it["image"]), orig_shape=img.shape[:2], ratio=ratio, pad=pad,
+                    mask_path=it["mask"] and str(it["mask"]), fov_path=it["fov"] and str(it["fov"]))
 
     def __getitem__(self, item):
         i, seed, epoch = item if isinstance(item, tuple) else (item, None, 0)
@@ -663,7 +669,9 @@ def collate(samples):
              task=samples[0]["task"], domain=samples[0]["domain"], paths=[s["path"] for s in samples],
              orig_shape=torch.tensor([s["orig_shape"] for s in samples]),  # (B, 2) h0, w0
              ratio=torch.tensor([s["ratio"] for s in samples]),  # (B, 2) canvas px per original px, x/y
-             pad=torch.tensor([s["pad"] for s in samples]))  # (B, 2) canvas px of original x=0 / y=0
+             pad=torch.tensor([s["pad"] for s in samples]),  # (B, 2) canvas px of original x=0 / y=0
+             mask_paths=[s["mask_path"] for s in samples],  # the full-size vessel masks (None for det): scoring
+             fov_paths=[s["fov_path"] for s in samples])  # the set's FOV masks, None where it has none
     for k in ("mask", "mask_p3", "mask_p4", "mask_p5"):  # (B, 1, S, S), (B, 1, S/8, S/8), ...; None for det
         b[k] = None if samples[0][k] is None else torch.stack([s[k] for s in samples])
     return b

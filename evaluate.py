@@ -25,7 +25,7 @@ import plots
 import synthetic
 from config import check_device, did_you_mean, next_run_dir
 from losses import MultiTaskLoss, TermMeter
-from metrics import DetMeter, SegMeter, confusion_matrix, detection_metrics, nms, targets_xyxy  # noqa: F401
+from metrics import DetMeter, SegMeter, VesselMeter, confusion_matrix, detection_metrics, nms, targets_xyxy  # noqa: F401
 # (detection_metrics: the one-call score of a list of predictions, kept importable from here as from metrics)
 from model import load_checkpoint, load_weights
 from modules import DualBatchNorm2d
@@ -71,6 +71,7 @@ def validate(model, loaders, cfg, device, crit=None, plot_dir=None, log=None, ga
     detection batch; None for a vessel batch) and the model's seg_out (e.g. coco.Results collects them)."""
     model.eval()
     det_meter, seg_meters, losses = DetMeter(), {k: SegMeter() for k in ("p3", "p4", "p5", "full")}, TermMeter()
+    vessels = VesselMeter()  # at each image's original size, inside its FOV mask
     nms_kw = dict(conf=cfg["val_conf"], iou=cfg["val_iou"], max_det=cfg["max_det"], multi_label=True)
     names, nc = class_names(cfg["nc"]), cfg["nc"]
     cm, images, ms = np.zeros((nc + 1, nc + 1), np.int64), {"det": 0, "seg": 0}, dict.fromkeys(SPEED, 0.0)
@@ -102,6 +103,7 @@ def validate(model, loaders, cfg, device, crit=None, plot_dir=None, log=None, ga
             else:
                 for k, meter in seg_meters.items():
                     meter.update(seg_out[k].float().cpu(), batch["mask"])
+                score_original_size(vessels, seg_out["full"].float().cpu(), batch)
                 if plot_dir is not None and bi == 0:
                     plots.plot_seg_batch(batch["img"], batch["mask"], seg_out["full"].float().cpu(), batch["paths"],
                                          Path(plot_dir) / "val_seg_batch0.png")
@@ -109,12 +111,14 @@ def validate(model, loaders, cfg, device, crit=None, plot_dir=None, log=None, ga
                 on_batch(batch, preds if task == "det" else None, seg_out)
             for k, dt in zip(SPEED, (t1 - t0, t2 - t1, t3 - t2, clock(device) - t3)):
                 ms[k] += dt * 1e3
-    shard = det_meter, seg_meters, losses, cm, images, per_class_images, ms  # DDP: every rank's share, merged
-    det_meter, seg_meters, losses, cm, images, per_class_images, ms = merge_shards(gather(shard)) if gather else shard
+    shard = det_meter, seg_meters, losses, cm, images, per_class_images, ms, vessels  # DDP: each rank's share, merged
+    det_meter, seg_meters, losses, cm, images, per_class_images, ms, vessels = (merge_shards(gather(shard)) if gather
+                                                                                else shard)
     m = {f"val/{k}": v for k, v in losses.means().items()}
     if "seg" in loaders:
         for k, meter in seg_meters.items():
             m[f"dice_{k}"], m[f"iou_{k}"] = (float(v) for v in meter.compute())
+        m.update({f"vessel_{k}": float(v) for k, v in vessels.compute().items()})
     r = None
     if "det" in loaders:
         r = det_meter.compute(nc)
@@ -142,18 +146,29 @@ def clock(device):
     return time.perf_counter()
 
 
+def score_original_size(meter, logits, batch):
+    """Each image of a vessel batch into a VesselMeter: its `full` logits (B, 1, S, S) resampled from the canvas onto
+    the original pixel grid, against the full-size mask file, inside the FOV mask file when the set has one."""
+    for i, path in enumerate(batch["mask_paths"]):
+        shape = batch["orig_shape"][i].tolist()
+        prob = data.unletterbox_mask(logits[i, 0], batch["ratio"][i], batch["pad"][i], shape).sigmoid()  # (h0, w0)
+        fov = batch["fov_paths"][i]
+        meter.update(prob.numpy(), data.read_mask(path), data.read_mask(fov) if fov else None)
+
+
 def merge_shards(shards):
     """validate's state (det meter, seg meters, loss meter, confusion matrix, image counts, per-class image counts,
     ms per phase) of each rank's share of the images -> one: counts and sums added, per-image match statistics
     interleaved back into image order (rank r held images r, r + W, ...), so the metrics are exactly those of one
     process over all images (losses up to float summation order)."""
-    det, seg, losses, cm, images, per_class, ms = shards[0]
+    det, seg, losses, cm, images, per_class, ms, vessels = shards[0]
     W = len(shards)
     for a in ("tp", "conf", "pred_cls", "target_cls"):
         lists = [getattr(s[0], a) for s in shards]
         setattr(det, a, [lists[i % W][i // W] for i in range(sum(map(len, lists)))])
     for other in shards[1:]:
-        _, seg2, losses2, cm2, images2, per_class2, ms2 = other
+        _, seg2, losses2, cm2, images2, per_class2, ms2, vessels2 = other
+        vessels.merge(vessels2)
         for k, meter in seg.items():
             meter.inter, meter.pred, meter.true = (meter.inter + seg2[k].inter, meter.pred + seg2[k].pred,
                                                    meter.true + seg2[k].true)
@@ -162,7 +177,7 @@ def merge_shards(shards):
         cm, per_class = cm + cm2, per_class + per_class2
         images = {k: images[k] + images2[k] for k in images}
         ms = {k: ms[k] + ms2[k] for k in ms}
-    return det, seg, losses, cm, images, per_class, ms
+    return det, seg, losses, cm, images, per_class, ms, vessels
 
 
 def progress(loader, desc, log):
@@ -188,6 +203,9 @@ def plot_det_curves(r, out, names):
                       r["ap50"], present)
 
 
+VESSEL_SCORES = ("se", "sp", "acc", "f1", "auc")  # VesselMeter's, as m["vessel_se"], ...: original size, in the FOV
+
+
 def per_class_table(m, r, images, per_class_images, names):
     """The validator's table: images, instances, P, R, mAP50, mAP50-95 for all classes and each; Dice/IoU."""
     head = f"{'Class':>22}{'Images':>11}{'Instances':>11}{'P':>11}{'R':>11}{'mAP50':>11}{'mAP50-95':>11}"
@@ -202,12 +220,14 @@ def per_class_table(m, r, images, per_class_images, names):
     if "dice_full" in m:
         scores = "  ".join(f"{k} {m[k]:.3g}" for k in ("dice_full", "iou_full", "dice_p3", "dice_p4", "dice_p5"))
         lines.append(f"{'vessels':>22}{images['seg']:>11}    {scores}")
+        scores = "  ".join(f"{k} {m['vessel_' + k]:.4f}" for k in VESSEL_SCORES)
+        lines.append(f"{'original size, in FOV':>22}{'':>11}    {scores}")
     return "\n".join(lines)
 
 
 def format_metrics(m, prefix="val"):
-    keys = ("dice_full", "iou_full", "dice_p3", "dice_p4", "dice_p5", "precision", "recall", "map50", "map50_95",
-            "val/total")
+    keys = ("dice_full", "iou_full", "dice_p3", "dice_p4", "dice_p5", "vessel_f1", "vessel_auc", "precision", "recall",
+            "map50", "map50_95", "val/total")
     keys = [k for k in keys if k in m]
     return f"{prefix}: " + "  ".join(f"{k} {m[k]:.4f}" for k in keys)
 
@@ -215,11 +235,13 @@ def format_metrics(m, prefix="val"):
 def results_table(m):
     rows = [("Dice / IoU  full", "dice_full", "iou_full"), ("Dice / IoU  p3", "dice_p3", "iou_p3"),
             ("Dice / IoU  p4", "dice_p4", "iou_p4"), ("Dice / IoU  p5", "dice_p5", "iou_p5"),
-            ("P / R", "precision", "recall"), ("mAP50 / mAP50-95", "map50", "map50_95")]
+            ("vessels Se / Sp", "vessel_se", "vessel_sp"), ("vessels Acc / AUC", "vessel_acc", "vessel_auc"),
+            ("vessels F1", "vessel_f1", None), ("P / R", "precision", "recall"),
+            ("mAP50 / mAP50-95", "map50", "map50_95")]
     lines = [f"  {'metric':18s} {'value':>17s}", "  " + "-" * 36]
     for name, a, b in rows:
         if a in m:
-            lines.append(f"  {name:18s} {m[a]:8.4f} {m[b]:8.4f}")
+            lines.append(f"  {name:18s} {m[a]:8.4f}" + (f" {m[b]:8.4f}" if b else ""))
     names = [n for n in MultiTaskLoss.NAMES if f"val/{n}" in m]
     if names:  # the terms validation computed (per image of their task)
         lines.append("  val loss  " + "  ".join(f"{n} {m['val/' + n]:.4f}" for n in names))

@@ -170,7 +170,7 @@ def csv_row(epoch, train_terms, metrics, opt):
     metrics/dice_full, metrics/iou_p3, ...), fitness, and lr/pg0..2 (biases, weights, norm weights)."""
     row = {"epoch": epoch + 1, **{f"train/{k}": v for k, v in train_terms.items()},
            **{k: v for k, v in metrics.items() if isinstance(v, float)}}
-    row = {CSV_NAMES.get(k, f"metrics/{k}" if k.startswith(("dice_", "iou_")) else k): v for k, v in row.items()}
+    row = {CSV_NAMES.get(k, f"metrics/{k}" if k.startswith(("dice_", "iou_", "vessel_")) else k): v for k, v in row.items()}
     return {**row, **{f"lr/pg{i}": g["lr"] for i, g in enumerate(opt.param_groups)}}
 
 

@@ -242,6 +242,10 @@ def test_drive_official_split(tmp_path):
     m = np.asarray(Image.open(root / "retinography/labels/drive_21_training.png"))
     assert m.dtype == np.uint8 and set(np.unique(m)) == {0, 255} and m[24, 30] == 255 and m[2, 2] == 0
     assert {e["group"] for e in split["train"]} == {f"drive_{Path(e['image']).name[6:8]}" for e in split["train"]}
+    # the set's FOV masks are kept beside the images, for scoring vessels inside them (evaluate.py)
+    assert all(e["fov"] == e["mask"].replace("labels/", "fov/") for v in split.values() for e in v)
+    f = np.asarray(Image.open(root / "retinography/fov/drive_21_training.png")) > 0
+    assert np.array_equal(f, _fundus(seed=21)[1])
 
 
 def test_drive_preprocess_uses_its_fov_mask(tmp_path):
@@ -259,6 +263,10 @@ def test_drive_preprocess_uses_its_fov_mask(tmp_path):
         sizes[i] = im.size
     # 21: the disc (43 px across) cropped to 43 x 43, then 32 x 32; 22: the 40 x 20 rectangle, then 32 x 16
     assert sizes == {21: (32, 32), 22: (32, 16)}
+    # 22's FOV mask went through the same crop and resize: all inside; 21 shipped none, so it has none
+    f = np.asarray(Image.open(root / "retinography/fov/drive_22_training.png"))
+    assert f.shape == (16, 32) and (f == 255).all()
+    assert not (root / "retinography/fov/drive_21_training.png").exists()
 
 
 def _palette_mask(mask):
@@ -511,7 +519,8 @@ def test_converting_again_removes_only_what_it_wrote_and_no_longer_lists(tmp_pat
         p.unlink()  # DRIVE without image 22
     convert.convert_drive(src, root, val=0.0)
     files = sorted(p.relative_to(root / "retinography").as_posix() for p in (root / "retinography").rglob("*.*"))
-    assert files == ["images/drive_01_test.tif", "images/drive_21_training.tif", "images/drive_23_training.tif",
+    assert files == ["fov/drive_01_test.png", "fov/drive_21_training.png", "fov/drive_23_training.png",  # FOV masks
+                     "images/drive_01_test.tif", "images/drive_21_training.tif", "images/drive_23_training.tif",
                      "images/drive_99_mine.png", "images/m1.png", "images/m2.png", "labels/drive_01_test.png",
                      "labels/drive_21_training.png", "labels/drive_23_training.png", "labels/m1.png", "labels/m2.png"]
     assert stray.exists() and "drive_22_training.tif" not in _where(root, SRC)
