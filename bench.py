@@ -365,8 +365,8 @@ def bench_steplevers(a):
     (camtl_step), eager and channels_last, and with --compile Module.compile(dynamic=False) in channels_last (first
     call = compile, minutes per graph on a CPU, reported apart); also CAMTL in channels_last with one change to its
     defaults each: attn_heads=4 attn_tokens=256 (the ablation's full model), attn_query_stride=8 (every query kept),
-    attn_query_stride=32, xtam=True, seg_stride=4 and 2 (the fine vessel path). All alternate in one process; ratios are medians of per-round ratios.
-    Headline: CAMTL eager."""
+    attn_query_stride=32, xtam=True, seg_stride=4 and 2 (the fine vessel path). All alternate in one process; ratios
+    are medians of per-round ratios. Headline: CAMTL eager."""
     S, out = a.size or 512, {}
     levers = {"eager": {}, "channels_last": {"channels_last": True}}
     if a.compile:

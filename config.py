@@ -264,7 +264,7 @@ def load_config(stage, config_file=None, sets=()):
 
 
 def next_run_dir(project, kind, name="", exist_ok=False):
-    """project/kind/name for a new run (train: kind = the stage; evaluate.py --source: predict). An empty name is
+    """project/kind/name for a new run (train: kind = the stage; predict.py: predict). An empty name is
     exp; a taken one gets the next free number (exp2, exp3, ...), unless exist_ok, which reuses it."""
     base, name = Path(project) / kind, name or "exp"
     d, n = base / name, 2

@@ -11,8 +11,9 @@ SET (docs/convert.md has the table of the layouts and download variants each acc
     fundus       drive, chase, stare, hrf, fives (vessel masks)
 
 Why a file of its own: data.py stays one concern (layout, splits, loading, checks), and the converters need data's
-writer helpers and layout (TASK_KEYS, task_dir, yolo_line, read_splits, split_root, write_splits), so data importing
-convert would be an import cycle. It sits next to data.py as synthetic.py does; imports go data <- convert, never back.
+writer helpers and layout (TASK_KEYS, task_dir, yolo_line, read_splits, write_splits) and splits.py's split_root, so
+data importing convert would be an import cycle. It sits next to data.py as synthetic.py does; imports go
+data <- splits <- convert, never back.
 
 Every converter is one small function that finds the set's files and hands them, as {official split: samples}, to
 `finish`, which writes each with one writer, `write_sample`: it copies the image (or saves it as PNG when the source
@@ -26,7 +27,7 @@ recorded in each entry ("set": "DRIVE", "official": "test"; null for sets withou
 official train's images, whole groups at a time (seeded), becomes val. Defaults: 0 for a set with an official val
 split (ARCADE), 0.2 for sets with only train/test (DRIVE, FIVES), 0.3 for sets without any (CADICA, XCAD, DCA1,
 CHASE_DB1, STARE, HRF). So frames of one patient or video never straddle train and val. `folder` and
-`python data.py split` re-split only what no set assigned (data.resplit), so no official val or test image reaches
+`python splits.py split` re-split only what no set assigned (splits.resplit), so no official val or test image reaches
 train.
 
 Several sets and folders share a root and a task folder. Output names carry the set, e.g. drive_21_training.tif,
@@ -59,7 +60,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data import (IMG_EXTS, SPLITS, TASK_KEYS, TaskDataset, pil_to_float, task_dir, yolo_line, log, make_splits,
-                  mask_threshold, read_splits, split_root, write_splits)
+                  mask_threshold, read_splits, write_splits)
+from splits import split_root
 
 DET, SEG, SRC = "angiography_detection", "angiography_segmentation", "retinography_segmentation"
 
@@ -292,7 +294,7 @@ def owns(owner, e, prefixes=()):
 
 def refuse_clashes(root, key, owner, names, splits, prefixes=()):
     """SystemExit, before anything is written, when one of a conversion's output names (stems) is listed in splits's
-    task folder for another owner: another set, another folder, or no converter (by hand, `data.py split`). Files
+    task folder for another owner: another set, another folder, or no converter (by hand, `splits.py split`). Files
     splits.json does not list belong to no one (the loader ignores them) and may be overwritten."""
     images = os.path.normpath(Path(root) / TASK_KEYS[key][0] / "images")
     taken = {}
@@ -699,7 +701,7 @@ def convert_folder(images, masks, root, task_key, group_regex=None, prep=None, p
     """A folder of images + same-stem masks (seg keys; YOLO .txt for detection) -> root's task folder as prefix + stem
     (masks rewritten as 0/255 PNG); its entries record the folder ("folder"), so converting it again replaces its own
     files and another folder's are never overwritten. Then what no set assigned in the task is re-split 70/30
-    (grouped if asked: data.split_root); the sets' splits stay. -> images written."""
+    (grouped if asked: splits.split_root); the sets' splits stay. -> images written."""
     task, samples = TASK_KEYS[task_key][1], []
     for p in sorted(Path(images).iterdir()):
         if p.suffix.lower() not in IMG_EXTS:

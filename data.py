@@ -22,18 +22,17 @@ Decisions on inputs the layout leaves open (docs/design.md §8):
 - A mask with 0 and one other value (or a palette mask) is vessel wherever it is > 0. Any other mask (JPEG-compressed,
   antialiased, soft) is vessel above half its largest value, and the scan reports it once ("thresholded").
 - A directory where a file should be is a bad file (named and skipped). splits.json of the wrong shape stops the
-  run naming it; images in the folders that it does not list get one warning (`python data.py split` lists them).
-- Entries written by convert.py record their set and official split ("set", "official"): `python data.py split`
+  run naming it; images in the folders that it does not list get one warning (`python splits.py split` lists them).
+- Entries written by convert.py record their set and official split ("set", "official"): `python splits.py split`
   re-splits only entries no set assigned (`--set NAME`: that set's too), keeping every official val/test split and
-  every test listing that records none (`pinned`), so no command moves test images into training.
+  every test listing that records none (`splits.pinned`), so no command moves test images into training.
 - Too little data for a stage (a task missing, fewer training images than one batch, too few batches for one
   camtl_ratio cycle) stops the run before any loader is built: `check_stage_data`.
 
-CLI: python data.py split|check ...  (python data.py -h); check changes nothing on disk
+Split and check tools (training never calls them): splits.py, python splits.py split|check --root R (-h)
 Converters of public data sets (ARCADE, CADICA, DRIVE, ...) into this layout: convert.py, python convert.py -h
 Synthetic data (generator, cached default set, picture of samples): synthetic.py, python synthetic.py -h
 """
-import argparse
 import json
 import math
 import os
@@ -250,7 +249,7 @@ def _splits_error(p, why):
     return SystemExit(f"{p}: {why}; expected {SPLITS_SHAPE}, task keys {', '.join(TASK_KEYS)}, each entry "
                       '{"image": path, "label": path (detection) or "mask": path (segmentation)}. Fix it, or '
                       "delete it, re-run the converters that wrote it (they record the official splits) and list "
-                      f"the rest with `python data.py split --root {p.parent}` (70/30/0)")
+                      f"the rest with `python splits.py split --root {p.parent}` (70/30/0)")
 
 
 def read_splits(root):
@@ -300,7 +299,7 @@ def _warn_unlisted(root, splits):
         extra = [p for p in on_disk if os.path.normpath(p) not in listed]
         if extra:
             log(f"WARNING {root / 'splits.json'} does not list {len(extra)} of the {len(on_disk)} images in {d} "
-                f"(e.g. {extra[0].name}): they are not used. `python data.py split --root {root}` lists them "
+                f"(e.g. {extra[0].name}): they are not used. `python splits.py split --root {root}` lists them "
                 "(70/30/0 with what no set assigned; --group REGEX keeps a patient's images together)")
 
 
@@ -311,7 +310,7 @@ def load_splits(root, group_regex=None):
     splits = read_splits(root)
     if splits is not None:
         if group_regex:
-            log(f"{p} exists, group_regex ignored (delete it or run `python data.py split --root {root} --group "
+            log(f"{p} exists, group_regex ignored (delete it or run `python splits.py split --root {root} --group "
                 "REGEX` to re-split)")
         _warn_unlisted(root, splits)
         return splits
@@ -320,99 +319,6 @@ def load_splits(root, group_regex=None):
     log(f"wrote {p}: " + ", ".join(f"{k} {len(v['train'])}/{len(v['val'])}" for k, v in splits.items()))
     return splits
 
-
-def pinned(e, split, sets=()):
-    """The split a listed entry must stay in, or None when it may be re-split. A set's entries stay where its converter
-    put them unless the set is named in sets (lower case); then, as for every entry, an official val or test split
-    ("official") stays. An entry that records no official split (listed by hand or by an older convert.py) stays in
-    test: no command moves test images into training."""
-    if e.get("set") and e["set"].lower() not in sets:
-        return split
-    if "official" in e:
-        return e["official"] if e["official"] in ("val", "test") else None
-    return "test" if split == "test" else None
-
-
-def resplit(per, new=(), sets=(), ratios=(0.7, 0.3, 0.0), seed=42, group_regex=None):
-    """One task's {split: entries} plus new entries (listed nowhere yet) -> ({split: entries}, moves). What `pinned`
-    keeps stays; a free entry whose group (`group_key`) is kept in val or test joins it; the other free entries are
-    split by group (split_entries). moves: Counter of (set or None, from split or "new", to split)."""
-    out, free = {s: [] for s in SPLITS}, []
-    for s in SPLITS:
-        for e in per.get(s, []):
-            p = pinned(e, s, sets)
-            (out[p] if p else free).append((e, s))
-    free += [(e, "new") for e in new]
-    held = {group_key(e, group_regex): s for s in ("val", "test") for e, _ in out[s]}
-    rest = []
-    for e, frm in free:
-        s = held.get(group_key(e, group_regex))
-        (out[s] if s else rest).append((e, frm))
-    origin = {id(e): frm for e, frm in rest}
-    for s, es in split_entries([e for e, _ in rest], ratios, seed, group_regex).items():
-        out[s] += [(e, origin[id(e)]) for e in es]
-    moves = Counter((e.get("set"), frm, s) for s, v in out.items() for e, frm in v)
-    return {s: sorted((e for e, _ in v), key=lambda e: e["image"]) for s, v in out.items()}, moves
-
-
-def log_moves(key, moves):
-    """One line per set and former split of a task: how many images went to which split."""
-    order = {s: i for i, s in enumerate((*SPLITS, "new"))}
-    rows = {}
-    for (st, frm, to), n in sorted(moves.items(), key=lambda kv: (kv[0][0] or "", order[kv[0][1]], order[kv[0][2]])):
-        rows.setdefault((st, frm), []).append((to, n))
-    for (st, frm), tos in rows.items():
-        log(f"{key}: {st or 'no set'} {frm} {sum(n for _, n in tos)} -> " + ", ".join(f"{to} {n}" for to, n in tos))
-
-
-def split_root(root, splits, keys=tuple(TASK_KEYS), sets=(), group_regex=None, seed=42, new=None):
-    """(Re)split root/splits.json keeping what sets assigned: per task in keys, `resplit` of what splits lists (each
-    image once, its test listing first; those whose image is gone dropped) plus the task folder's images it does not
-    list, as new, and new[key] (entries a converter has just written). splits None (no splits.json): every task from
-    its folder. Logs the moves, writes splits.json and returns it."""
-    root, new = Path(root), new or {}
-    splits, keys = ({}, tuple(TASK_KEYS)) if splits is None else (splits, keys)
-    for key in keys:
-        written = new.get(key, [])
-        seen = {os.path.normpath(root / e["image"]) for e in written}
-        per, dropped = {s: [] for s in SPLITS}, 0
-        for s in ("test", "val", "train"):
-            for e in splits.get(key, {}).get(s, []):
-                p = os.path.normpath(root / e["image"])
-                if p in seen or not os.path.exists(p):
-                    dropped += 1
-                    continue
-                seen.add(p)
-                per[s].append(e)
-        if dropped:
-            log(f"{key}: {dropped} listings dropped (an image listed again, or gone from disk)")
-        fresh = written + [e for e in task_files(root, key) if os.path.normpath(root / e["image"]) not in seen]
-        splits[key], moves = resplit(per, fresh, sets, seed=seed, group_regex=group_regex)
-        log_moves(key, moves)
-    write_splits(root, splits)
-    return splits
-
-
-def recorded_sets(splits, names):
-    """The --set names (any case) -> lower-case names, each one splits.json records; else SystemExit naming them."""
-    known = sorted({e["set"] for per in (splits or {}).values() for v in per.values() for e in v if e.get("set")})
-    for n in names:
-        if n.lower() not in {k.lower() for k in known}:
-            raise SystemExit(f"--set {n}: splits.json records no such set; it records the sets "
-                             f"{', '.join(known) or '(none)'}")
-    return {n.lower() for n in names}
-
-
-def duplicates(root, splits):
-    """Images a task of splits lists more than once -> [(path, task key, [the splits listing it])]."""
-    out = []
-    for key, per in splits.items():
-        where = {}
-        for s in SPLITS:
-            for e in per.get(s, []):
-                where.setdefault(os.path.normpath(Path(root) / e["image"]), []).append(s)
-        out += [(p, key, v) for p, v in where.items() if len(v) > 1]
-    return out
 
 def task_dir(root, key):
     """root/<the task's folder>, its images/ and labels/ created."""
@@ -825,7 +731,7 @@ def check_stage_data(root, stage, batch, camtl_ratio=(1, 2), world_size=1, count
     fixes = []
     if any(counts[k]["train"] == 0 for k, _ in streams):
         fixes.append("put the missing task's images and labels in its folder (README: data layout; `python convert.py "
-                     f"SET SRC --root {root}` converts a public set), then `python data.py split --root {root}`")
+                     f"SET SRC --root {root}` converts a public set), then `python splits.py split --root {root}`")
     fit = next((b for b in range(batch - 1, 0, -1) if not short(b)), None)
     if fit:
         fixes.append(f"lower batch (--set batch={fit})")
@@ -836,79 +742,10 @@ def check_stage_data(root, stage, batch, camtl_ratio=(1, 2), world_size=1, count
         if fit_ratio[0] + fit_ratio[1] > 0:
             fixes.append(f"take fewer batches per cycle (--set camtl_ratio={str(fit_ratio).replace(' ', '')})")
     if any(p.startswith("no validation") for p in problems) and not fixes:
-        fixes.append(f"give val images: `python data.py split --root {root}` (70/30/0)")
+        fixes.append(f"give val images: `python splits.py split --root {root}` (70/30/0)")
     raise SystemExit(f"data {root}: not enough to train {stage}: {'; '.join(problems)}. Images per task "
                      f"(train/val/test): {table}. To fix: {'; or '.join(fixes) or 'add images'}")
 
-# -----------------------------------------------------------------------------
-# the CLI
 
-
-def main(argv=None):
-    """The CLI; returns the exit status (check: 1 if any file was skipped as bad)."""
-    ap = argparse.ArgumentParser(description="nanoCAMTL data tools (synthetic data: python synthetic.py)")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("split", help="(re)split what no set assigned (and the images splits.json does not list yet) "
-                                     "70/30/0, optionally grouped by a file-name regex; sets' splits are kept")
-    a.add_argument("--root", required=True)
-    a.add_argument("--group", default=None, help="regex on file names: its first group keys the split")
-    a.add_argument("--set", action="append", default=[], metavar="NAME",
-                   help="re-split this set's images too (repeatable); its official val and test stay")
-    a = sub.add_parser("check", help="scan every split for bad inputs (exit status 1 if any file is skipped); "
-                                     "changes nothing on disk")
-    a.add_argument("--root", required=True)
-    a.add_argument("--nc", type=int, default=1)
-    a.add_argument("--write-splits", action="store_true",
-                   help="without splits.json: write the one it checked (default: check it in memory only)")
-    args = ap.parse_args(argv)
-    if not Path(args.root).is_dir():
-        raise SystemExit(f"{args.cmd}: --root {args.root} is not a directory; give the processed data root (README: "
-                         "data layout)")
-    if getattr(args, "group", None):
-        try:
-            re.compile(args.group)
-        except re.error as e:
-            raise SystemExit(f"--group {args.group!r}: not a valid regular expression ({e})") from None
-    if args.cmd == "split":
-        splits = read_splits(args.root)
-        split_root(args.root, splits, sets=recorded_sets(splits, args.set), group_regex=args.group)
-    elif args.cmd == "check":
-        if args.nc < 1:
-            raise SystemExit(f"--nc {args.nc}: must be >= 1")
-        splits = read_splits(args.root)
-        if splits is None:
-            splits = make_splits(args.root)
-            if args.write_splits:
-                write_splits(args.root, splits)
-                log(f"wrote {Path(args.root) / 'splits.json'}")
-            else:
-                log(f"no {Path(args.root) / 'splits.json'}: checking the 70/30/0 split training would write "
-                    "(not written; --write-splits writes it)")
-        else:
-            _warn_unlisted(args.root, splits)
-        skipped, total = 0, 0
-        for key in TASK_KEYS:
-            for s in SPLITS:
-                ds = TaskDataset(args.root, key, s, nc=args.nc, splits=splits)
-                skipped += sum(act == "skipped" for *_, act in ds.problems)
-                total += len(ds) + sum(act == "skipped" for *_, act in ds.problems)
-        dups = duplicates(args.root, splits)
-        for path, key, where in dups:
-            log(f"{path}: listed {len(where)} times in {key} ({', '.join(where)}) -> counted once")
-        total -= sum(len(where) - 1 for *_, where in dups)
-        if not total:
-            log(f"check: no images in any task folder of {args.root} (README: data layout)")
-            return 1
-        if skipped:
-            log(f"check: {skipped} of {total} files skipped as bad (listed above)")
-        if dups:
-            log(f"check: {len(dups)} of {total} images listed more than once (above); `python data.py split --root "
-                f"{args.root}` lists each once, a test listing first")
-        if skipped or dups:
-            return 1
-        log(f"check: all {total} images usable")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the tools moved to splits.py; an old command line gets the new one, not a traceback
+    sys.exit("data.py has no commands: the split and check tools are python splits.py split|check --root R")

@@ -6,6 +6,7 @@ GPU run.
     comm = Comm(device, world)
     comm.any(not finite)          # one rank's verdict is every rank's
     comm.all_reduce(flat_grads)   # in place
+    comm.all_reduce_grads(model)  # after backward: the replicas' gradients summed, BN statistics averaged
 """
 import os
 from datetime import timedelta
@@ -30,6 +31,19 @@ def init(want):
     elif world > 1:
         dist.init_process_group("gloo", timeout=TIMEOUT)
     return torch.device(want), rank, world
+
+
+def float_buffers(model):
+    """The floating buffers: BatchNorm running means and variances (its int counters matter only with
+    momentum=None, which YOLOv8 never uses)."""
+    return [b for b in model.buffers() if b.is_floating_point()]
+
+
+def set_float_buffers(model, flat):
+    """float_buffers(model) <- the flat (n,) tensor torch.cat of them once gave."""
+    bufs = float_buffers(model)
+    for b, v in zip(bufs, flat.split([b.numel() for b in bufs])):
+        b.copy_(v.view_as(b))
 
 
 def same_device(t, device):
@@ -87,3 +101,26 @@ class Comm:
     def barrier(self):
         if self.world > 1:
             dist.barrier()
+
+    def all_reduce_grads(self, model):
+        """Sum every trainable parameter's gradient over the ranks in one flat buffer, and average the floating
+        buffers (BatchNorm statistics), so the replicas stay identical. A parameter without a gradient sends zeros
+        and keeps none: the optimizer then skips it, exactly as in one process (no weight decay, no momentum)."""
+        if self.world == 1:
+            return
+        params = [p for p in model.parameters() if p.requires_grad]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+        self.all_reduce(flat)
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            if p.grad is not None:
+                p.grad.copy_(g.view_as(p))
+        stats = self.all_reduce(torch.cat([b.flatten() for b in float_buffers(model)]))
+        set_float_buffers(model, stats / self.world)
+
+    def replica_difference(self, model):
+        """-> the largest difference of any weight to rank 0's, over the ranks (0.0: the replicas are identical)."""
+        flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])  # (n,)
+        ref = self.broadcast(flat.clone(), 0)
+        diff = self.max((flat - ref).abs().max().item())
+        self.barrier()
+        return diff

@@ -16,7 +16,7 @@ x (B, 3, S, S): RGB in [0, 1], letterboxed to S as data.transform does (pad 114/
 detections: per anchor xywh in input pixels, then one sigmoid score per class (metrics.nms turns them into boxes);
 A = (S/8)^2 + (S/16)^2 + (S/32)^2. A CA-MTL model with DualBatchNorm is exported in its target (angiography) domain.
 
-Three kinds of .pt2, all loaded by `load_program(path)` and by `python evaluate.py --weights best.pt2 --source DIR`:
+Three kinds of .pt2, all loaded by `load_program(path)` and by `python predict.py --weights best.pt2 --source DIR`:
 - compiled (the CLI's default): the torch.export program compiled ahead of time by AOTInductor into machine code
   for this machine's CPU (or the GPU it was exported on) and packaged, faster than the fused eager model (speed:
   docs/benchmarks.md). It runs where it was compiled (same kind of device and CPU features); if compiling fails (no
@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 
 from checkpoints import CheckpointError
-from metrics import VAL_NMS, measure
+from metrics import VAL_NMS, DetMeter, SegMeter, nms, targets_xyxy
 from model import CAMTL, check_imgsz, count_params, gflops, load_weights
 
 META = "nanocamtl.json"  # stored inside the .pt2: input size, output names, classes, model config
@@ -433,12 +433,45 @@ def export_int8_cli(model, cfg, imgsz, a):
     return written
 
 
+@torch.no_grad()
+def measure(run, loaders, nc, limits=None, nms_kw=None):
+    """
+    run(x (B, 3, S, S)) -> (detections (B, 4+nc, A),) or (detections, vessel logits (B, 1, S, S)): what
+    export.Deployed and an export.py program return, given the loaders' CPU images. loaders {"det": ..., "seg": ...}
+    as data.val_loaders builds them; limits {task: n}: stop a task once n images are scored (exact with batch 1).
+    nms_kw: the validation NMS (default VAL_NMS). -> {"images": {task: n}, "map50", "map50_95" (with "det"),
+    "dice_full" (with "seg" and a vessel output)}, computed as validate computes them.
+    """
+    det_meter, seg_meter, images, vessels = DetMeter(), SegMeter(), {}, False
+    for task, loader in loaders.items():
+        images[task] = 0
+        for batch in loader:
+            if limits is not None and images[task] >= limits[task]:
+                break
+            out = run(batch["img"])
+            images[task] += len(batch["img"])
+            if task == "det":
+                h, w = batch["img"].shape[-2:]
+                preds = [p.cpu() for p in nms(out[0].float(), **(nms_kw or VAL_NMS))]
+                det_meter.update(preds, [targets_xyxy(batch, i, h, w) for i in range(len(preds))])
+            elif len(out) > 1:
+                seg_meter.update(out[1].float().cpu(), batch["mask"])
+                vessels = True
+    m = {"images": images}
+    if "det" in loaders:
+        r = det_meter.compute(nc)
+        m.update(map50=r["map50"], map50_95=r["map50_95"])
+    if vessels:
+        m["dice_full"] = seg_meter.compute()[0]
+    return m
+
+
 INT8_METRICS = {"map50": "mAP50", "map50_95": "mAP50-95", "dice_full": "Dice(full)"}
 
 
 def int8_check(model, cfg, root, imgsz, path, n, tolerance=1.0):
     """The fused fp32 model against the int8 program at path on up to n validation images of root (the deployed
-    tasks, in turn, batch 1), scored as validation scores them (metrics.measure): mAP50, mAP50-95, Dice(full),
+    tasks, in turn, batch 1), scored as validation scores them (measure): mAP50, mAP50-95, Dice(full),
     printed as a table. A drop of more than `tolerance` points (0.01 each) is a warning naming the metric.
     -> {"fp32": metrics, "int8": metrics, "dropped": [metric keys]}, or None without validation images."""
     import data

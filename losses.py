@@ -7,7 +7,6 @@ Gains are looked up by the same names. Detection numbers equal Ultralytics' v8De
 anchors whose centre lies inside a GT — instead of dense (B, max_boxes, anchors) float tensors, which is what
 keeps it light at 50 boxes x 8400 anchors.
 """
-import math
 
 import torch
 import torch.nn.functional as F
@@ -361,6 +360,12 @@ class TermMeter:
         for k, v in terms.items():
             self.sum[k] = self.sum.get(k, 0.0) + float(v) * weight
             self.n[k] = self.n.get(k, 0) + weight
+
+    def merge(self, other):
+        """Add another meter's sums and counts (another DDP rank's batches); returns self."""
+        for k in other.sum:
+            self.sum[k], self.n[k] = self.sum.get(k, 0.0) + other.sum[k], self.n.get(k, 0) + other.n[k]
+        return self
 
     def means(self):
         return {k: s / self.n[k] for k, s in self.sum.items()}

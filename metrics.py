@@ -196,6 +196,16 @@ class DetMeter:
             self.pred_cls.append(p[:, 5])
             self.target_cls.append(t[:, 0])
 
+    @classmethod
+    def interleaved(cls, shards):
+        """DDP: the meters of W ranks, rank r having scored images r, r + W, ... -> one meter with every image's
+        statistics back in image order, so compute() gives exactly what one process over all images gives."""
+        out, W = shards[0], len(shards)
+        for a in ("tp", "conf", "pred_cls", "target_cls"):
+            lists = [getattr(m, a) for m in shards]
+            setattr(out, a, [lists[i % W][i // W] for i in range(sum(map(len, lists)))])
+        return out
+
     def compute(self, nc):
         """
         -> dict: precision, recall, map50, map50_95 (floats, means over classes that have labels), maps (nc,)
@@ -283,6 +293,11 @@ class SegMeter:
         i, p, t = _seg_counts(logits, mask, self.thr)
         self.inter, self.pred, self.true = self.inter + i, self.pred + p, self.true + t
 
+    def merge(self, other):
+        """Add another meter's counts (another DDP rank's images); returns self."""
+        self.inter, self.pred, self.true = self.inter + other.inter, self.pred + other.pred, self.true + other.true
+        return self
+
     def compute(self):
         total, union = self.pred + self.true, self.pred + self.true - self.inter
         return (2 * self.inter / total if total else 1.0), (self.inter / union if union else 1.0)
@@ -348,40 +363,3 @@ def targets_xyxy(batch, i, h, w):
     sel = batch["batch_idx"] == i
     b = batch["bboxes"][sel] * torch.tensor([w, h, w, h])
     return torch.cat((batch["cls"][sel].view(-1, 1), xywh2xyxy(b)), 1)
-
-
-# -----------------------------------------------------------------------------
-# scoring a predictor (a deployable, an exported program) on validation loaders
-
-
-@torch.no_grad()
-def measure(run, loaders, nc, limits=None, nms_kw=None):
-    """
-    run(x (B, 3, S, S)) -> (detections (B, 4+nc, A),) or (detections, vessel logits (B, 1, S, S)): what
-    export.Deployed and an export.py program return, given the loaders' CPU images. loaders {"det": ..., "seg": ...}
-    as data.val_loaders builds them; limits {task: n}: stop a task once n images are scored (exact with batch 1).
-    nms_kw: the validation NMS (default VAL_NMS). -> {"images": {task: n}, "map50", "map50_95" (with "det"),
-    "dice_full" (with "seg" and a vessel output)}, computed as validate computes them.
-    """
-    det_meter, seg_meter, images, vessels = DetMeter(), SegMeter(), {}, False
-    for task, loader in loaders.items():
-        images[task] = 0
-        for batch in loader:
-            if limits is not None and images[task] >= limits[task]:
-                break
-            out = run(batch["img"])
-            images[task] += len(batch["img"])
-            if task == "det":
-                h, w = batch["img"].shape[-2:]
-                preds = [p.cpu() for p in nms(out[0].float(), **(nms_kw or VAL_NMS))]
-                det_meter.update(preds, [targets_xyxy(batch, i, h, w) for i in range(len(preds))])
-            elif len(out) > 1:
-                seg_meter.update(out[1].float().cpu(), batch["mask"])
-                vessels = True
-    m = {"images": images}
-    if "det" in loaders:
-        r = det_meter.compute(nc)
-        m.update(map50=r["map50"], map50_95=r["map50_95"])
-    if vessels:
-        m["dice_full"] = seg_meter.compute()[0]
-    return m

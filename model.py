@@ -205,6 +205,11 @@ MODEL_KEYS = ("scale", "nc", "attn_dim", "attn_heads", "attn_tokens", "attn_quer
 CAMTL_DEFAULTS = {k: DEFAULTS[k] for k in MODEL_KEYS}
 TASKS = ("det", "seg")
 EARLY = {8: (), 4: (2,), 2: (2, 0)}  # seg_stride -> the backbone layers the fine path reads (stride 4, then 2)
+# switches of parts that stage 1 trains (seg stream, neck, fine path): a camtl run with other values cannot carry
+# them over
+STAGE1_SWITCHES = ("fpma", "xtam", "ema_attention", "seg_stride")
+# keys that change what stage 1's attention and GroupNorm compute but no weight's shape: its weights load either way
+STAGE1_FUNCTION = ("attn_heads", "attn_tokens", "attn_query_stride", "gn_groups")
 GN_PARTS = ("s5", "fpma4", "fpma3", "fpn4", "fpn3", "ctam", "xtam", "csam", "seg_head")  # GroupNorm, both stages
 DUALBN_PARTS = ("backbone", "neck", "detect")
 
@@ -453,6 +458,20 @@ def stage_setup(model, stage):
 # -----------------------------------------------------------------------------
 # building a network from what a user hands us: our checkpoints, or an Ultralytics yolov8*.pt (files are read in
 # checkpoints.py)
+
+# the two domains of a DualBN model: its BatchNorm branches, and the data each is for
+DOMAINS = {"source": "fundus photographs", "target": "angiograms"}
+
+
+def default_domain(cfg):
+    """The domain a checkpoint was trained for last: camtl target, domainshift1 source."""
+    return "source" if (cfg or {}).get("stage") == "domainshift1" else "target"
+
+
+def class_names(nc):
+    """Detection class names: the one class of the angiography sets is a stenosis."""
+    return ["stenosis"] if nc == 1 else [f"class{i}" for i in range(nc)]
+
 
 STAGE_CHECKPOINT = ("the stage checkpoint yolov8{S}-{stage}.pt that train.py writes; replace or delete it, or train "
                     "that stage again")

@@ -9,9 +9,8 @@ YOLOv8 user finds their way in a run folder:
     labels.png                           plot_labels             instances per class, box centres, box sizes in px
     train_batch0.png, val_batch0_*.png   plot_batch              mosaic: boxes, vessel mask, file names
     val_seg_batch0.png                   plot_seg_batch          image / ground-truth mask / predicted mask
-    runs/predict/exp/{image}.png         plot_prediction         a predicted image at its size: boxes, labels, vessels
 
-and, last, `Progress`: the self-updating progress line of an epoch or a validation.
+and the building blocks predict.py's picture (predict.plot_prediction) draws with.
 
 Every picture function takes plain arrays, tensors, lists and paths, writes one PNG (folders created) and returns
 its path. Nothing here imports the rest of nanoCAMTL.
@@ -20,8 +19,6 @@ its path. Nothing here imports the rest of nanoCAMTL.
 import csv
 import functools
 import math
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -469,7 +466,7 @@ def plot_labels(boxes_xywh, cls, imgsz, out_path, names=()):
 # train_batch*.png, val_batch*_labels.png, val_batch*_pred.png, val_seg_batch*.png
 
 
-def _tile(img, mask=None):
+def tinted(img, mask=None):
     """(3, S, S) image (+ (1, S, S) mask > 0.5 tinted) -> PIL RGB."""
     a = to_uint8(img).astype(np.float32)
     if mask is not None:
@@ -495,7 +492,7 @@ def plot_batch(imgs, batch_idx, cls, bboxes, masks, paths, out_path, preds=None,
     canvas = Image.new("RGB", (ns * t, max(1, math.ceil(n / ns)) * t), WHITE)
     bi, c, bb = to_numpy(batch_idx).reshape(-1), to_numpy(cls).reshape(-1), to_numpy(bboxes).reshape(-1, 4)
     for i in range(n):
-        tile = _tile(imgs[i], None if masks is None else masks[i]).resize((t, t), Image.BILINEAR)
+        tile = tinted(imgs[i], None if masks is None else masks[i]).resize((t, t), Image.BILINEAR)
         d = ImageDraw.Draw(tile)
         if preds is None:
             rows = [(x - w / 2, y - h / 2, x + w / 2, y + h / 2, None, j) for (x, y, w, h), j in
@@ -537,7 +534,7 @@ def plot_seg_batch(imgs, masks, logits, paths, out_path, max_images=8):
         gt = np.zeros((S, S), bool) if masks is None else to_numpy(masks[i]).reshape(S, S) > 0.5
         total = pred[i].sum() + gt.sum()
         dice = "" if masks is None else f" (Dice {2 * (pred[i] & gt).sum() / total if total else 1.0:.3f})"
-        tiles = [(_tile(imgs[i]), Path(str(paths[i])).name[:32]),
+        tiles = [(tinted(imgs[i]), Path(str(paths[i])).name[:32]),
                  (Image.fromarray(gt.astype(np.uint8) * 255), "no mask" if masks is None else "ground truth"),
                  (Image.fromarray(pred[i].astype(np.uint8) * 255), "prediction" + dice)]
         for j, (tile, caption) in enumerate(tiles):
@@ -545,85 +542,3 @@ def plot_seg_batch(imgs, masks, logits, paths, out_path, max_images=8):
             text(ImageDraw.Draw(tile), (4, 4), caption, 12, WHITE, bg=(0, 0, 0))
             canvas.paste(tile, ((i % g) * (3 * t + 12) + j * (t + 2), (i // g) * (t + 2)))
     return save(canvas, out_path)
-
-
-# -----------------------------------------------------------------------------
-# a prediction picture (evaluate.py --source): boxes and labels drawn at the image's own size, as YOLOv8 predicts
-
-
-def annotation_sizes(w, h):
-    """YOLOv8's line width and label font size (px) for a (w, h) image: readable from 200 px to 1400 px and beyond."""
-    return max(round((w + h) / 2 * 0.003), 2), max(round((w + h) / 2 * 0.035), 12)
-
-
-def _overlaps(a, b):
-    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
-
-
-def label_box(box, tw, th, w, h, taken):
-    """Where a (tw, th) label of box (x1, y1, x2, y2) goes in a (w, h) image: above its top-left corner as YOLOv8
-    puts it, else inside the box under its top edge (at the image's top, or where an earlier label sits, as on
-    nested near-duplicate boxes), else under the box, else inside above its bottom edge. -> (x1, y1, x2, y2)."""
-    x1, y1, x2, y2 = box
-    x = min(max(x1, 0), max(w - tw, 0))  # shifted left so that it ends inside the image
-    spots = [(x, y1 - th, x + tw, y1), (x, y1, x + tw, y1 + th), (x, y2, x + tw, y2 + th), (x, y2 - th, x + tw, y2)]
-    inside = [r for r in spots if r[1] >= 0 and r[3] <= h] or spots[1:2]
-    return next((r for r in inside if not any(_overlaps(r, t) for t in taken)), inside[0])
-
-
-def plot_prediction(img, det, prob, out_path, names=None, thr=0.5):
-    """
-    One predicted image at its own size: the vessel probability > thr tinted, each box in its class colour with
-    "name conf" on a filled label of that colour, labels placed so that none covers another (label_box).
-    img (3, H, W) in [0, 1]; det (n, 6) x1, y1, x2, y2, conf, cls in its pixels, by descending conf (NMS order: the
-    best boxes get the best places); prob (H, W) or None. -> out_path.
-    """
-    im = _tile(img, None if prob is None else to_numpy(prob) > thr)
-    lw, size = annotation_sizes(*im.size)
-    d, taken = ImageDraw.Draw(im), []
-    rows = to_numpy(det).reshape(-1, 6)
-    for x1, y1, x2, y2, _, j in rows:  # every box first, so that no line crosses a label
-        d.rectangle([x1, y1, x2, y2], outline=colour(j), width=lw)
-    for x1, y1, x2, y2, score, j in rows:
-        s = f"{name(names, int(j))} {score:.2f}"
-        left, top, right, bottom = d.textbbox((0, 0), s, font=font(size))
-        r = label_box((x1, y1, x2, y2), right - left + 2 * lw, bottom - top + 2 * lw, *im.size, taken)
-        taken.append(r)
-        d.rectangle(r, fill=colour(j))
-        d.text((r[0] + lw - left, r[1] + lw - top), s, font=font(size), fill=WHITE)
-    return save(im, out_path)
-
-
-# -----------------------------------------------------------------------------
-# the progress line (not a picture, but the other thing a user watches; hand-written, no tqdm)
-
-
-class Progress:
-    """One phase's progress (an epoch, a validation). On a terminal: one self-updating line with a bar, the count,
-    the caller's text (losses), items/s and ETA. When stdout is a file or a pipe: plain lines every `every` steps
-    and at the end, with no control characters, flushed at once (tail -f, tee and nohup see them as they come)."""
-
-    def __init__(self, total, desc, every=10, unit="img", file=None, enabled=True):
-        self.total, self.desc, self.every, self.unit, self.enabled = total, desc, max(1, every), unit, enabled
-        self.file = file or sys.stdout
-        self.tty = self.file.isatty()
-        self.t0, self.items, self.last = time.time(), 0, ""
-
-    def update(self, i, text="", items=0):
-        """Step i (1-based) done; items processed in it (for the rate); text: e.g. the running losses."""
-        self.items += items
-        if not self.enabled or not (self.tty or i % self.every == 0 or i == self.total):
-            return
-        dt = max(time.time() - self.t0, 1e-9)
-        eta = dt / i * (self.total - i)
-        rate = f"  {self.items / dt:.1f} {self.unit}/s" if self.items else ""
-        line = f"{self.desc} {i:>{len(str(self.total))}}/{self.total} {text}{rate}  ETA {eta / 60:.1f} min"
-        if self.tty:
-            width = 20
-            done = round(width * i / max(self.total, 1))
-            bar = "█" * done + "·" * (width - done)
-            pad = " " * max(len(self.last) - len(line) - width - 1, 0)
-            self.last = f"{bar} {line}"
-            print(f"\r{self.last}{pad}", end="" if i < self.total else "\n", file=self.file, flush=True)
-        else:
-            print(line, file=self.file, flush=True)

@@ -50,11 +50,12 @@ from PIL import Image, ImageDraw
 
 import data
 import evaluate
+import metrics
 import plots
 import synthetic
 from config import load_config
-from model import load_checkpoint
-from train import STAGE1_FUNCTION, STAGE1_SWITCHES, scale_tag
+from model import STAGE1_FUNCTION, STAGE1_SWITCHES, load_checkpoint
+from train import scale_tag
 
 ROOT = Path(__file__).resolve().parent
 SHARED = "_shared"  # the folder of the shared stage-1 runs (arm names never start with _)
@@ -291,12 +292,12 @@ def small_box_map50(weights, root, max_side=SMALL):
     ground truth and predictions are both filtered by that size. NaN when the split has no such stenosis."""
     model, cfg = load_checkpoint(weights)
     loader = data.val_loaders(root, "camtl", "val", cfg["imgsz"], cfg["batch"], 0, cfg["nc"])["det"]
-    meter = evaluate.DetMeter()
+    meter = metrics.DetMeter()
     small = lambda b: (b[:, 2:4] - b[:, :2]).amax(1) < max_side  # noqa: E731  (N, 4) xyxy -> (N,) bool
     for batch in loader:
         with model.domain(batch["domain"]):
             det, _ = model(batch["img"], tasks=("det",))  # (B, 4+nc, A) decoded in eval mode
-        preds = evaluate.nms(det, cfg["val_conf"], cfg["val_iou"], cfg["max_det"], multi_label=True)
+        preds = metrics.nms(det, cfg["val_conf"], cfg["val_iou"], cfg["max_det"], multi_label=True)
         h, w = batch["img"].shape[-2:]
         targets = [evaluate.targets_xyxy(batch, i, h, w) for i in range(len(preds))]
         meter.update([p[small(p[:, :4])] for p in preds], [t[small(t[:, 1:])] for t in targets])

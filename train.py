@@ -35,11 +35,11 @@ import data
 import distributed
 import evaluate
 import plots
-import synthetic
+from checkpoints import CheckpointError, read_checkpoint, save_checkpoint
+from cli import Progress
 from config import STAGES, check_device, format_config, load_config, next_run_dir, parse_set, saved_config
 from losses import MultiTaskLoss, TermMeter
-from checkpoints import CheckpointError, read_checkpoint, save_checkpoint
-from model import CAMTL, camtl_config, count_params
+from model import STAGE1_FUNCTION, STAGE1_SWITCHES, CAMTL, camtl_config, class_names, count_params
 
 # -----------------------------------------------------------------------------
 # pieces of the loop: checkpoints, EMA, optimizer, schedule
@@ -170,7 +170,8 @@ def csv_row(epoch, train_terms, metrics, opt):
     metrics/dice_full, metrics/iou_p3, ...), fitness, and lr/pg0..2 (biases, weights, norm weights)."""
     row = {"epoch": epoch + 1, **{f"train/{k}": v for k, v in train_terms.items()},
            **{k: v for k, v in metrics.items() if isinstance(v, float)}}
-    row = {CSV_NAMES.get(k, f"metrics/{k}" if k.startswith(("dice_", "iou_", "vessel_")) else k): v for k, v in row.items()}
+    row = {CSV_NAMES.get(k, f"metrics/{k}" if k.startswith(("dice_", "iou_", "vessel_")) else k): v
+           for k, v in row.items()}
     return {**row, **{f"lr/pg{i}": g["lr"] for i, g in enumerate(opt.param_groups)}}
 
 
@@ -277,12 +278,6 @@ def find_stage1(cfg):
     return runs[-1] if runs else None
 
 
-# switches of parts that stage 1 trains (seg stream, neck): a camtl run with other values cannot carry them over
-STAGE1_SWITCHES = ("fpma", "xtam", "ema_attention")
-# keys that change what stage 1's attention and GroupNorm compute but no weight's shape: its weights load either way
-STAGE1_FUNCTION = ("attn_heads", "attn_tokens", "attn_query_stride", "gn_groups")
-
-
 def build_model(cfg, stage, log, verbose=True):
     """-> (CAMTL set up for the stage, the stage-1 checkpoint it started from or None). domainshift1 starts from
     COCO weights in weights_dir (or random init); camtl from yolov8{S}-domainshift1.pt (else, or with stage1=False,
@@ -355,19 +350,18 @@ def compile_models(modules, backend="inductor", log=print):
         log(f"WARNING: torch.compile ({backend}) failed, training goes on eager: {type(inner).__name__}: "
             f"{(str(inner).strip().splitlines() or [''])[0][:200]}")
         for m in modules:
-            m._compiled_call_impl = None  # nn.Module.__call__ runs the eager forward again
+            m.__dict__.pop("forward", None)  # the class's eager forward again
 
     def fallback(m, compiled):
-        def call(*args, **kwargs):
+        def forward(*args, **kwargs):
             try:
                 return compiled(*args, **kwargs)
             except torch._dynamo.exc.TorchDynamoException as e:  # nothing of the forward ran: eager redoes it all
                 eager_from_here(e)
                 return m(*args, **kwargs)
-        return call
-    for m in modules:
-        m.compile(dynamic=False, backend=backend)
-        m._compiled_call_impl = fallback(m, m._compiled_call_impl)
+        return forward
+    for m in modules:  # the instance's forward, compiled: the module and its state_dict stay as they are
+        m.forward = fallback(m, torch.compile(m.forward, dynamic=False, backend=backend))
     return modules
 
 
@@ -376,6 +370,8 @@ def build_data(cfg, rank, world):
     retinography) batches by camtl_ratio."""
     stage = cfg["stage"]
     try:
+        if not cfg["data"]:
+            import synthetic  # the built-in set, generated on first use: a user's own data never needs this file
         root = Path(cfg["data"] or synthetic.ensure_config(cfg))
     except FileExistsError as e:
         raise SystemExit(f"key 'data' is empty (the built-in synthetic set), but {e}") from None
@@ -417,7 +413,7 @@ def plot_labels(loader, cfg, path):
         return
     S = cfg["imgsz"]
     b = np.concatenate([data.canvas_boxes(it["boxes"], *it["shape"], S) for it in sets[0].items] + [np.zeros((0, 5))])
-    plots.plot_labels(b[:, 1:], b[:, 0], S, path, evaluate.class_names(cfg["nc"]))
+    plots.plot_labels(b[:, 1:], b[:, 0], S, path, class_names(cfg["nc"]))
 
 
 def tasks_for(batch, cfg):
@@ -564,13 +560,13 @@ def train_one_epoch(run, epoch):
     run.model.train()
     (run.loader.set_epoch if hasattr(run.loader, "set_epoch") else run.loader.sampler.set_epoch)(epoch)
     meter = TermMeter()
-    bar = plots.Progress(nb, f"{cfg['stage']} {epoch + 1}/{cfg['epochs']}", cfg["log_interval"], enabled=run.master)
+    bar = Progress(nb, f"{cfg['stage']} {epoch + 1}/{cfg['epochs']}", cfg["log_interval"], enabled=run.master)
     run.opt.zero_grad(set_to_none=True)
     run.window = 0
     for i, batch in enumerate(run.loader):
         if run.master and cfg["plots"] and epoch == 0 and i < 3:  # what the network is fed, augmented
             plots.plot_batch(batch["img"], batch["batch_idx"], batch["cls"], batch["bboxes"], batch["mask"],
-                             batch["paths"], run.run_dir / f"train_batch{i}.png", names=evaluate.class_names(cfg["nc"]))
+                             batch["paths"], run.run_dir / f"train_batch{i}.png", names=class_names(cfg["nc"]))
         run.lr = set_lr(run.opt, *run.get_lr(epoch * nb + i))
         where = f"epoch {epoch + 1} iter {i + 1}"
         terms = train_step(run, batch, where)
@@ -590,12 +586,13 @@ def train_step(run, batch, where):
     forward); max_nan_steps in a row stop the run."""
     tasks, need_attn = tasks_for(batch, run.cfg)
     batch = data.to_device(batch, run.device)  # image, targets and masks, once
-    stats = torch.cat([b.flatten() for b in float_buffers(run.model)])  # (n,) BN statistics before the forward
+    stats = torch.cat([b.flatten() for b in distributed.float_buffers(run.model)])  # (n,) BN statistics before
     with run.model.domain(batch["domain"]), run.ctx:
         det_out, seg_out = run.model(batch["img"], tasks=tasks, need_attn=need_attn)
     loss, terms = run.crit(det_out, seg_out, batch, run.model)
     if run.comm.any(~torch.isfinite(loss)):  # one rank's NaN is every rank's: nobody waits in a skipped all-reduce
-        set_float_buffers(run.model, stats)  # a NaN in one image would reach every running mean, then the EMA
+        # a NaN in one image would reach every running mean, then the EMA
+        distributed.set_float_buffers(run.model, stats)
         run.nan_run, run.nan_total = run.nan_run + 1, run.nan_total + 1
         run.log(f"WARNING: non-finite loss at {where} ({batch['task']} batch {batch['paths'][:1]}"
                 f"{' on some rank' if run.world > 1 else ''}): micro-batch skipped, {run.window} earlier ones of "
@@ -617,7 +614,7 @@ def optimizer_step(run, where="the end of the window"):
     GPUs. A window whose micro-batches were all skipped, or whose gradient is not finite (under fp16 the
     GradScaler's own skip), makes no step; skipped_steps counts the latter."""
     if run.window:  # the ranks agreed on every skip, so they agree on this
-        all_reduce_grads(run.model, run.comm)
+        run.comm.all_reduce_grads(run.model)
         run.scaler.unscale_(run.opt)
         run.crit.add_l2sp_grad_(run.model, run.cfg["batch"] * run.world * run.window / run.cfg["nbs"])
         norm = nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg["clip_grad"])
@@ -638,34 +635,6 @@ def optimizer_step(run, where="the end of the window"):
                     + (f", loss scale now {run.scaler.get_scale():g})" if amp else ")"))
     run.opt.zero_grad(set_to_none=True)
     run.window = 0
-
-
-def float_buffers(model):
-    """The floating buffers: BatchNorm running means and variances (its int counters matter only with
-    momentum=None, which YOLOv8 never uses)."""
-    return [b for b in model.buffers() if b.is_floating_point()]
-
-
-def set_float_buffers(model, flat):
-    """float_buffers(model) <- the flat (n,) tensor torch.cat of them once gave."""
-    bufs = float_buffers(model)
-    for b, v in zip(bufs, flat.split([b.numel() for b in bufs])):
-        b.copy_(v.view_as(b))
-
-
-def all_reduce_grads(model, comm):
-    """Sum every trainable parameter's gradient over the ranks in one flat buffer, and average the floating
-    buffers (BatchNorm statistics), so the replicas stay identical. A parameter without a gradient sends zeros
-    and keeps none: the optimizer then skips it, exactly as in one process (no weight decay, no momentum)."""
-    if comm.world == 1:
-        return
-    params = [p for p in model.parameters() if p.requires_grad]
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
-    comm.all_reduce(flat)
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        if p.grad is not None:
-            p.grad.copy_(g.view_as(p))
-    set_float_buffers(model, comm.all_reduce(torch.cat([b.flatten() for b in float_buffers(model)])) / comm.world)
 
 
 def validate_and_save(run, epoch, train_terms):
@@ -696,15 +665,6 @@ def validate_and_save(run, epoch, train_terms):
     save_checkpoint(ck, run.run_dir / "weights" / "last.pt")
     if better:
         save_checkpoint(ck, run.run_dir / "weights" / "best.pt")
-
-
-def check_replicas(run):
-    """DDP: the replicas must have stayed identical; log the largest weight difference to rank 0's."""
-    flat = torch.cat([p.detach().double().flatten() for p in run.model.parameters()])  # (n,)
-    ref = run.comm.broadcast(flat.clone(), 0)
-    diff = run.comm.max((flat - ref).abs().max().item())
-    run.log(f"DDP: max weight difference across {run.world} ranks {diff:.3g}")
-    run.comm.barrier()
 
 
 def finish_stage(run):
@@ -758,7 +718,8 @@ def train(cfg, args, log=print):
     except KeyboardInterrupt:
         raise SystemExit(interrupted(run)) from None
     if run.world > 1:
-        check_replicas(run)
+        diff = run.comm.replica_difference(run.model)  # the replicas must have stayed identical
+        run.log(f"DDP: max weight difference across {run.world} ranks {diff:.3g}")
     return finish_stage(run) if run.master else (None, run.metrics)
 
 

@@ -1,5 +1,5 @@
-"""coco.py and evaluate.py --save-json: masks as COCO's compressed RLE (the strings pycocotools writes), the COCO
-files' schema, and evaluate's mAP against a COCO-style AP computed here, independently, from the written files."""
+"""coco.py and evaluate.py / predict.py --save-json: masks as COCO's compressed RLE (the strings pycocotools
+writes), the COCO files' schema, and evaluate's mAP against a COCO-style AP computed here, independently, from the written files."""
 import json
 from pathlib import Path
 
@@ -11,6 +11,7 @@ from PIL import Image
 import coco
 import data
 import evaluate
+import predict
 import synthetic
 from metrics import DetMeter, targets_xyxy
 from model import CAMTL
@@ -260,7 +261,7 @@ def test_save_json_of_a_folder_maps_ids_to_files(tiny, tmp_path):
     for name, (w, h) in (("b.png", (90, 50)), ("a.jpg", (64, 120))):
         Image.fromarray((np.random.default_rng(0).random((h, w, 3)) * 255).astype(np.uint8)).save(src / name)
     out = tmp_path / "out"
-    evaluate.main(["--weights", str(ck), "--source", str(src), "save_dir=" + str(out), "conf=0.001", "save_json"])
+    predict.main(["--weights", str(ck), "--source", str(src), "save_dir=" + str(out), "conf=0.001", "save_json"])
     ids = json.loads((out / "images.json").read_text())
     assert ids["images"] == [{"id": 0, "file_name": "a.jpg", "width": 64, "height": 120},
                              {"id": 1, "file_name": "b.png", "width": 90, "height": 50}]

@@ -13,6 +13,7 @@ from PIL import Image
 
 import convert
 import data
+import splits
 import train
 
 DET, SEG, SRC = "angiography_detection", "angiography_segmentation", "retinography_segmentation"
@@ -327,7 +328,7 @@ def test_stare_with_a_gunzipped_copy_is_read_once(tmp_path, capsys):
     assert _names(split) == {"train": ["stare_im0001.png", "stare_im0002.png"], "val": [], "test": []}
     assert _names(_splits(root)[SRC])["train"] == ["stare_im0001.png", "stare_im0002.png"]
     assert "read once" in capsys.readouterr().err
-    assert data.main(["check", "--root", str(root)]) == 0
+    assert splits.main(["check", "--root", str(root)]) == 0
     assert "all 2 images usable" in capsys.readouterr().err
 
 
@@ -412,7 +413,7 @@ def _where(root, key):
 
 
 def test_folder_and_split_keep_what_sets_assigned(tmp_path, capsys):
-    """folder and data.py split re-split only entries that no set assigned (with --set NAME, that set's too, its
+    """folder and splits.py split re-split only entries that no set assigned (with --set NAME, that set's too, its
     official test staying), say what moved where, and read a splits.json written before sets were recorded."""
     root = tmp_path / "root"
     convert.convert_drive(_drive(tmp_path / "DRIVE", 4, 2), root, val=0.25)
@@ -426,22 +427,22 @@ def test_folder_and_split_keep_what_sets_assigned(tmp_path, capsys):
     assert "no set new 6 -> train 4, val 2" in err
     s = _splits(root)[SRC]
     assert {k: [e for e in v if e.get("set")] for k, v in s.items()} == drive  # DRIVE's entries as they were
-    assert data.main(["split", "--root", str(root), "--group", r"(p\d)_"]) == 0
+    assert splits.main(["split", "--root", str(root), "--group", r"(p\d)_"]) == 0
     err = capsys.readouterr().err
     assert "DRIVE val 1 -> val 1" in err and "no set train 4 -> " in err
     mine = {s: {Path(e["image"]).name[:2] for e in v if not e.get("set")} for s, v in _splits(root)[SRC].items()}
     assert mine["train"] and mine["val"] and not mine["train"] & mine["val"] and not mine["test"]
-    assert data.main(["split", "--root", str(root), "--set", "drive"]) == 0  # DRIVE's train and val re-split too
+    assert splits.main(["split", "--root", str(root), "--set", "drive"]) == 0  # DRIVE's train and val re-split too
     assert "DRIVE test 2 -> test 2" in capsys.readouterr().err
     where = _where(root, SRC)
     assert [where[f"drive_0{i}_test.tif"] for i in (1, 2)] == ["test", "test"]
     assert {where[f"drive_{i}_training.tif"] for i in range(21, 25)} <= {"train", "val"}
     with pytest.raises(SystemExit, match="--set STARE: .* records the sets DRIVE"):
-        data.main(["split", "--root", str(root), "--set", "STARE"])
+        splits.main(["split", "--root", str(root), "--set", "STARE"])
     legacy = {k: {sp: [{f: v for f, v in e.items() if f in ("image", "mask", "label", "domain")} for e in es]
                   for sp, es in per.items()} for k, per in _splits(root).items()}
     (root / "splits.json").write_text(json.dumps(legacy))  # as an older convert.py wrote it
-    assert data.main(["split", "--root", str(root)]) == 0
+    assert splits.main(["split", "--root", str(root)]) == 0
     where = _where(root, SRC)
     assert [where[f"drive_0{i}_test.tif"] for i in (1, 2)] == ["test", "test"]  # a test listing stays in test
     assert sum(v == "train" for v in where.values()) == 7 and len(where) == 12
@@ -450,7 +451,7 @@ def test_folder_and_split_keep_what_sets_assigned(tmp_path, capsys):
 @pytest.mark.parametrize("seed", range(4))
 def test_official_val_and_test_never_reach_train(tmp_path, seed):
     """Random sequences of conversions (DRIVE: train/test; ARCADE: train/val/test), folder conversions into the same
-    tasks and data.py split (plain, grouped, --set), each at least once, on one root: after each step every official
+    tasks and splits.py split (plain, grouped, --set), each at least once, on one root: after each step every official
     val and test image of the sets converted so far is listed in exactly its official split, and no image twice."""
     root, rng = tmp_path / "root", random.Random(seed)
     drive, arcade = _drive(tmp_path / "DRIVE", 4, 2), _arcade(tmp_path / "arcade", (("train", 3), ("val", 2),
@@ -464,7 +465,7 @@ def test_official_val_and_test_never_reach_train(tmp_path, seed):
            "arcade": lambda: convert.convert_arcade(arcade, root, val=rng.choice([0.0, 0.5])),
            "folder fundus": lambda: convert.convert_folder(*fundus, root, SRC, group_regex=rng.choice([None, r"\d"])),
            "folder angio": lambda: convert.convert_folder(*angio, root, SEG),
-           "split": lambda: data.main(["split", "--root", str(root)] + rng.choice(
+           "split": lambda: splits.main(["split", "--root", str(root)] + rng.choice(
                [[], ["--group", r"_(\d)"]] + [["--set", name] for name in sorted(done)]))}
     for op in rng.sample(sorted(ops), len(ops)) + rng.choices(sorted(ops), k=3):  # each op at least once
         history.append(op)

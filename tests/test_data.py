@@ -1,6 +1,9 @@
-"""data.py and synthetic.py: layout, splits, bad inputs, letterbox/augmentation alignment, loaders, synthetic data,
-converters."""
+"""data.py, splits.py and synthetic.py: layout, splits, bad inputs, letterbox/augmentation alignment, loaders,
+synthetic data, converters."""
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,7 @@ from PIL import Image
 
 import convert
 import data
+import splits
 import synthetic
 
 DET, SEG, SRC = "angiography_detection", "angiography_segmentation", "retinography_segmentation"
@@ -100,7 +104,7 @@ def test_grouped_split_never_leaks_a_group():
 
 
 def test_resplit_keeps_what_sets_and_tests_pinned():
-    """data.resplit: a set's entries stay where its converter put them; named with sets, its official val/test still
+    """splits.resplit: a set's entries stay where its converter put them; named with sets, its official val/test still
     stay and the rest is pooled; an entry that records nothing stays in test; a pooled image whose group is held in
     val or test joins it; moves count (set, from, to)."""
     def e(name, **kw):
@@ -110,13 +114,13 @@ def test_resplit_keeps_what_sets_and_tests_pinned():
            "val": [e("a1", set="A", official="val"), e("u3")],
            "test": [e("d3", set="D", official="test"), e("old", group="g")]}
     new = [e("n1"), e("n2", group="g")]
-    out, moves = data.resplit(per, new)
+    out, moves = splits.resplit(per, new)
     where = {Path(x["image"]).stem: sp for sp, v in out.items() for x in v}
     assert [where[k] for k in ("d1", "d2", "a1", "d3", "old")] == ["train", "train", "val", "test", "test"]
     assert where["n2"] == "test"  # its group sits in test: a patient never straddles
     assert {where[k] for k in ("u1", "u2", "u3", "n1")} <= {"train", "val"} and sum(map(len, out.values())) == 10
     assert moves[("D", "test", "test")] == 1 and moves[("A", "val", "val")] == 1 and moves[(None, "new", "test")] == 1
-    out, _ = data.resplit(per, sets={"d"}, ratios=(0.0, 1.0, 0.0))  # D named: its official train pooled, test kept
+    out, _ = splits.resplit(per, sets={"d"}, ratios=(0.0, 1.0, 0.0))  # D named: its official train pooled, test kept
     where = {Path(x["image"]).stem: sp for sp, v in out.items() for x in v}
     assert [where[k] for k in ("d1", "d2", "d3", "a1")] == ["val", "val", "test", "val"]
     assert all(x["image"] < y["image"] for v in out.values() for x, y in zip(v, v[1:]))  # sorted
@@ -124,21 +128,29 @@ def test_resplit_keeps_what_sets_and_tests_pinned():
 
 def test_check_counts_an_image_listed_twice_once(tmp_path, capsys):
     """An image splits.json lists twice (here in train and in test) is one image to check, which fails naming it;
-    data.py split lists it once, in test."""
+    splits.py split lists it once, in test."""
     for i in range(3):
         _png(tmp_path / "retinography/images" / f"r{i}.png", np.full((8, 8, 3), 50, np.uint8))
         _png(tmp_path / "retinography/labels" / f"r{i}.png", np.eye(8, dtype=np.uint8) * 255)
-    splits = data.make_splits(tmp_path, ratios=(1, 0, 0))
-    splits[SRC]["test"] = [dict(splits[SRC]["train"][0])]
-    data.write_splits(tmp_path, splits)
-    assert data.main(["check", "--root", str(tmp_path)]) == 1
+    listed = data.make_splits(tmp_path, ratios=(1, 0, 0))  # not `splits`: that names the module
+    listed[SRC]["test"] = [dict(listed[SRC]["train"][0])]
+    data.write_splits(tmp_path, listed)
+    assert splits.main(["check", "--root", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "r0.png: listed 2 times in retinography_segmentation (train, test)" in err and "3 images" in err
-    assert data.main(["split", "--root", str(tmp_path)]) == 0
+    assert splits.main(["split", "--root", str(tmp_path)]) == 0
     s = json.loads((tmp_path / "splits.json").read_text())[SRC]
     assert [Path(e["image"]).name for e in s["test"]] == ["r0.png"] and sum(map(len, s.values())) == 3
-    assert data.main(["check", "--root", str(tmp_path)]) == 0
+    assert splits.main(["check", "--root", str(tmp_path)]) == 0
     assert "all 3 images usable" in capsys.readouterr().err
+
+
+def test_data_py_names_where_the_split_tools_went(tmp_path):
+    """The split and check commands moved to splits.py: `python data.py split` says so in one line, no traceback."""
+    r = subprocess.run([sys.executable, "data.py", "split", "--root", str(tmp_path)], cwd=Path(data.__file__).parent,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert len(r.stderr.splitlines()) == 1 and "splits.py" in r.stderr, r.stderr
 
 
 # -----------------------------------------------------------------------------
@@ -416,5 +428,5 @@ def test_convert_folder_and_cli(tmp_path):
     s = json.loads((root / "splits.json").read_text())[SRC]
     assert sum(len(v) for v in s.values()) == 3
     assert len({Path(e["image"]).name[:2] for e in s["train"]} & {Path(e["image"]).name[:2] for e in s["val"]}) == 0
-    data.main(["split", "--root", str(root)])
-    data.main(["check", "--root", str(root)])
+    splits.main(["split", "--root", str(root)])
+    splits.main(["check", "--root", str(root)])

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 import data
-import evaluate
+import predict
 import export
 import synthetic
-from metrics import measure
+from export import measure
 from model import CAMTL, load_checkpoint, load_weights
 
 FIX = Path(__file__).parent / "fixtures"
@@ -54,11 +54,11 @@ def camtl_ckpt(tmp_path_factory):
 
 
 def predicts_a_folder(program, tmp_path):
-    """`evaluate.py --weights PROGRAM --source DIR` on one odd-sized image writes its mask and its labels."""
+    """`predict.py --weights PROGRAM --source DIR` on one odd-sized image writes its mask and its labels."""
     src = tmp_path / "src"
     src.mkdir()
     Image.fromarray((np.random.default_rng(0).random((70, 150, 3)) * 255).astype(np.uint8)).save(src / "a.png")
-    res = evaluate.main(["--weights", str(program), "--source", str(src), "--save-dir", str(tmp_path / "pred"),
+    res = predict.main(["--weights", str(program), "--source", str(src), "--save-dir", str(tmp_path / "pred"),
                          "--conf", "0.001", "--device", "cpu"])
     assert res["saved"] == ["a"] and (tmp_path / "pred/masks/a.png").is_file()
     assert (tmp_path / "pred/labels/a.txt").is_file()
@@ -136,7 +136,7 @@ def test_camtl_fused_equals_unfused_in_target_domain(camtl_ckpt):
 def test_camtl_cli_dynamic_batch_pt2_equals_eager_and_predicts_alike(camtl_ckpt, tmp_path):
     out = tmp_path / "camtl.pt2"
     export.main(["--weights", str(camtl_ckpt), "--dynamic-batch", "--portable", "--out", str(out)])  # imgsz 64
-    run, imgsz, _ = evaluate.load_predictor(out)  # the loader the predictor uses
+    run, imgsz, _ = predict.load_predictor(out)  # the loader the predictor uses
     model, _ = load_checkpoint(camtl_ckpt)
     eager = export.deployable(model)
     assert imgsz == 64
@@ -151,9 +151,9 @@ def test_camtl_cli_dynamic_batch_pt2_equals_eager_and_predicts_alike(camtl_ckpt,
     src.mkdir()
     Image.fromarray((np.random.default_rng(0).random((70, 150, 3)) * 255).astype(np.uint8)).save(src / "a.png")
     for r, d in ((run, "pt2"), (eager, "pt")):
-        evaluate.predict_folder(r, src, tmp_path / d, imgsz, conf=0.001)
+        predict.predict_folder(r, src, tmp_path / d, imgsz, conf=0.001)
     with pytest.raises(SystemExit) as e:  # a program holds the target branch only: one line
-        evaluate.main(["--weights", str(out), "--source", str(src), "--domain", "source"])
+        predict.main(["--weights", str(out), "--source", str(src), "--domain", "source"])
     assert e.value.code == (f"--domain source: {out} is an exported program, and export.py exports the target "
                             "(angiography) branch only; predict fundus photographs with the .pt it came from")
     assert (tmp_path / "pt2/labels/a.txt").read_text() == (tmp_path / "pt/labels/a.txt").read_text()
@@ -164,11 +164,11 @@ def test_camtl_cli_dynamic_batch_pt2_equals_eager_and_predicts_alike(camtl_ckpt,
 def test_export_defaults_to_the_training_size_and_says_so_when_asked_for_another(camtl_ckpt, tmp_path, capsys):
     export.main(["--weights", str(camtl_ckpt), "--portable", "--out", str(tmp_path / "a.pt2")])
     assert "was trained at" not in capsys.readouterr().out
-    assert evaluate.load_predictor(tmp_path / "a.pt2")[1] == 64  # the checkpoint's imgsz
+    assert predict.load_predictor(tmp_path / "a.pt2")[1] == 64  # the checkpoint's imgsz
     export.main(["--weights", str(camtl_ckpt), "--portable", "--imgsz", "96", "--out", str(tmp_path / "b.pt2")])
     out = capsys.readouterr().out
     assert "--imgsz 96: " in out and "was trained at 64 px" in out, out
-    assert evaluate.load_predictor(tmp_path / "b.pt2")[1] == 96  # asked for, and done
+    assert predict.load_predictor(tmp_path / "b.pt2")[1] == 96  # asked for, and done
 
 
 def test_compiled_artefact_is_the_default_equals_eager_and_predicts(cli_builds, camtl_ckpt, tmp_path):

@@ -21,6 +21,7 @@ import evaluate
 import synthetic
 import train
 from losses import MultiTaskLoss, TermMeter
+from metrics import DetMeter, SegMeter, VesselMeter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -75,7 +76,7 @@ def test_every_collective_tensor_is_made_on_the_runs_device(synth, monkeypatch):
         for i, b in enumerate(batches):
             assert train.train_step(r, b, where=f"micro-batch {i}") is not None
         train.optimizer_step(r)
-        train.check_replicas(r)
+        r.comm.replica_difference(r.model)
     names = [n for n, _ in calls]
     assert names.count("all_reduce") >= 3 + 2 + 1 and "broadcast" in names  # flags, grads+buffers, replica check
 
@@ -227,23 +228,27 @@ def test_merged_shards_give_the_metrics_of_all_images(world):
     merge_shards puts the per-image statistics back in image order, so P, R and AP are one process's exactly."""
     case = torch.load(FIXTURES / "map_case.pt", weights_only=False)
     preds, targets = case["preds"], case["targets"]
-    whole = evaluate.DetMeter()
+    whole = DetMeter()
     whole.update(preds, targets)
     want = whole.compute(case["nc"])
     assert want["map50"] > 0.1
     shards = []
     for rank in range(world):
-        det = evaluate.DetMeter()
+        det = DetMeter()
         det.update(preds[rank::world], targets[rank::world])
-        seg = {"full": evaluate.SegMeter()}
+        seg = {"full": SegMeter()}
         seg["full"].inter, seg["full"].pred, seg["full"].true = rank, 10, 20
-        shards.append((det, seg, TermMeter(), np.eye(2, dtype=np.int64), {"det": 1, "seg": 0}, np.ones(1), {"a": 1.0}))
-    det, seg, _, cm, images, per_class, ms = evaluate.merge_shards(shards)
+        vessels = VesselMeter()
+        vessels.update(np.array([0.9, 0.2]), np.array([True, rank % 2 == 0]))
+        shards.append((det, seg, TermMeter(), np.eye(2, dtype=np.int64), {"det": 1, "seg": 0}, np.ones(1), {"a": 1.0},
+                       vessels))
+    det, seg, _, cm, images, per_class, ms, vessels = evaluate.merge_shards(shards)
     got = det.compute(case["nc"])
     for k in ("precision", "recall", "map50", "map50_95"):
         assert got[k] == want[k], k
     assert (seg["full"].inter, seg["full"].pred, seg["full"].true) == (sum(range(world)), 10 * world, 20 * world)
     assert images == {"det": world, "seg": 0} and ms == {"a": float(world)} and cm[0, 0] == world
+    assert vessels.tp == world and vessels.fn == (world + 1) // 2 and vessels.tn == world // 2  # 0.2: true on even
 
 
 def test_validation_times_each_phase_after_the_device_is_done(monkeypatch):

@@ -34,6 +34,7 @@ import checkpoints
 import config
 import data
 import evaluate
+import predict
 import model
 import synthetic
 from model import CAMTL, YOLOv8
@@ -132,7 +133,7 @@ def w(tmp_path_factory):
     s = json.loads((w.noval / "splits.json").read_text())
     s[DET]["val"] = []
     _splits(w.noval, s)
-    w.badfiles = t / "badfiles"  # no splits.json: `data.py check` must not write one
+    w.badfiles = t / "badfiles"  # no splits.json: `splits.py check` must not write one
     _png(w.badfiles / "retinography/images/a.png", img)
     _png(w.badfiles / "retinography/labels/a.png", mask)
     (w.badfiles / "retinography/images/b.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
@@ -212,7 +213,7 @@ ROWS = [
      "split names ['training']; splits are train, val, test"),
     ("splits.json entry", "exit", lambda w: data.load_splits(w.badentry),
      """expected {task_key: {"train": [...], "val": [...], "test": [...]}}"""),
-    ("splits.json regenerate", "exit", lambda w: data.load_splits(w.badentry), "`python data.py split --root "),
+    ("splits.json regenerate", "exit", lambda w: data.load_splits(w.badentry), "`python splits.py split --root "),
     ("no angiography folder", "exit", lambda w: data.check_stage_data(w.noangio, "camtl", 2, [1, 2]),
      "angiography_detection has no training images"),
     ("task smaller than batch", "exit", lambda w: data.check_stage_data(w.syn, "domainshift1", 8, [1, 2]),
@@ -227,7 +228,7 @@ ROWS = [
      "--set camtl_ratio=[1,2]"),
     ("stale splits.json", "warn", lambda w: data.load_splits(w.stale),
      "splits.json does not list 1 of the 7 images in"),
-    ("stale: how to rewrite", "warn", lambda w: data.load_splits(w.stale2), "`python data.py split --root "),
+    ("stale: how to rewrite", "warn", lambda w: data.load_splits(w.stale2), "`python splits.py split --root "),
     ("directory as label", "warn", lambda w: data.TaskDataset(w.dirs, DET, "train", 64),
      "labeldir.txt: a directory, not a label file -> skipped"),
     ("directory as image", "warn", lambda w: data.TaskDataset(w.dirs, DET, "train", 64),
@@ -240,18 +241,18 @@ ROWS = [
      "vessel = value > "),
     ("empty detection val", "warn", lambda w: data.val_loaders(w.noval, "camtl", "val", 64, 2),
      "angiography_detection/val: no images, so its detection metrics are absent (not 0)"),
-    ("data.py check: no root", "cli", lambda w: ["data.py", "check", "--root", w.missing],
+    ("splits.py check: no root", "cli", lambda w: ["splits.py", "check", "--root", w.missing],
      "check: --root " + "{missing} is not a directory"),
-    ("data.py check: bad files", "cli", lambda w: ["data.py", "check", "--root", w.badfiles],
+    ("splits.py check: bad files", "cli", lambda w: ["splits.py", "check", "--root", w.badfiles],
      "check: 1 of 2 files skipped as bad"),
-    ("data.py check: no write", "cli", lambda w: ["data.py", "check", "--root", w.badfiles],
+    ("splits.py check: no write", "cli", lambda w: ["splits.py", "check", "--root", w.badfiles],
      "splits.json: checking the 70/30/0 split training would write (not written"),
     # --- weights files
     ("evaluate: truncated .pt", "cli", lambda w: ["evaluate.py", "--weights", w.cut],
      "last.pt: not a readable PyTorch checkpoint"),
-    ("predict: foreign pickle", "cli", lambda w: ["evaluate.py", "--weights", w.listpt, "--source", w.src],
+    ("predict: foreign pickle", "cli", lambda w: ["predict.py", "--weights", w.listpt, "--source", w.src],
      "list.pt: as a nanoCAMTL checkpoint: holds a list, not a checkpoint dict"),
-    ("predict: truncated .pt2", "cli", lambda w: ["evaluate.py", "--weights", w.cut_pt2, "--source", w.src],
+    ("predict: truncated .pt2", "cli", lambda w: ["predict.py", "--weights", w.cut_pt2, "--source", w.src],
      "best.pt2: not a complete zip archive"),
     ("evaluate --device cuda", "cli", lambda w: ["evaluate.py", "--weights", w.best, "--device", "cuda"],
      "--device cuda: CUDA is not available here"),
@@ -277,7 +278,7 @@ ROWS = [
      "a dict without 'optimizer', 'epoch'"),
     ("weights that do not fit", "error", lambda w: model.load_weights(w.misfit),
      "do not fit the model its config describes"),
-    ("a .pt renamed .pt2", "error", lambda w: evaluate.load_predictor(w.renamed),
+    ("a .pt renamed .pt2", "error", lambda w: predict.load_predictor(w.renamed),
      "a PyTorch checkpoint (.pt), not a torch.export program"),
     ("code in a weights file", "error", lambda w: model.load_weights(w.evil), "refusing to load global"),
 ]
@@ -321,7 +322,7 @@ def test_mistake_gets_a_clear_answer(rid, kind, what, fragment, w, cli_runs, cap
 
 
 def test_what_the_mistakes_left_behind(w, cli_runs):
-    """`data.py check` wrote nothing; the payload never ran."""
+    """`splits.py check` wrote nothing; the payload never ran."""
     assert not (w.badfiles / "splits.json").exists()
     with pytest.raises(checkpoints.CheckpointError):
         model.load_weights(w.evil)

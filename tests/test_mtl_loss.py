@@ -10,8 +10,8 @@ from losses import MultiTaskLoss, align_loss, consistency_loss, dice_bce, l2sp_l
 W4 = {"p3": 0.25, "p4": 0.25, "p5": 0.25, "full": 1.0}  # the default deep-supervision weights
 
 CFG = dict(nc=1, box=7.5, cls=0.5, dfl=1.5, kpt=12.0, kobj=1.0, w_p3=0.25, w_p4=0.25, w_p5=0.25, w_p2=0.25, w_p1=0.25,
-           w_full=1.0, lambda_det=1.0, lambda_seg=1.0, lambda_cons=0.1, cons_mode="contain", cons_margin=0.3, lambda_align=0.05,
-           lambda_l2sp=1e-3)
+           w_full=1.0, lambda_det=1.0, lambda_seg=1.0, lambda_cons=0.1, cons_mode="contain", cons_margin=0.3,
+           lambda_align=0.05, lambda_l2sp=1e-3)
 B, S = 2, 64
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-import evaluate
+import metrics
 import plots
 
 
@@ -138,7 +138,7 @@ def test_confusion_matrix_counts_by_hand():
         [[*box(0, 0), 0.9, 0], [0, 0, 10, 9, 0.8, 0]],  # both on the label: one TP, one FP
     ]
     targets = [np.array(t, np.float32).reshape(-1, 5) for t in targets]
-    m = evaluate.confusion_matrix([torch.tensor(p).reshape(-1, 6) for p in preds], targets, nc)
+    m = metrics.confusion_matrix([torch.tensor(p).reshape(-1, 6) for p in preds], targets, nc)
     want = np.zeros((3, 3), int)  # rows predicted, columns true, index 2 background
     want[0, 0] = 2  # image 0, image 4
     want[0, 1] = 1  # class-1 label predicted as class 0
@@ -152,11 +152,11 @@ def test_confusion_matrix_counts_by_hand():
 def test_confusion_matrix_each_detection_keeps_its_best_label_and_iou_is_strict():
     t = [np.array([[0, 0, 0, 10, 10], [0, 5, 0, 15, 10]], np.float32)]
     p = [np.array([[4, 0, 14, 10, 0.9, 0], [0, 0, 10, 10, 0.8, 0]], np.float32)]  # det 0: IoU .43 / .82
-    assert (evaluate.confusion_matrix(p, t, 1) == [[2, 0], [0, 0]]).all()
+    assert (metrics.confusion_matrix(p, t, 1) == [[2, 0], [0, 0]]).all()
     half = [np.array([[0, 0, 10, 10, 0.9, 0]], np.float32)]  # IoU 0.5 exactly with the label below
     lab = [np.array([[0, 0, 0, 10, 20]], np.float32)]
-    assert (evaluate.confusion_matrix(half, lab, 1, iou=0.5) == [[0, 1], [1, 0]]).all()
-    assert (evaluate.confusion_matrix(half, lab, 1, iou=0.45) == [[1, 0], [0, 0]]).all()
+    assert (metrics.confusion_matrix(half, lab, 1, iou=0.5) == [[0, 1], [1, 0]]).all()
+    assert (metrics.confusion_matrix(half, lab, 1, iou=0.45) == [[1, 0], [0, 0]]).all()
 
 
 @pytest.mark.parametrize("nc,normalize", [(1, True), (1, False), (3, True), (25, True)])

@@ -1,4 +1,4 @@
-"""Prediction on a folder of the user's images (evaluate.py --source), the metrics CLI, --domain and the KEY=VALUE
+"""Prediction on a folder of the user's images (predict.py), the metrics CLI (evaluate.py), --domain and the KEY=VALUE
 settings.
 
 The coordinate chain is checked with a stub network that "detects" whatever is white on the letterboxed canvas it
@@ -14,8 +14,9 @@ from PIL import Image
 import data
 import evaluate
 import plots
+import predict
 import synthetic
-from model import CAMTL
+from model import CAMTL, DOMAINS
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,7 +47,7 @@ def test_box_and_mask_come_back_in_image_pixels(tmp_path, size, rect):
     (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     (src / "notes.txt").write_text("not an image")
 
-    res = evaluate.predict_folder(white_detector, src, tmp_path / "out", imgsz=128)
+    res = predict.predict_folder(white_detector, src, tmp_path / "out", imgsz=128)
     assert res["saved"] == ["gray16", "scan"] and sorted(p.name for p in res["skipped"]) == ["broken.png", "notes.txt"]
     for stem in res["saved"]:
         rows = [line.split() for line in (tmp_path / "out/labels" / f"{stem}.txt").read_text().splitlines()]
@@ -71,7 +72,7 @@ def test_predict_cli_with_checkpoint_and_metrics_cli(tmp_path, capsys):
     src.mkdir()
     Image.fromarray((np.random.default_rng(0).random((50, 90, 3)) * 255).astype(np.uint8)).save(src / "a.jpg")
     (src / "b.png").write_bytes(b"")
-    res = evaluate.main(["--weights", str(ck), "--source", str(src), "--save-dir", str(tmp_path / "out"),
+    res = predict.main(["--weights", str(ck), "--source", str(src), "--save-dir", str(tmp_path / "out"),
                          "--conf", "0.001"])
     assert res["saved"] == ["a"] and [p.name for p in res["skipped"]] == ["b.png"]
     assert "b.png" in capsys.readouterr().out
@@ -94,9 +95,9 @@ def test_predictions_go_to_numbered_run_folders(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["--weights", str(ROOT / "tests" / "fixtures" / "det.pt"), "--source", str(src), "--device", "cpu"]
     for _ in range(2):
-        evaluate.main(args)
-    evaluate.main(args + ["--name", "mine"])
-    evaluate.main(args + ["--name", "mine", "--exist-ok"])
+        predict.main(args)
+    predict.main(args + ["--name", "mine"])
+    predict.main(args + ["--name", "mine", "--exist-ok"])
     runs = sorted(p.name for p in (tmp_path / "runs" / "predict").iterdir())
     assert runs == ["exp", "exp2", "mine"] and (tmp_path / "runs/predict/exp2/labels/a.txt").is_file()
 
@@ -148,7 +149,7 @@ def test_real_size_image_predicts_in_both_domains_at_full_size(tmp_path, capsys)
     for domain in ("source", "target", None):
         argv = ["--weights", str(ck), "--source", str(src), "--save-dir", str(tmp_path / str(domain)),
                 "--conf", "0.001", "--device", "cpu"] + (["--domain", domain] if domain else [])
-        assert evaluate.main(argv)["saved"] == ["fundus"]
+        assert predict.main(argv)["saved"] == ["fundus"]
         log = capsys.readouterr().out
         want = domain or "target"  # a camtl checkpoint predicts with its target branch unless told
         assert f"domain: the {want} BatchNorm branch of {ck} predicts" in log
@@ -161,8 +162,8 @@ def test_real_size_image_predicts_in_both_domains_at_full_size(tmp_path, capsys)
     img = data.read_image(src / "fundus.png")  # the vessel logits themselves differ between the branches
     logits = {}
     for domain in ("source", "target"):
-        run, imgsz, names = evaluate.load_predictor(ck, domain=domain)
-        det, logits[domain] = evaluate.predict_image(run, img, imgsz, conf=0.001)
+        run, imgsz, names = predict.load_predictor(ck, domain=domain)
+        det, logits[domain] = predict.predict_image(run, img, imgsz, conf=0.001)
         assert logits[domain].shape == (1400, 1400) and names == ["stenosis"]
     assert (logits["source"] - logits["target"]).abs().max() > 0.1
     assert outs["source"][1] != outs["target"][1]  # and so do the boxes
@@ -173,7 +174,7 @@ def test_domain_on_a_model_with_one_batchnorm_branch_says_so_and_predicts(tmp_pa
     src.mkdir()
     Image.fromarray(np.full((40, 50, 3), 200, np.uint8)).save(src / "a.png")
     det = ROOT / "tests" / "fixtures" / "det.pt"  # an Ultralytics detector: plain BatchNorm
-    res = evaluate.main(["--weights", str(det), "--source", str(src), "--save-dir", str(tmp_path / "out"),
+    res = predict.main(["--weights", str(det), "--source", str(src), "--save-dir", str(tmp_path / "out"),
                          "--domain", "source", "--device", "cpu"])
     assert res["saved"] == ["a"]
     assert f"--domain source: {det} has one BatchNorm branch (trained without DualBN)" in capsys.readouterr().out
@@ -188,7 +189,7 @@ def test_metrics_in_the_source_domain_score_fundus_vessels_with_the_source_branc
         log = capsys.readouterr().out
         keys = "retinography_segmentation" if domain == "source" else \
             "angiography_detection, angiography_segmentation"
-        assert f"domain: {domain} ({evaluate.DOMAINS[domain]}): {keys} scored with the {domain} BatchNorm branch" in log
+        assert f"domain: {domain} ({DOMAINS[domain]}): {keys} scored with the {domain} BatchNorm branch" in log
     assert "map50" not in ms["source"] and "dice_full" in ms["source"]  # fundus photographs: vessels only
     assert "map50" in ms["target"]
 
@@ -202,9 +203,16 @@ def test_key_value_settings_set_the_flags_and_win_over_them():
                              "--conf", "0.1", "domain=source", "exist_ok=true", "--name", "x", "name=y"])
     assert (a.weights, a.conf, a.iou, a.imgsz, a.split, a.domain) == ("best.pt", 0.5, 0.6, 256, "test", "source")
     assert a.save_json is True and a.exist_ok is True and a.name == "y"
-    a = evaluate.parse_args(["weights=w.pt2", "source=imgs", "save_dir=out", "--exist-ok", "exist_ok=false"])
-    assert (a.weights, a.source, a.save_dir, a.exist_ok, a.conf, a.split) == ("w.pt2", "imgs", "out", False, None,
-                                                                             "val")
+    a = predict.parse_args(["weights=w.pt2", "source=imgs", "save_dir=out", "--exist-ok", "exist_ok=false"])
+    assert (a.weights, a.source, a.save_dir, a.exist_ok, a.conf) == ("w.pt2", "imgs", "out", False, None)
+    assert evaluate.parse_args(["weights=w.pt"]).split == "val"
+
+
+def test_evaluate_source_says_where_prediction_lives():
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--weights", "best.pt", "--source", "imgs/"])
+    assert str(e.value.code) == ("--source imgs/: predictions on your images are predict.py's: python predict.py "
+                                 "--weights best.pt --source imgs/")
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -228,6 +236,8 @@ def test_a_bad_setting_is_one_line_naming_it(argv, msg):
 def test_weights_are_required_one_way_or_the_other():
     with pytest.raises(SystemExit, match=r"--weights FILE \(or weights=FILE\) is required"):
         evaluate.parse_args(["conf=0.5"])
+    with pytest.raises(SystemExit, match=r"--weights FILE and --source DIR \(or weights=FILE source=DIR\) are "):
+        predict.parse_args(["source=imgs"])
 
 
 def test_key_value_settings_reach_the_metrics(tmp_path, monkeypatch):
@@ -257,7 +267,7 @@ def drawn_sizes(tmp_path, size):
     pixels in the label), measured on the drawn pixels."""
     s = size / 200
     x1, y1, x2, y2 = 50 * s, 80 * s, 150 * s, 160 * s
-    path = plots.plot_prediction(torch.zeros(3, size, size), torch.tensor([[x1, y1, x2, y2, 0.91, 0]]), None,
+    path = predict.plot_prediction(torch.zeros(3, size, size), torch.tensor([[x1, y1, x2, y2, 0.91, 0]]), None,
                                  tmp_path / f"{size}.png", ["stenosis"])
     a = np.asarray(Image.open(path).convert("RGB")).astype(int)
     red = (a == plots.colour(0)).all(-1)
@@ -279,11 +289,11 @@ def test_label_and_line_scale_with_the_image(tmp_path):
 
 def test_labels_of_nested_near_duplicates_and_at_the_edges_do_not_collide(tmp_path):
     W = H = 400
-    assert plots.label_box((100, 100, 200, 200), 60, 20, W, H, []) == (100, 80, 160, 100)  # above, as YOLOv8
-    assert plots.label_box((100, 5, 200, 200), 60, 20, W, H, []) == (100, 5, 160, 25)  # top of the image: inside
-    assert plots.label_box((380, 100, 400, 200), 60, 20, W, H, []) == (340, 80, 400, 100)  # shifted into the image
+    assert predict.label_box((100, 100, 200, 200), 60, 20, W, H, []) == (100, 80, 160, 100)  # above, as YOLOv8
+    assert predict.label_box((100, 5, 200, 200), 60, 20, W, H, []) == (100, 5, 160, 25)  # top of the image: inside
+    assert predict.label_box((380, 100, 400, 200), 60, 20, W, H, []) == (340, 80, 400, 100)  # shifted into the image
     det = torch.tensor([[100, 100, 300, 300, 0.9, 0], [102, 102, 298, 299, 0.8, 1], [101, 103, 299, 297, 0.7, 2]])
-    path = plots.plot_prediction(torch.zeros(3, H, W), det, None, tmp_path / "dups.png", ["a", "b", "c"])
+    path = predict.plot_prediction(torch.zeros(3, H, W), det, None, tmp_path / "dups.png", ["a", "b", "c"])
     a = np.asarray(Image.open(path).convert("RGB")).astype(int)
     spots = []
     for j in range(3):  # every label's fill is drawn whole: nothing printed over it but its own text
