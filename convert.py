@@ -703,6 +703,12 @@ def convert_folder(images, masks, root, task_key, group_regex=None, prep=None, p
     files and another folder's are never overwritten. Then what no set assigned in the task is re-split 70/30
     (grouped if asked: splits.split_root); the sets' splits stay. -> images written."""
     task, samples = TASK_KEYS[task_key][1], []
+    own = (Path(root) / TASK_KEYS[task_key][0]).resolve()
+    for flag, d in (("images", images), ("masks", masks)):
+        if Path(d).resolve() == own or own in Path(d).resolve().parents:
+            raise SystemExit(f"folder: {flag} {d} is inside {root}'s own {TASK_KEYS[task_key][0]} folder, where the "
+                             "conversion writes; nothing done. Its images are in the layout already: `python splits.py "
+                             f"split --root {root}` lists the new ones")
     for p in sorted(Path(images).iterdir()):
         if p.suffix.lower() not in IMG_EXTS:
             continue
@@ -722,12 +728,17 @@ def convert_folder(images, masks, root, task_key, group_regex=None, prep=None, p
     written = write_all(root, task_key, owner, {"train": samples}, prep).get("train", [])
     for e in written:
         e.update(owner)
-    splits = read_splits(root)
+    splits, fresh = read_splits(root), written
     if splits is not None:
+        before = {e["image"]: s for s, v in splits.get(task_key, {}).items() for e in v if owns(owner, e)}
         splits[task_key], gone = drop_own(root, splits.get(task_key, {}), owner, (), written)
         if gone:
             log(f"{gone} files this folder wrote before and no longer holds deleted")
-    split_root(root, splits, keys=(task_key,), group_regex=group_regex, seed=seed, new={task_key: written})
+        for e in written:  # an image converted again keeps its listing: one a user held out stays held out
+            if e["image"] in before:
+                splits[task_key][before[e["image"]]].append(e)
+        fresh = [e for e in written if e["image"] not in before]
+    split_root(root, splits, keys=(task_key,), group_regex=group_regex, seed=seed, new={task_key: fresh})
     log(f"{len(written)} images -> {Path(root) / TASK_KEYS[task_key][0]}")
     return len(written)
 

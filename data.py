@@ -514,10 +514,16 @@ class TaskDataset(Dataset):
         _, self.task, self.domain = TASK_KEYS[task_key]
         self.hyp = {**AUG, **(hyp or {})}
         entries = (load_splits(root) if splits is None else splits).get(task_key, {}).get(split, [])
+        once, twice = {}, []  # an image listed twice would count twice, and its COCO id would be ambiguous
+        for e in entries:
+            p = os.path.normpath(Path(root) / e["image"])
+            if p in once:
+                twice.append((Path(p), "listed more than once", "`python splits.py split` lists it once", "counted once"))
+            once.setdefault(p, e)
         with ThreadPoolExecutor(8) as ex:  # decoding every file once; PIL releases the GIL
-            results = list(ex.map(lambda e: scan_entry(root, e, self.task, nc), entries))
+            results = list(ex.map(lambda e: scan_entry(root, e, self.task, nc), once.values()))
         self.items = [it for it, _ in results if it is not None]
-        self.problems = [p for _, p in results if p is not None]
+        self.problems = twice + [p for _, p in results if p is not None]
         lines = [f"{p}: {kind}" + (f" ({detail})" if detail else "") + f" -> {act}"
                  for p, kind, detail, act in self.problems]
         if strict and self.problems:

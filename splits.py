@@ -1,16 +1,16 @@
 """Split and check tools for nanoCAMTL's data roots: (re)write a root's splits.json keeping what the converters'
 sets assigned, and scan every split for bad inputs. Training never calls them; convert.py and the CLI do.
 
-    python splits.py split --root R [--group REGEX] [--set NAME]   (re)split what no set assigned, and the images
-                                                                  splits.json does not list yet, 70/30/0 (--group: a
-                                                                  file-name regex keeps a patient's images together;
-                                                                  --set NAME, repeatable: that set's images too)
-    python splits.py check --root R [--nc N] [--write-splits]      scan every split, name each bad file (exit status 1
-                                                                  if any is skipped); changes nothing on disk unless
-                                                                  --write-splits writes a missing splits.json
+    python splits.py split --root R [--group REGEX] [--set NAME] [--resplit val|test]
+        (re)split what no set assigned, and the images splits.json does not list yet, 70/30/0 (--group: a file-name
+        regex keeps a patient's images together; --set NAME, repeatable: that set's images too). What is listed in
+        val or test stays there unless --resplit names the split.
+    python splits.py check --root R [--nc N] [--write-splits]
+        scan every split, name each bad file (exit status 1 if any is skipped); changes nothing on disk unless
+        --write-splits writes a missing splits.json
 
-A split keeps every official val/test split and every test listing that records none (`pinned`), so no command moves
-test images into training.
+Held out means held out (`pinned`): a val or test listing moves only when the command names its split, and an
+official val or test image never, so no command moves test images into training.
 
 Why a file of its own: data.py stays the training pipeline (layout, reading, datasets, loaders) and these tools use
 only its splits.json helpers and datasets; imports go data <- splits <- convert, never back.
@@ -29,26 +29,26 @@ from data import (SPLITS, TASK_KEYS, TaskDataset, _warn_unlisted, group_key, log
 # re-splitting
 
 
-def pinned(e, split, sets=()):
-    """The split a listed entry must stay in, or None when it may be re-split. A set's entries stay where its converter
-    put them unless the set is named in sets (lower case); then, as for every entry, an official val or test split
-    ("official") stays. An entry that records no official split (listed by hand or by an older convert.py) stays in
-    test: no command moves test images into training."""
+def pinned(e, split, sets=(), named=()):
+    """The split a listed entry must stay in, or None when it may be re-split. Held out means held out: an entry
+    listed in val or test stays there, official or not, unless the command names that split (`named`, from
+    --resplit); an official val or test entry stays even then, so no command moves a set's test images into
+    training. A set's entries also stay in train unless the set is named (sets, lower case)."""
     if e.get("set") and e["set"].lower() not in sets:
         return split
-    if "official" in e:
-        return e["official"] if e["official"] in ("val", "test") else None
-    return "test" if split == "test" else None
+    if e.get("official") in ("val", "test"):
+        return e["official"]
+    return split if split in ("val", "test") and split not in named else None
 
 
-def resplit(per, new=(), sets=(), ratios=(0.7, 0.3, 0.0), seed=42, group_regex=None):
+def resplit(per, new=(), sets=(), ratios=(0.7, 0.3, 0.0), seed=42, group_regex=None, named=()):
     """One task's {split: entries} plus new entries (listed nowhere yet) -> ({split: entries}, moves). What `pinned`
     keeps stays; a free entry whose group (`group_key`) is kept in val or test joins it; the other free entries are
     split by group (split_entries). moves: Counter of (set or None, from split or "new", to split)."""
     out, free = {s: [] for s in SPLITS}, []
     for s in SPLITS:
         for e in per.get(s, []):
-            p = pinned(e, s, sets)
+            p = pinned(e, s, sets, named)
             (out[p] if p else free).append((e, s))
     free += [(e, "new") for e in new]
     held = {group_key(e, group_regex): s for s in ("val", "test") for e, _ in out[s]}
@@ -73,11 +73,12 @@ def log_moves(key, moves):
         log(f"{key}: {st or 'no set'} {frm} {sum(n for _, n in tos)} -> " + ", ".join(f"{to} {n}" for to, n in tos))
 
 
-def split_root(root, splits, keys=tuple(TASK_KEYS), sets=(), group_regex=None, seed=42, new=None):
+def split_root(root, splits, keys=tuple(TASK_KEYS), sets=(), group_regex=None, seed=42, new=None, named=()):
     """(Re)split root/splits.json keeping what sets assigned: per task in keys, `resplit` of what splits lists (each
     image once, its test listing first; those whose image is gone dropped) plus the task folder's images it does not
     list, as new, and new[key] (entries a converter has just written). splits None (no splits.json): every task from
-    its folder. Logs the moves, writes splits.json and returns it."""
+    its folder. named: the splits whose listings may move too (--resplit). Logs the moves, writes splits.json and
+    returns it."""
     root, new = Path(root), new or {}
     splits, keys = ({}, tuple(TASK_KEYS)) if splits is None else (splits, keys)
     for key in keys:
@@ -95,7 +96,7 @@ def split_root(root, splits, keys=tuple(TASK_KEYS), sets=(), group_regex=None, s
         if dropped:
             log(f"{key}: {dropped} listings dropped (an image listed again, or gone from disk)")
         fresh = written + [e for e in task_files(root, key) if os.path.normpath(root / e["image"]) not in seen]
-        splits[key], moves = resplit(per, fresh, sets, seed=seed, group_regex=group_regex)
+        splits[key], moves = resplit(per, fresh, sets, seed=seed, group_regex=group_regex, named=named)
         log_moves(key, moves)
     write_splits(root, splits)
     return splits
@@ -136,6 +137,9 @@ def main(argv=None):
     a.add_argument("--group", default=None, help="regex on file names: its first group keys the split")
     a.add_argument("--set", action="append", default=[], metavar="NAME",
                    help="re-split this set's images too (repeatable); its official val and test stay")
+    a.add_argument("--resplit", action="append", default=[], choices=("val", "test"),
+                   help="let this split's listings move too (repeatable); without it, whatever is listed in val or "
+                   "test stays there, and an official val or test image stays even with it")
     a = sub.add_parser("check", help="scan every split for bad inputs (exit status 1 if any file is skipped); "
                                      "changes nothing on disk")
     a.add_argument("--root", required=True)
@@ -153,7 +157,8 @@ def main(argv=None):
             raise SystemExit(f"--group {args.group!r}: not a valid regular expression ({e})") from None
     if args.cmd == "split":
         splits = read_splits(args.root)
-        split_root(args.root, splits, sets=recorded_sets(splits, args.set), group_regex=args.group)
+        split_root(args.root, splits, sets=recorded_sets(splits, args.set), group_regex=args.group,
+                   named=tuple(args.resplit))
     elif args.cmd == "check":
         if args.nc < 1:
             raise SystemExit(f"--nc {args.nc}: must be >= 1")

@@ -432,7 +432,8 @@ def test_folder_and_split_keep_what_sets_assigned(tmp_path, capsys):
     assert "DRIVE val 1 -> val 1" in err and "no set train 4 -> " in err
     mine = {s: {Path(e["image"]).name[:2] for e in v if not e.get("set")} for s, v in _splits(root)[SRC].items()}
     assert mine["train"] and mine["val"] and not mine["train"] & mine["val"] and not mine["test"]
-    assert splits.main(["split", "--root", str(root), "--set", "drive"]) == 0  # DRIVE's train and val re-split too
+    # DRIVE's train and val re-split too: val is named, as held-out listings move only when their split is named
+    assert splits.main(["split", "--root", str(root), "--set", "drive", "--resplit", "val"]) == 0
     assert "DRIVE test 2 -> test 2" in capsys.readouterr().err
     where = _where(root, SRC)
     assert [where[f"drive_0{i}_test.tif"] for i in (1, 2)] == ["test", "test"]
@@ -442,7 +443,7 @@ def test_folder_and_split_keep_what_sets_assigned(tmp_path, capsys):
     legacy = {k: {sp: [{f: v for f, v in e.items() if f in ("image", "mask", "label", "domain")} for e in es]
                   for sp, es in per.items()} for k, per in _splits(root).items()}
     (root / "splits.json").write_text(json.dumps(legacy))  # as an older convert.py wrote it
-    assert splits.main(["split", "--root", str(root)]) == 0
+    assert splits.main(["split", "--root", str(root), "--resplit", "val"]) == 0
     where = _where(root, SRC)
     assert [where[f"drive_0{i}_test.tif"] for i in (1, 2)] == ["test", "test"]  # a test listing stays in test
     assert sum(v == "train" for v in where.values()) == 7 and len(where) == 12
