@@ -1,5 +1,5 @@
-"""Speed and memory of nanoCAMTL (not a test). Each section runs in its own subprocess so peak memory
-does not leak from one into the next.
+"""Speed and memory of nanoCAMTL (not a test), and the vessel head's resolution ceiling. Each section runs in its own
+subprocess so peak memory does not leak from one into the next.
 
     python bench.py                      # every section, scale n
     python bench.py --only infer,loss    # some sections
@@ -7,6 +7,8 @@ does not leak from one into the next.
     python bench.py --only levers        # YOLOv8 640 px inference: eager, channels_last, torch.compile, the .pt2,
                                          # int8 (needs torchao), Ultralytics' own YOLOv8 (if installed), side by side
     python bench.py --only steplevers --compile   # YOLOv8 / CAMTL train step levers, with torch.compile (minutes)
+    python bench.py --only ceiling --data ROOT    # the best vessel F1 a head of each seg_stride allows, on ROOT's
+                                                  # fundus training masks (e.g. DRIVE's), at 576 px
 
 Times are medians over --repeats after warm-up; memory is the process's peak RSS growth during the timed
 part (VmHWM), which on CPU is what a run actually costs.
@@ -398,8 +400,43 @@ def bench_steplevers(a):
             "eager", "median_ms": out["camtl_eager_ms"], "min_ms": min(times["camtl_eager"]), "peak_mb": 0.0, **out}
 
 
+def bench_ceiling(a):
+    """(j) What the seg head's output stride allows: for each fundus mask of --data's train and val splits,
+    letterboxed to --size (576), a free logit map at stride 8, 4 and 2 fitted to it (Adam, 1000 steps, BCE + Dice
+    through the head's bilinear upsampling), thresholded at 0 and scored as evaluate.py scores vessels, at the
+    original size inside the FOV. Its F1 is the best any network can reach through a head of that seg_stride."""
+    import data
+    import evaluate
+    from losses import dice_bce
+    from metrics import VesselMeter
+    from modules import upsample_bilinear
+    if not a.data:
+        sys.exit("--only ceiling needs --data ROOT, a data root with fundus vessel masks (e.g. convert.py drive)")
+    S, strides, t0 = a.size or 576, (8, 4, 2), time.perf_counter()
+    meters = {s: VesselMeter() for s in strides}
+    key = "retinography_segmentation"
+    items = [ds[i] for split in ("train", "val") for ds in [data.TaskDataset(a.data, key, split, S, verbose=False)]
+             for i in range(len(ds))]
+    for item in items:
+        batch = data.collate([item])
+        for s in strides:
+            z = torch.zeros(1, 1, S // s, S // s, requires_grad=True)  # (1, 1, S/s, S/s) the free logit map
+            opt = torch.optim.Adam([z], lr=0.5)
+            for _ in range(1000):  # 300 steps leave it short (stride 4: F1 0.888 against 0.907)
+                loss = dice_bce(upsample_bilinear(z, (S, S)), batch["mask"]).sum()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            evaluate.score_original_size(meters[s], upsample_bilinear(z.detach(), (S, S)), batch)
+    out = {f"f1_stride{s}": m.compute()["f1"] for s, m in meters.items()}
+    ms = (time.perf_counter() - t0) * 1e3
+    return {"what": f"vessel F1 ceiling of each seg_stride, {len(items)} masks of {a.data} at {S} px",
+            "median_ms": ms, "min_ms": ms, "peak_mb": 0.0, "images": len(items), **out}
+
+
 def child(name, a, *extra):
-    opt = [*(["--size", str(a.size)] if a.size else []), *(["--compile"] if a.compile else [])]  # extra wins
+    opt = [*(["--size", str(a.size)] if a.size else []), *(["--compile"] if a.compile else []),
+           *(["--data", a.data] if a.data else [])]  # extra wins
     out = subprocess.run([sys.executable, __file__, "--child", name, "--scale", a.scale, "--repeats", str(a.repeats),
                           "--threads", str(a.threads), *opt, *extra], capture_output=True, text=True)
     if out.returncode:
@@ -408,13 +445,16 @@ def child(name, a, *extra):
 
 
 SECTIONS = {"infer": bench_infer, "train": bench_train, "loss": bench_loss, "loader": bench_loader, "iter": bench_iter,
-            "export": bench_export, "camtl": bench_camtl, "levers": bench_levers, "steplevers": bench_steplevers}
+            "export": bench_export, "camtl": bench_camtl, "levers": bench_levers, "steplevers": bench_steplevers,
+            "ceiling": bench_ceiling}
 CHILD_ONLY = {"step_memory": bench_step_memory}  # sections other sections run in a child process, not --only
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of {list(SECTIONS)}")
+    p.add_argument("--only", default=",".join(k for k in SECTIONS if k != "ceiling"),
+                   help=f"comma list of {list(SECTIONS)} (ceiling: only when named, with --data)")
+    p.add_argument("--data", help="ceiling: a data root with fundus vessel masks")
     p.add_argument("--scale", default="n")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
