@@ -518,7 +518,8 @@ class TaskDataset(Dataset):
         for e in entries:
             p = os.path.normpath(Path(root) / e["image"])
             if p in once:
-                twice.append((Path(p), "listed more than once", "`python splits.py split` lists it once", "counted once"))
+                twice.append((Path(p), "listed more than once", "`python splits.py split` lists it once",
+                              "counted once"))
             once.setdefault(p, e)
         with ThreadPoolExecutor(8) as ex:  # decoding every file once; PIL releases the GIL
             results = list(ex.map(lambda e: scan_entry(root, e, self.task, nc), once.values()))

@@ -53,7 +53,7 @@ import evaluate
 import metrics
 import plots
 import synthetic
-from config import load_config
+from config import DEFAULTS, load_config
 from model import STAGE1_FUNCTION, STAGE1_SWITCHES, load_checkpoint
 from train import scale_tag
 
@@ -164,6 +164,19 @@ def fingerprint(weights):
     return h.hexdigest()[:12]
 
 
+# keys that say where a run writes, on which device, or how it reports, not what it computes: in no config_id
+NOT_COMPUTED = ("project", "name", "exist_ok", "device", "workers", "plots", "log_interval", "weights_dir", "data")
+
+
+def config_id(cfg):
+    """12 hex digits naming what a run computes: the sha256 of its resolved config less NOT_COMPUTED and less every
+    key at its default. So a key added later, whose default keeps the old behaviour, changes no recorded id; a
+    changed default changes none either, which is why a study that must repeat its record sets such keys (`set`).
+    A row or run whose id is not its job's is of another config: kept in study.csv, never counted or summarised."""
+    kept = {k: v for k, v in sorted(cfg.items()) if k not in NOT_COMPUTED and v != DEFAULTS.get(k)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def product(job):
     return job.dir / "weights" / f"yolov8{scale_tag(job.cfg)}-{job.stage}.pt"
 
@@ -248,7 +261,8 @@ def finish(job, end=None):
     """Score a trained job (camtl: the SCORES of best.pt) and write its marker, with the stage1_id the run has
     from its seed's shared stage 1 (a stage-1 run: that of its own product) and the machine -> the marker."""
     clock = json.loads((job.dir / "time.json").read_text())
-    mark = {"seconds": clock["spent"] + (end or time.time()) - clock["start"], "machine": machine()}
+    mark = {"seconds": clock["spent"] + (end or time.time()) - clock["start"], "machine": machine(),
+            "config_id": config_id(job.cfg)}
     if job.stage == "camtl":
         mark.update(score(job.dir, job.cfg["data"]))
     mark["stage1_id"] = run_stage1_id(job.dir)
@@ -322,24 +336,28 @@ SCORES = {"map50_small": small_box_map50, "dice_source": source_dice}  # compute
 # the results: rows per arm x seed, mean/std and paired differences, table and picture
 
 
-def best_row(csv_path):
-    """The results.csv row of the best epoch (the first of highest fitness, as train.py picks best.pt)."""
+def best_row(csv_path, val_interval=1):
+    """The results.csv row of the best epoch as train.py picks best.pt: among the validated epochs (every
+    val_interval-th and the last; the others repeat the last validation's metrics), the last of highest fitness."""
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
-    fit = np.array([float(r.get("fitness") or "nan") for r in rows])
-    return rows[int(np.argmax(np.nan_to_num(fit, nan=-np.inf)))]
+    rows = [r for i, r in enumerate(rows) if (i + 1) % val_interval == 0 or i + 1 == len(rows)]
+    fit = np.nan_to_num(np.array([float(r.get("fitness") or "nan") for r in rows]), nan=-np.inf)
+    return rows[len(fit) - 1 - int(np.argmax(fit[::-1]))]
 
 
 def run_row(out, name, spec, arm, seed):
     """One study.csv row of a finished arm x seed: its camtl run's best epoch, the SCORES, wall times."""
     camtl_dir, s1_dir, kind = layout(out, name, spec, arm, seed)
-    r, mark = best_row(camtl_dir / "results.csv"), json.loads((camtl_dir / DONE).read_text())
+    cfg = json.loads((camtl_dir / "time.json").read_text())["config"]
+    r, mark = best_row(camtl_dir / "results.csv", cfg["val_interval"]), json.loads((camtl_dir / DONE).read_text())
     if set(SCORES) - set(mark):  # a run scored before a score was added: score it now, once
-        root = json.loads((camtl_dir / "time.json").read_text())["config"]["data"]
-        mark = write_mark(camtl_dir, {**mark, **score(camtl_dir, root, have=mark)})
+        mark = write_mark(camtl_dir, {**mark, **score(camtl_dir, cfg["data"], have=mark)})
     s1 = json.loads((s1_dir / DONE).read_text()) if s1_dir is not None and (s1_dir / DONE).is_file() else {}
     metrics = {k: float(r.get(col) or "nan") if col else float(mark[k]) for k, col, _ in METRICS}
-    return dict(study=name, arm=arm, seed=seed, stage1_id=run_stage1_id(camtl_dir), epoch=int(r["epoch"]),
+    cid = mark.get("config_id") or config_id(cfg)
+    return dict(study=name, arm=arm, seed=seed, stage1_id=run_stage1_id(camtl_dir), config_id=cid,
+                epoch=int(r["epoch"]),
                 **metrics, camtl_s=round(mark["seconds"], 1), machine=mark.get("machine", ""),
                 stage1=kind, stage1_s=round(s1.get("seconds", math.nan), 1), run=str(camtl_dir))
 
@@ -388,7 +406,7 @@ def fmt(ms, sign=False, digits=3):
     return v if n < 2 else f"{v} ± {s:.{digits}f}"
 
 
-def write_table(path, name, spec, summary):
+def write_table(path, name, spec, summary, other=(), legacy=0):
     """study.md: per arm mean ± std over seeds, and the paired difference to the reference arm."""
     ref = spec["reference"]
     heads = [label for _, _, label in METRICS]
@@ -419,6 +437,13 @@ def write_table(path, name, spec, summary):
              for seed, sid in s["unpaired"]]
     if alone:
         lines += ["", f"Without a `{ref}` run of the same seed and stage1_id, so in no Δ: {', '.join(alone)}."]
+    if other:
+        runs = ", ".join(f"{r['arm']} s{r['seed']} ({r['config_id']})" for r in other)
+        lines += ["", f"Left out: {len(other)} runs of another config than this study's (config_id in study.csv): "
+                  f"{runs}."]
+    if legacy:
+        lines += ["", f"{legacy} rows were recorded before runs carried a config_id; they count as this study's "
+                  "config, the one their record was made with."]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -455,7 +480,7 @@ def plot_study(path, name, summary, rows, reference, panel=230, row_h=24):
 
 def read_record(record, name):
     """The rows of a study's record (RECORD/study.csv as write_results wrote it) -> [row]; a column an older
-    study.py did not write is NaN ('' for stage1_id and machine)."""
+    study.py did not write is NaN ('' for stage1_id, config_id and machine)."""
     path = Path(record) / "study.csv"
     if not path.is_file():
         return []
@@ -466,7 +491,7 @@ def read_record(record, name):
         raise SystemExit(f"--record {record}: its study.csv holds study {other[0]!r}, not {name!r}; give another "
                          "folder")
     ints, floats = ("seed", "epoch"), [k for k, _, _ in METRICS] + ["camtl_s", "stage1_s"]
-    return [{"stage1_id": "", "machine": "", **{k: math.nan for k in floats},
+    return [{"stage1_id": "", "config_id": "", "machine": "", **{k: math.nan for k in floats},
              **{k: int(v) if k in ints else float(v or "nan") if k in floats else v for k, v in r.items()}}
             for r in rows]
 
@@ -475,7 +500,9 @@ def write_results(out, name, spec, record=None):
     """study.csv (every finished arm x seed of the study on disk, and the record's other rows, in the study's
     arm order; rows of arms the study no longer has last, kept but not summarised), study.md and study.png,
     rewritten whole in out/name and in the record (and its curves/, keep_curves) -> the rows. A run on disk and
-    in the record (same arm, seed and stage1_id) is the disk's, unless its stage1_id is unknown ('')."""
+    in the record (same arm, seed, stage1_id and config_id) is the disk's, unless its stage1_id is unknown ('').
+    Only rows of the config the study now describes (`current_ids`) are summarised, and rows recorded before config
+    ids; study.md says how many others were left out and why."""
     d = out / name
     seeds = sorted({int(p.name[1:]) for p in d.glob("*/s*") if p.name[1:].isdigit()})
     rows = [run_row(out, name, spec, arm, seed) for arm in spec["arms"] for seed in seeds
@@ -483,28 +510,44 @@ def write_results(out, name, spec, record=None):
     recorded = read_record(record, name) if record else []
 
     def key(r):
-        return r["arm"], r["seed"], r["stage1_id"]
+        return r["arm"], r["seed"], r["stage1_id"], r["config_id"]
     rows = [r for r in rows if r["stage1_id"] or key(r) not in set(map(key, recorded))]
     rows += [r for r in recorded if key(r) not in set(map(key, rows))]
     if not rows:
         return None
     order = list(spec["arms"])
     rows.sort(key=lambda r: (order.index(r["arm"]) if r["arm"] in order else len(order), r["arm"], r["seed"]))
-    summary = summarize(rows, order, spec["reference"])
+    ids = current_ids(out, name, spec, sorted({r["seed"] for r in rows}))
+    other = [r for r in rows if r["arm"] in ids and r["config_id"] not in ("", ids[r["arm"]][r["seed"]])]
+    summary = summarize([r for r in rows if r not in other], order, spec["reference"])
+    legacy = sum(not r["config_id"] for r in rows)
     for folder in [d] + ([Path(record)] if record else []):
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / "study.csv.tmp"
         with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(["study", "arm", "seed", "stage1_id",
+            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(["study", "arm", "seed", "stage1_id", "config_id",
                                                                    *(k for r in rows for k in r)])))
             w.writeheader()
             w.writerows(rows)
         os.replace(tmp, folder / "study.csv")
-        write_table(folder / "study.md", name, spec, summary)
-        plot_study(folder / "study.png", name, summary, rows, spec["reference"])
+        write_table(folder / "study.md", name, spec, summary, other, legacy)
+        if summary:  # nothing of this config yet: no picture
+            plot_study(folder / "study.png", name, summary, rows, spec["reference"])
+    if other:
+        print(f"{len(other)} runs of another config left out of the summary (kept in study.csv): "
+              + ", ".join(f"{r['arm']} s{r['seed']}" for r in other[:6]) + (" ..." if len(other) > 6 else ""))
     if record:
         keep_curves(out, name, Path(record) / "curves")
     return rows
+
+
+def current_ids(out, name, spec, seeds):
+    """{arm: {seed: the config_id of its camtl run as the study now describes it}} for every arm and these seeds."""
+    ids = {}
+    for j in plan(name, spec, list(spec["arms"]), seeds, out).values():
+        if j.stage == "camtl":
+            ids.setdefault(j.arm, {})[j.cfg["seed"]] = config_id(j.cfg)
+    return ids
 
 
 def keep_curves(out, name, curves):
@@ -518,9 +561,13 @@ def keep_curves(out, name, curves):
 
 
 def unrecorded(jobs, rows, reference):
-    """The jobs without the camtl runs the record's rows hold, and without the stage-1 runs only those needed.
+    """The jobs without the camtl runs the record's rows of their config (config_id) hold, and without the stage-1
+    runs only those needed.
     A recorded reference run is kept while its seed has other runs to do: they pair with a reference run from the
     same stage 1 (stage1_id), so it runs again unless the record holds one of the id this machine trains (known)."""
+    ids = {k: config_id(j.cfg) for k, j in jobs.items()}
+    # this config's rows only; a row recorded before config ids ('') is taken as this config's, as it always was
+    rows = [r for r in rows if r["config_id"] in ("", ids.get(f"{r['arm']}/s{r['seed']}/camtl"))]
     have = {f"{r['arm']}/s{r['seed']}/camtl" for r in rows}
     todo = {j.cfg["seed"] for k, j in jobs.items() if j.stage == "camtl" and k not in have}
     left = {}

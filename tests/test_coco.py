@@ -1,5 +1,6 @@
 """coco.py and evaluate.py / predict.py --save-json: masks as COCO's compressed RLE (the strings pycocotools
-writes), the COCO files' schema, and evaluate's mAP against a COCO-style AP computed here, independently, from the written files."""
+writes), the COCO files' schema, and evaluate's mAP against a COCO-style AP computed here, independently, from the
+written files."""
 import json
 from pathlib import Path
 

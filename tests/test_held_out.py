@@ -91,7 +91,8 @@ def test_an_image_listed_twice_counts_once_and_has_one_coco_id(tmp_path, capsys)
     _write(tmp_path, {"train": es, "val": [es[0], es[1], dict(es[0])]})
     ds = data.TaskDataset(tmp_path, SRC, "val", imgsz=32)
     assert len(ds) == 2
-    assert "a.png: listed more than once (`python splits.py split` lists it once) -> counted once" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "a.png: listed more than once (`python splits.py split` lists it once) -> counted once" in err
     loader = data.build_loader(tmp_path, SRC, "val", imgsz=32, batch=4)
     results = coco.Results({"seg": loader})
     assert sorted(results.ids["seg"].values()) == [0, 1]

@@ -450,6 +450,30 @@ def test_an_interrupted_run_is_resumed_and_its_clock_continues(tiny, tmp_path, m
     assert study.state(job) == "stale" and study.changed(job) == ["epochs 3 -> 4"]
 
 
+def test_a_record_of_another_config_is_run_again_and_never_summarised(ran, tmp_path, monkeypatch, capsys):
+    """Each row and run carries its resolved config's id: after a change of the study's set, the recorded rows
+    and the finished runs on disk are of another config, so every run is to do again, and a summary counts only
+    runs of the config the study now describes, saying how many it left out."""
+    tmp, spec, _, _ = ran
+    recorded = study.read_record(tmp / "record", "tiny")
+    assert len({r["config_id"] for r in recorded}) == 4 and all(r["config_id"] for r in recorded)  # arm x seed
+    changed = {**spec, "set": {**spec["set"], "lambda_seg": 0.5}}
+    jobs = study.plan("tiny", changed, ["a", "b"], [0, 1], tmp_path / "m4")
+    left = study.unrecorded(jobs, recorded, "a")
+    assert sorted(k for k, j in left.items() if j.stage == "camtl") == [f"{a}/s{s}/camtl" for a in "ab" for s in (0, 1)]
+    assert sorted(study.unrecorded(study.plan("tiny", spec, ["a", "b"], [0, 1], tmp_path / "m5"), recorded, "a")) == []
+    runs = tmp_path / "runs"
+    shutil.copytree(tmp / "runs" / "tiny", runs / "tiny")  # the finished runs, then the study's set edited
+    rows = study.write_results(runs, "tiny", changed)
+    assert len(rows) == 4  # kept in study.csv
+    md = (runs / "tiny" / "study.md").read_text()
+    assert "Left out: 4 runs of another config" in md and "| a |" not in md
+    assert "4 runs of another config left out of the summary" in capsys.readouterr().out
+    study.write_results(runs, "tiny", spec)
+    md = (runs / "tiny" / "study.md").read_text()
+    assert "Left out" not in md and "| a | 0,1 |" in md
+
+
 def test_runs_of_another_config_are_never_taken_as_done(ran, monkeypatch):
     tmp, spec, _, _ = ran
     monkeypatch.setitem(study.STUDIES, "tiny", {**spec, "set": {**spec["set"], "lambda_seg": 0.5}})
