@@ -262,8 +262,10 @@ def camtl_step(kind, size, batch=4, scale="n", camtl_stage=False, channels_last=
 
 
 def bench_step_memory(a):
-    """Peak RSS growth of one model's train step, alone in this process (called by bench_camtl)."""
-    step = camtl_step(a.model, a.size, scale=a.scale)
+    """Peak RSS growth of one model's train step, alone in this process (called by bench_camtl). a.model: yolov8,
+    camtl, or camtl-sK (CAMTL with seg_stride K)."""
+    kind, _, k = a.model.partition("-s")
+    step = camtl_step(kind, a.size, scale=a.scale, cfg={"seg_stride": int(k)} if k else None)
     base = rss_mb()
     for _ in range(2):
         step()
@@ -272,15 +274,17 @@ def bench_step_memory(a):
 
 def bench_camtl(a):
     """(g) CAMTL vs YOLOv8 train step, batch 4, at 320/512/640 px: time ratio as the median of per-round ratios with
-    the two models alternating in one process (cancels load drift); peak memory of each in a process of its own."""
+    the two models alternating in one process (cancels load drift); peak memory of each in a process of its own
+    (at 512 also CAMTL with seg_stride 4 and 2)."""
     out = {}
     for size in (320, 512, 640):
         steps = {k: camtl_step(k, size, scale=a.scale) for k in ("yolov8", "camtl")}
         t = alternate(steps, min(a.repeats, 5))
         out[f"yolov8_{size}_ms"], out[f"camtl_{size}_ms"] = (statistics.median(t[k]) for k in ("yolov8", "camtl"))
         out[f"time_x_{size}"] = ratio(t, "camtl", "yolov8")
-        mem = {k: child("step_memory", a, "--model", k, "--size", str(size))["peak_mb"] for k in steps}
-        out[f"yolov8_{size}_mb"], out[f"camtl_{size}_mb"] = mem["yolov8"], mem["camtl"]
+        models = list(steps) + (["camtl-s4", "camtl-s2"] if size == 512 else [])  # the fine vessel path at 512
+        mem = {k: child("step_memory", a, "--model", k, "--size", str(size))["peak_mb"] for k in models}
+        out.update({f"{k.replace('-', '_')}_{size}_mb": v for k, v in mem.items()})
         out[f"mem_x_{size}"] = mem["camtl"] / max(mem["yolov8"], 1e-9)
     return {"what": f"CAMTL{a.scale} / YOLOv8{a.scale} train step, batch 4 (320/512/640 px)",
             "median_ms": out["camtl_512_ms"], "min_ms": out["camtl_512_ms"], "peak_mb": out["camtl_512_mb"], **out}
