@@ -20,7 +20,7 @@ STAGES = ("domainshift1", "camtl")  # in training order; each has its configs/{s
 DEFAULTS = runpy.run_path(str(ROOT / "configs" / "defaults.py"))["config"]
 SCALE_NAMES = ("n", "s", "m", "l", "x")  # model.SCALES; repeated here because model imports config
 # keys added after checkpoints were written, at the value those older runs trained with (not today's default)
-OLD_RUN_VALUES = {"attn_query_stride": 8, "ctam": True, "csam": True, "fpma": True, "xtam": False}
+OLD_RUN_VALUES = {"attn_query_stride": 8, "ctam": True, "csam": True, "fpma": True, "xtam": False, "seg_stride": 8}
 
 
 def saved_config(saved):

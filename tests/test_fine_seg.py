@@ -17,7 +17,7 @@ import train
 from config import DEFAULTS, load_config
 from losses import MultiTaskLoss
 from metrics import VesselMeter
-from model import CAMTL
+from model import CAMTL, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -83,6 +83,15 @@ def test_seg_stride_8_is_the_network_before_the_fine_path():
     assert set(seg) == set(ref["seg"])
     for k in seg:
         torch.testing.assert_close(seg[k], ref["seg"][k])
+
+
+def test_a_checkpoint_written_before_seg_stride_loads_as_stride_8(tmp_path):
+    ref = torch.load(FIXTURES / "seg_stride8.pt", weights_only=True)
+    cfg = {k: v for k, v in CAMTL({**ref["cfg"]}, verbose=False).cfg.items() if k != "seg_stride"}
+    torch.save({"model": ref["state"], "config": {**cfg, "workers": 0}, "stage": "camtl"}, tmp_path / "old.pt")
+    model, got = load_checkpoint(tmp_path / "old.pt")  # strict: a fine path would leave keys unfilled
+    assert got["seg_stride"] == 8 and model.seg_head.fine is None
+    torch.testing.assert_close(model(ref["x"])[0], ref["det"])
 
 
 def test_a_bad_seg_stride_is_one_line_naming_the_key():
