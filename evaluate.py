@@ -21,6 +21,7 @@ from cli import Progress, check_flags, parse_settings, pick_device, settings_arg
 from config import next_run_dir
 from losses import MultiTaskLoss, TermMeter
 from metrics import DetMeter, SegMeter, VesselMeter, confusion_matrix, nms, targets_xyxy
+from metrics import detection_metrics  # noqa: F401  (the one-call detection score, public here as in YOLOv8)
 from model import DOMAINS, class_names, default_domain, load_checkpoint
 from modules import DualBatchNorm2d
 
