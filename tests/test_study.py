@@ -421,8 +421,9 @@ def test_the_ablation_keeps_the_attention_its_record_measured(tmp_path, capsys):
                                ("speed-h2t128/s0/domainshift1", 2, 128), ("speed-h2t128/s0/camtl", 2, 128)):
         assert (jobs[key].cfg["attn_heads"], jobs[key].cfg["attn_tokens"]) == (heads, tokens), key
     assert jobs["full/s0/camtl"].cfg["attn_query_stride"] == 16 and not jobs["full/s0/camtl"].cfg["xtam"]
+    assert all(j.cfg["seg_stride"] == 8 for j in jobs.values())  # the vessel head the record measured
     study.main(["--list"])
-    assert "set attn_heads=4 attn_tokens=256" in capsys.readouterr().out
+    assert "set attn_heads=4 attn_tokens=256 seg_stride=8" in capsys.readouterr().out
 
 
 def test_an_interrupted_run_is_resumed_and_its_clock_continues(tiny, tmp_path, monkeypatch):
