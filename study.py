@@ -93,6 +93,9 @@ STUDIES = {
             # DualBN acts only when fundus batches enter camtl: the two arms that show what it buys there
             "replay": dict(camtl_ratio=[2, 1, 1]),
             "replay-DualBN": dict(camtl_ratio=[2, 1, 1], dual_bn=False),
+            # the fine vessel path (the default since the record's first runs) against the record's stride-8 head
+            "fine-s4": dict(seg_stride=4),
+            "fine-s2": dict(seg_stride=2),
         }),
 }
 
