@@ -73,7 +73,7 @@ METRICS = (("map50", "metrics/mAP50(B)", "mAP50"), ("map50_95", "metrics/mAP50-9
 STUDIES = {
     "ablation": dict(
         # set: the full model's attention and vessel stride as results/ablation measured it (the defaults' 2 heads and
-        # 128 tokens are its arm speed-h2t128; the default seg_stride 4 came after it), so that it repeats its record
+        # 128 tokens are its arm speed-h2t128; seg_stride explicit, whatever the default), so it repeats its record
         config="configs/hard.py", reference="full", seeds=[0, 1, 2],
         set=dict(attn_heads=4, attn_tokens=256, seg_stride=8),
         arms={
@@ -93,7 +93,7 @@ STUDIES = {
             # DualBN acts only when fundus batches enter camtl: the two arms that show what it buys there
             "replay": dict(camtl_ratio=[2, 1, 1]),
             "replay-DualBN": dict(camtl_ratio=[2, 1, 1], dual_bn=False),
-            # the fine vessel path (the default since the record's first runs) against the record's stride-8 head
+            # the fine vessel path against the record's stride-8 head: vessels, and what it does to the stenoses
             "fine-s4": dict(seg_stride=4),
             "fine-s2": dict(seg_stride=2),
         }),

@@ -22,8 +22,8 @@ config = {
     "csam": True,  # cross-scale attention; off: D_k go straight to Detect
     "fpma": True,  # the seg stream's top-down attention; off: a plain FPN, S4 = N4 + up(1x1 conv(S5)), S3 alike
     "xtam": False,  # DenseMTL's two-way exchange: seg <- det too, S_k += gate * attn(S_k <- N_k), gates zero at init
-    "seg_stride": 4,  # stride of the finest vessel logits: 4 or 2 (a fine path through the backbone's stride-4 and
-    # stride-2 maps) or 8 (P3 only, the original); compared on DRIVE and the demo in docs/benchmarks.md
+    "seg_stride": 8,  # stride of the finest vessel logits: 8 (P3 only, the original), 4 or 2 (a fine path through the
+    # backbone's stride-4 and stride-2 maps: much finer vessels, on the demo lower mAP; docs/benchmarks.md, DRIVE)
     "kpt_aux": False,  # centre-keypoint auxiliary on Detect (training only; stripped at export); try it with
     # box=0.01 dfl=0.01, the seed recipe (ablation: docs/benchmarks.md)
     # --- data

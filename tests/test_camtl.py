@@ -25,13 +25,9 @@ def camtl(**cfg):
 
 
 def open_gates(model, value=0.1):
-    """Every zero-initialised residual opened: the attention gates, and the fine vessel path's 1x1 logit convs."""
     for m in model.modules():
         if isinstance(m, CrossAttention):
             m.gate.data.fill_(value)
-    if model.seg_head.fine is not None:
-        for conv in model.seg_head.fine.logits:
-            conv.weight.data.fill_(value)
     return model
 
 
@@ -59,7 +55,7 @@ def test_output_shapes_every_scale(scale):
         assert det.shape == (1, 4 + 2, sum((h // s) * (w // s) for s in (8, 16, 32)))
         assert {k: tuple(v.shape) for k, v in seg.items()} == {
             "p3": (1, 1, h // 8, w // 8), "p4": (1, 1, h // 16, w // 16), "p5": (1, 1, h // 32, w // 32),
-            "p2": (1, 1, h // 4, w // 4), "full": (1, 1, h, w)}  # p2: the default seg_stride 4
+            "full": (1, 1, h, w)}
 
 
 def test_train_mode_shapes_at_320x256_and_bad_size_rejected():
@@ -123,8 +119,7 @@ def test_seg_loss_reaches_backbone_seg_stream_and_head_but_not_detection():
     assert det is None
     seg_loss(seg, mask).backward()
     assert nonzero_grad(m.backbone[0].conv.weight) and nonzero_grad(m.neck.n3.cv2.conv.weight)
-    fine = {id(p) for p in m.seg_head.fine.blocks.parameters()}  # behind the fine path's zero 1x1, as behind a gate
-    assert all(nonzero_grad(p) for p in m.seg_head.parameters() if id(p) not in fine)
+    assert all(nonzero_grad(p) for p in m.seg_head.parameters())
     assert nonzero_grad(m.s5.conv.weight) and nonzero_grad(m.fpma3.gate) and nonzero_grad(m.fpma4.gate)
     assert all(p.grad is None for part in (m.detect, m.ctam, m.csam) for p in part.parameters())
     # gates at zero pass no gradient into the attention itself; once open, every seg-stream tensor learns

@@ -93,8 +93,7 @@ def test_fpma_off_seg_stream_is_a_plain_fpn_with_the_same_shapes():
     assert torch.allclose(s3, n3 + F.interpolate(m.fpn3.proj(s4), scale_factor=2, mode="nearest"), atol=1e-6)
     _, seg = m(x)
     assert {k: tuple(v.shape) for k, v in seg.items()} == {
-        "p3": (2, 1, 16, 12), "p4": (2, 1, 8, 6), "p5": (2, 1, 4, 3), "p2": (2, 1, 32, 24),
-        "full": (2, 1, 128, 96)}  # p2: the default seg_stride 4
+        "p3": (2, 1, 16, 12), "p4": (2, 1, 8, 6), "p5": (2, 1, 4, 3), "full": (2, 1, 128, 96)}
 
 
 def test_ctam_and_csam_off_detect_exactly_as_yolov8_even_with_open_gates():
