@@ -243,3 +243,25 @@ def test_best_pt_is_a_validated_epoch_and_ties_go_to_the_later(tmp_path, monkeyp
     assert next(scores, "all used") == "all used"
     best = torch.load(tmp_path / "weights" / "best.pt", weights_only=True)
     assert best["epoch"] + 1 == best_epoch
+
+
+def test_a_fine_path_model_exports_and_its_program_equals_eager(tmp_path):
+    """export.py at seg_stride 4: the .pt2 program (portable) gives the eager model's detections and full-size
+    vessel logits exactly."""
+    import export
+    torch.manual_seed(0)
+    m = CAMTL({**TINY, "seg_stride": 4}, verbose=False).eval()
+    with torch.no_grad():
+        for conv in m.seg_head.fine.logits:  # the fine path's own contribution, not its zero start
+            conv.weight.normal_(0, 0.1)
+    ck = tmp_path / "s4.pt"
+    torch.save({"model": m.state_dict(), "config": {**m.cfg, "workers": 0}, "stage": "domainshift1"}, ck)
+    export.main(["--weights", str(ck), "--portable", "--out", str(tmp_path / "s4.pt2")])
+    run, meta = export.load_program(tmp_path / "s4.pt2")
+    eager = export.deployable(load_checkpoint(ck)[0])
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        (det, full), (ref_det, ref_full) = run(x), eager(x)
+    assert full.shape == (1, 1, 64, 64) and meta["config"]["seg_stride"] == 4
+    torch.testing.assert_close(det, ref_det)
+    torch.testing.assert_close(full, ref_full)
