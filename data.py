@@ -33,6 +33,7 @@ Split and check tools (training never calls them): splits.py, python splits.py s
 Converters of public data sets (ARCADE, CADICA, DRIVE, ...) into this layout: convert.py, python convert.py -h
 Synthetic data (generator, cached default set, picture of samples): synthetic.py, python synthetic.py -h
 """
+import itertools
 import json
 import math
 import os
@@ -609,9 +610,20 @@ class SeededSampler(DistributedSampler):
 
     def __init__(self, dataset, shuffle=True, seed=0, rank=0, world_size=1):
         super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+        self.skip = 0  # indices the next pass leaves out from its start (a run resumed mid-epoch), then 0 again
 
     def __iter__(self):
-        return ((i, self.seed, self.epoch) for i in super().__iter__())
+        skip, self.skip = self.skip, 0
+        return ((i, self.seed, self.epoch) for i in itertools.islice(super().__iter__(), skip, None))
+
+
+def skip_batches(loader, k):
+    """The loader's next pass starts at its batch k, as that batch would have come in this epoch: only indices are
+    skipped (augmentation is a function of (seed, epoch, index)), so no image is read to get there."""
+    if isinstance(loader, AlternatingLoader):
+        loader.start = k
+    else:
+        loader.sampler.skip = k * loader.batch_size
 
 
 def build_loader(root, task_key, split="train", imgsz=256, batch=16, augment=None, workers=0, seed=0,
@@ -647,7 +659,7 @@ class AlternatingLoader:
         if self.cycles == 0 or src_loader is not None and len(src_loader) == 0:
             sizes = [len(ld) for ld, _ in self.streams]
             raise ValueError(f"streams of {sizes} batches can't fill one cycle of {ratio}")
-        self.epoch = 0
+        self.epoch, self.start = 0, 0  # start: the batch the next pass begins at (skip_batches), then 0 again
 
     def __len__(self):
         return self.cycles * len(self.pattern)
@@ -658,18 +670,32 @@ class AlternatingLoader:
             ld.sampler.set_epoch(epoch)
 
     def __iter__(self):
-        its = [iter(ld) for ld, _ in self.streams]
+        """The streams' iterators are made here, not at the first batch, so they draw their worker seeds from the
+        RNG when a DataLoader's would: at the start of the epoch."""
+        start, self.start = self.start, 0
+        n = len(self.pattern)
+        taken = [sum(self.pattern[p % n] == j for p in range(start)) for j in range(len(self.streams))]
         restarts = 0
-        for _ in range(self.cycles):
-            for j in self.pattern:
-                try:
-                    yield next(its[j])
-                except StopIteration:  # only the replay stream can run out: start it over, reshuffled
-                    restarts += 1
-                    ld = self.streams[j][0]
-                    ld.sampler.set_epoch(self.epoch * 1000 + restarts)  # a new order, the same on every rank
-                    its[j] = iter(ld)
-                    yield next(its[j])
+        if self.replay is not None:  # a cycling stream may have started over before `start`
+            ld = self.streams[self.replay][0]
+            restarts, taken[self.replay] = divmod(taken[self.replay], len(ld))
+            if restarts:
+                ld.sampler.set_epoch(self.epoch * 1000 + restarts)
+        for (ld, _), t in zip(self.streams, taken):
+            skip_batches(ld, t)
+        return self._batches([iter(ld) for ld, _ in self.streams], start, restarts)
+
+    def _batches(self, its, start, restarts):
+        for p in range(start, len(self)):
+            j = self.pattern[p % len(self.pattern)]
+            try:
+                yield next(its[j])
+            except StopIteration:  # only the replay stream can run out: start it over, reshuffled
+                restarts += 1
+                ld = self.streams[j][0]
+                ld.sampler.set_epoch(self.epoch * 1000 + restarts)  # a new order, the same on every rank
+                its[j] = iter(ld)
+                yield next(its[j])
 
 def val_loaders(root, stage, split="val", imgsz=512, batch=8, workers=0, nc=1):
     """{task: loader} of what a stage is scored on (STAGE_TASKS), without augmentation: stage 1 fundus vessels,

@@ -57,6 +57,7 @@ class Comm:
 
     def __init__(self, device, world):
         self.device, self.world = torch.device(device), world
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
 
     def _check(self, t):
         if not same_device(t, self.device):
@@ -97,6 +98,14 @@ class Comm:
         out = [None] * self.world
         dist.all_gather_object(out, obj)  # NCCL: through the current CUDA device, which init() set
         return out
+
+    def broadcast_object(self, obj, src=0):
+        """-> rank src's obj (a picklable object) on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src)
+        return box[0]
 
     def barrier(self):
         if self.world > 1:

@@ -17,6 +17,7 @@ import os
 import pprint
 import random
 import signal
+import socket
 import sys
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -245,22 +246,63 @@ def resolve_resume(arg, cfg):
     return p
 
 
-def open_run(cfg, args, master, log):
+def torchrun_id():
+    """-> the id of this torchrun launch, the same in every restart of its workers (--max-restarts): its rendezvous
+    run id, host and agent process (the workers' parent); None outside torchrun."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    return f"{os.environ['TORCHELASTIC_RUN_ID']} {socket.gethostname()} {os.getppid()}"
+
+
+def same_command_run(cfg, args, comm):
+    """-> the run folder the same command line continues, or None for a new one: --resume auto names
+    runs/{stage}/{name}; a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) finds the folder its first start
+    made (torchrun.id, written by setup), rank 0 deciding for every rank."""
+    if args.resume == "auto":
+        return Path(cfg["project"]) / cfg["stage"] / cfg["name"]
+    if args.resume is not None or not int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)):
+        return None
+    found = None
+    if comm.rank == 0:
+        made = [p.parent for p in Path(cfg["project"]).glob(f"{cfg['stage']}/*/torchrun.id")
+                if p.read_text().strip() == torchrun_id()]
+        found = str(made[0]) if made else None
+    found = comm.broadcast_object(found)
+    return Path(found) if found else None
+
+
+def open_run(cfg, args, master, log, comm):
     """-> (cfg, run folder, checkpoint or None). A new runs/{stage}/{name} folder; with --resume the run's own
-    folder, last.pt and config (only `epochs` may change)."""
-    if args.resume is None:
+    folder, last.pt and config (only `epochs` may change). --resume auto and a torchrun restart continue the run
+    this command started when it has a last.pt, and start it in that folder otherwise (same_command_run)."""
+    again = same_command_run(cfg, args, comm)
+    if again is not None and not (again / "weights" / "last.pt").is_file():
+        why = "--resume auto" if args.resume == "auto" else "torchrun restart"
+        log(f"{why}: no {again / 'weights' / 'last.pt'} yet, so the run starts in {again}")
+        if master and (again / "results.csv").exists():  # rows of a run killed before its first checkpoint
+            (again / "results.csv").unlink()
+        return cfg, again if master else None, None
+    if again is None and args.resume is None:
+        if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+            log("torchrun restart: no run folder of this launch's first start, so a new run starts")
         return cfg, (next_run_dir(cfg["project"], cfg["stage"], cfg["name"], cfg["exist_ok"]) if master else None), None
-    last = resolve_resume(args.resume, cfg)
+    last = resolve_resume(str(again) if again is not None else args.resume, cfg)
     ckpt = read_checkpoint(last, "the last.pt of a run to resume", need=("model", "optimizer", "epoch", "config"))
     set_keys = args.set_keys or set()
     epochs = cfg["epochs"] if "epochs" in set_keys else ckpt["config"]["epochs"]
-    if ckpt["epoch"] + 1 >= epochs:
+    if ckpt["epoch"] + 1 >= epochs and again is not None:  # the job ran to its end before this start
+        log(f"{last.parent.parent} has trained its {epochs} epochs; its best weights are validated and saved again")
+    elif ckpt["epoch"] + 1 >= epochs:
         raise SystemExit(f"--resume: {last.parent.parent} has finished its {ckpt['epoch'] + 1} epochs; to train on, "
                          f"add --set epochs=N with N > {ckpt['epoch'] + 1}")
-    cfg = {**saved_config(ckpt["config"]), "epochs": epochs}  # keys added since: what the run computed
-    ignored = sorted(set_keys - {"epochs"})
-    log(f"resuming {last.parent.parent} from epoch {ckpt['epoch'] + 2} with the run's own config"
-        + (f" (--set {', '.join(ignored)} ignored: only epochs can change on resume)" if ignored else ""))
+    own = saved_config(ckpt["config"])  # keys added since: what the run computed
+    ignored = sorted(k for k in set_keys - {"epochs"} if cfg.get(k) != own.get(k))  # e.g. a job script's own keys
+    cfg = {**own, "epochs": epochs}
+    mid = ckpt.get("mid_epoch")
+    if ckpt["epoch"] + 1 < epochs:
+        log(f"resuming {last.parent.parent} from epoch {ckpt['epoch'] + 2}"
+            + (f", batch {mid['batch'] + 1}" if mid else "") + " with the run's own config"
+            + (f" (--set {', '.join(ignored)} ignored: only epochs can change on resume)" if ignored else ""))
     return cfg, last.parent.parent, ckpt
 
 
@@ -469,6 +511,8 @@ class Run:
     nan_run: int = 0  # non-finite losses in a row; a finite one resets it (train_step)
     nan_total: int = 0  # skipped non-finite micro-batches in this process's run (train_step)
     skipped_steps: int = 0  # optimizer steps skipped for inf/NaN gradients, the GradScaler's too (optimizer_step)
+    mid_epoch: Optional[dict] = None  # resuming inside an epoch: where, its running loss sums, the RNG (restore)
+    epoch_rng: Optional[dict] = None  # the RNG as the current epoch began, for a checkpoint inside it
 
     @property
     def master(self):
@@ -486,7 +530,7 @@ def setup(cfg, args, log=print):
     torch.manual_seed(cfg["seed"] + rank)
     np.random.seed(cfg["seed"] + rank)
     random.seed(cfg["seed"] + rank)
-    cfg, run_dir, ckpt = open_run(cfg, args, master, log)
+    cfg, run_dir, ckpt = open_run(cfg, args, master, log, comm)
     log(format_config(cfg))
     root, loader, val_loaders = build_data(cfg, rank, world)
     quiet = lambda *a, **k: None  # noqa: E731  (a resumed run's weights come from last.pt: no init messages)
@@ -507,6 +551,8 @@ def setup(cfg, args, log=print):
         (run_dir / "weights").mkdir(parents=True, exist_ok=True)
         if ckpt is None:
             write_run_config(run_dir / "config.py", cfg)
+            if torchrun_id():  # how a torchrun restart of this command finds this folder (same_command_run)
+                (run_dir / "torchrun.id").write_text(torchrun_id() + "\n")
             if cfg["plots"]:
                 plot_labels(loader, cfg, run_dir / "labels.png")
     init = "last.pt (resume)" if ckpt is not None else init_from or "COCO/random"
@@ -548,7 +594,8 @@ def restore(run):
         run.ema.updates = ckpt["ema_updates"]
     run.crit.anchor = state["anchor"] or run.crit.anchor
     run.start_epoch, run.best_fitness = ckpt["epoch"] + 1, ckpt["best_fitness"]
-    set_rng_state(ckpt["rng"])
+    run.mid_epoch = ckpt.get("mid_epoch")  # a checkpoint written inside an epoch (SIGTERM) continues that epoch
+    set_rng_state(ckpt["rng"])  # inside an epoch: the RNG as that epoch began
     if run.master and (run.run_dir / "results.csv").exists():  # a row written after this checkpoint is redone
         write_csv(run.run_dir / "results.csv", None, keep_epochs=ckpt["epoch"] + 1)
 
@@ -559,21 +606,30 @@ def train_one_epoch(run, epoch):
     cfg, nb = run.cfg, run.nb
     run.model.train()
     (run.loader.set_epoch if hasattr(run.loader, "set_epoch") else run.loader.sampler.set_epoch)(epoch)
-    meter = TermMeter()
+    meter, mid, run.mid_epoch, start = TermMeter(), run.mid_epoch, None, 0
+    if mid:  # resumed inside this epoch: its first `batch` batches are trained; their loss sums come along
+        start, meter.sum, meter.n = mid["batch"], mid["sum"], mid["n"]
+        data.skip_batches(run.loader, start)
+    run.epoch_rng = rng_state()
+    batches = iter(run.loader)  # the loader's workers take their seeds from the RNG here, as the epoch begins
+    if mid:
+        set_rng_state(mid["rng"])  # ... and from here on the RNG is where the interrupted run left it
     bar = Progress(nb, f"{cfg['stage']} {epoch + 1}/{cfg['epochs']}", cfg["log_interval"], enabled=run.master)
     run.opt.zero_grad(set_to_none=True)
     run.window = 0
-    for i, batch in enumerate(run.loader):
+    for i, batch in enumerate(batches, start):
         if run.master and cfg["plots"] and epoch == 0 and i < 3:  # what the network is fed, augmented
             plots.plot_batch(batch["img"], batch["batch_idx"], batch["cls"], batch["bboxes"], batch["mask"],
                              batch["paths"], run.run_dir / f"train_batch{i}.png", names=class_names(cfg["nc"]))
         run.lr = set_lr(run.opt, *run.get_lr(epoch * nb + i))
         where = f"epoch {epoch + 1} iter {i + 1}"
         terms = train_step(run, batch, where)
-        if (i + 1) % run.accumulate == 0 or i + 1 == nb:
-            optimizer_step(run, where)
         if terms is not None:  # None: non-finite loss, skipped
             meter.update(terms)
+        if (i + 1) % run.accumulate == 0 or i + 1 == nb:
+            optimizer_step(run, where)
+            if run.comm.any(stop_asked):  # SIGTERM on any rank: every rank stops after this same step
+                stop_inside_epoch(run, epoch, i + 1, meter)
         losses = " ".join(f"{k} {v:.4f}" for k, v in meter.means().items())
         bar.update(i + 1, f"{losses}  lr {run.lr:.5f}", items=batch["img"].shape[0] if terms is not None else 0)
     return meter.means()
@@ -657,14 +713,31 @@ def validate_and_save(run, epoch, train_terms):
     if not run.master:
         return
     write_csv(run.run_dir / "results.csv", csv_row(epoch, train_terms, run.metrics, run.opt))
-    ck = {"model": run.model.state_dict(), "ema": run.ema.ema.state_dict() if run.ema else None,
-          "ema_updates": run.ema.updates if run.ema else 0, "optimizer": run.opt.state_dict(),
-          "scaler": run.scaler.state_dict(), "epoch": epoch, "best_fitness": run.best_fitness,
-          "config": cfg, "stage": cfg["stage"], "rng": rng_state(), "anchor": run.crit.anchor, "metrics": run.metrics,
-          "nan_steps": run.nan_total, "skipped_steps": run.skipped_steps}
+    ck = checkpoint(run, epoch)
     save_checkpoint(ck, run.run_dir / "weights" / "last.pt")
     if better:
         save_checkpoint(ck, run.run_dir / "weights" / "best.pt")
+
+
+def checkpoint(run, epoch):
+    """last.pt's dict after `epoch` (0-based): everything `restore` needs to continue exactly."""
+    return {"model": run.model.state_dict(), "ema": run.ema.ema.state_dict() if run.ema else None,
+            "ema_updates": run.ema.updates if run.ema else 0, "optimizer": run.opt.state_dict(),
+            "scaler": run.scaler.state_dict(), "epoch": epoch, "best_fitness": run.best_fitness,
+            "config": run.cfg, "stage": run.cfg["stage"], "rng": rng_state(), "anchor": run.crit.anchor,
+            "metrics": run.metrics, "nan_steps": run.nan_total, "skipped_steps": run.skipped_steps}
+
+
+def stop_inside_epoch(run, epoch, done, meter):
+    """SIGTERM: after the optimizer step of batch `done`, rank 0 writes a last.pt that resumes inside this epoch
+    (the completed epochs, the epoch's position, its running loss sums, the RNG at the epoch's start and now);
+    then every rank exits naming the command that continues the run. The resumed run equals an uninterrupted
+    one (a preempted cluster job, requeued, loses no training)."""
+    if run.master:
+        ck = {**checkpoint(run, epoch - 1), "rng": run.epoch_rng,
+              "mid_epoch": {"epoch": epoch, "batch": done, "sum": meter.sum, "n": meter.n, "rng": rng_state()}}
+        save_checkpoint(ck, run.run_dir / "weights" / "last.pt")
+    raise SystemExit(interrupted(run))
 
 
 def finish_stage(run):
@@ -694,6 +767,22 @@ def finish_stage(run):
     return run.run_dir, best["metrics"]
 
 
+stop_asked = False  # set by SIGTERM (on_sigterm); the loop stops after its next optimizer step
+training = False  # the epochs are running (train); outside them SIGTERM stops at once
+
+
+def on_sigterm(signum, frame):
+    """SIGTERM (`kill`, a cluster's preemption, torchrun stopping its workers, study.py): while the epochs run, the
+    optimizer step under way finishes, then a checkpoint that resumes inside the epoch is written
+    (stop_inside_epoch). Before or after them (set-up, a process group waiting for its peers), or at a second
+    SIGTERM, the run stops at once, as Ctrl-C does. A process started in the background (nohup ... &) ignores
+    SIGINT, so SIGTERM is the signal that reaches it."""
+    global stop_asked
+    if stop_asked or not training:
+        raise KeyboardInterrupt
+    stop_asked = True
+
+
 def interrupted(run):
     """The one line a Ctrl-C ends with: where the last checkpoint is and the command that continues the run."""
     if not run.master:
@@ -701,8 +790,10 @@ def interrupted(run):
     last = run.run_dir / "weights" / "last.pt"
     if not last.is_file():
         return f"\ninterrupted before the first checkpoint: nothing to resume in {run.run_dir}"
-    epoch = torch.load(last, map_location="cpu", weights_only=True)["epoch"] + 1
-    return (f"\ninterrupted: {last} holds epoch {epoch}; continue with  "
+    ck = torch.load(last, map_location="cpu", weights_only=True)
+    mid = ck.get("mid_epoch")
+    where = f"epoch {ck['epoch'] + 1}" if mid is None else f"epoch {mid['epoch'] + 1} to batch {mid['batch']}/{run.nb}"
+    return (f"\ninterrupted: {last} holds {where}; continue with  "
             f"python train.py --stage {run.cfg['stage']} --resume {run.run_dir}")
 
 
@@ -711,12 +802,16 @@ def train(cfg, args, log=print):
     run = setup(cfg, args, log)  # device, run folder, data, model, optimizer, AMP, EMA, loss
     if run.ckpt is not None:
         restore(run)  # --resume: continue exactly where last.pt left off
+    global training
     try:
+        training = True
         for epoch in range(run.start_epoch, run.cfg["epochs"]):
             train_terms = train_one_epoch(run, epoch)
             validate_and_save(run, epoch, train_terms)
     except KeyboardInterrupt:
         raise SystemExit(interrupted(run)) from None
+    finally:
+        training = False
     if run.world > 1:
         diff = run.comm.replica_difference(run.model)  # the replicas must have stayed identical
         run.log(f"DDP: max weight difference across {run.world} ranks {diff:.3g}")
@@ -745,12 +840,17 @@ one line saying what to change (docs/troubleshooting.md).""")
                    help="override config keys, e.g. epochs=5 camtl_ratio=[1,2] data=/data/root")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN",
                    help="continue a run exactly: the newest of this stage, or RUN (a run folder or its last.pt); "
-                   "add --set epochs=N to extend a finished one")
+                   "add --set epochs=N to extend a finished one. auto: continue runs/{stage}/{name} when it has a "
+                   "last.pt and start it otherwise, for a job script that may be preempted and requeued "
+                   "(also as resume=auto)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or a GPU index N (default: the config's device, auto)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="the same as --set, YOLOv8-style: epochs=30 device=0")
     args = p.parse_args(argv)
     args.set = list(args.overrides) + list(args.set)
+    for a in [a for a in args.set if a.startswith("resume=")]:  # YOLOv8's habit: resume=auto, resume=True, resume=RUN
+        args.set.remove(a)
+        args.resume = {"True": "", "true": "", "False": None, "false": None}.get(a[7:], a[7:])
     if sys.stdout.isatty() is False and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # | tee, nohup: every line as it comes
     cfg = load_config(args.stage, args.config, args.set)
@@ -765,7 +865,5 @@ one line saying what to change (docs/troubleshooting.md).""")
 
 
 if __name__ == "__main__":
-    # `kill`, a scheduler's stop (SLURM) and study.py end a run as Ctrl-C does: at once, naming its last checkpoint.
-    # Started in the background (nohup ... &), a process ignores SIGINT, so SIGTERM is the signal that reaches it.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, on_sigterm)
     main()

@@ -135,9 +135,10 @@ def test_domainshift1_keeps_detection_parts_frozen(stages):
     assert all(torch.equal(ck["model"][k], v) for k, v in init.items())  # Detect/CTAM/CSAM untouched, BN stats too
 
 
-def test_sigterm_stops_a_background_run_at_once_naming_its_last_checkpoint(synth, tmp_path):
+def test_sigterm_stops_a_background_run_after_its_step_naming_its_last_checkpoint(synth, tmp_path):
     """`nohup python train.py ... &` ignores SIGINT; `kill` (SIGTERM, also study.py's and a scheduler's stop) must
-    still end it like Ctrl-C: within seconds, one line naming last.pt, resumable."""
+    still end it: within seconds, after the optimizer step under way, one line naming last.pt, which resumes
+    inside the epoch it stopped in."""
     cmd = [sys.executable, str(Path(train.__file__)), "--stage", "domainshift1", "--set", *TINY, "epochs=500",
            f"data={synth / 'synth'}", f"project={tmp_path}", "name=bg"]
     ignore_int = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731  (a background job's signals)
@@ -154,6 +155,8 @@ def test_sigterm_stops_a_background_run_at_once_naming_its_last_checkpoint(synth
     assert proc.returncode != 0, out[-500:]
     said = [line for line in out.splitlines() if line.startswith("interrupted:")]
     assert len(said) == 1 and str(last) in said[0] and "--resume" in said[0] and "Traceback" not in out
+    mid = torch.load(last, weights_only=True)["mid_epoch"]
+    assert f"holds epoch {mid['epoch'] + 1} to batch {mid['batch']}/" in said[0] and mid["epoch"] >= 1
 
 
 def test_resume_reproduces_the_uninterrupted_run(synth, monkeypatch, capsys):

@@ -1,0 +1,171 @@
+"""Runs that survive restarts: SIGTERM inside an epoch writes a checkpoint that continues it exactly, --resume auto
+continues the run a job script started, and a torchrun restart (--max-restarts) continues the run of its first
+start. Tiny widths, 64 px, a few seconds per run."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_ddp import free_port, gloo
+from test_train import TINY
+
+import evaluate
+import synthetic
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+REPLAY = ["camtl_ratio=[1,1,1]", "plots=False", "epochs=2"]  # 6 batches an epoch: det, seg, replayed fundus
+
+
+def run(tmp, stage, *extra, resume=None):
+    argv = ["--stage", stage, "--set", *TINY, f"data={tmp / 'synth'}", f"project={tmp / 'runs'}",
+            f"weights_dir={tmp / 'weights'}", *extra]
+    return train.main(argv + (["--resume", str(resume)] if resume is not None else []))
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """A synthetic set, its stage 1 and an uninterrupted camtl run of two epochs to compare with."""
+    tmp = tmp_path_factory.mktemp("restarts")
+    synthetic.make_synthetic(tmp / "synth", n=6, imgsz=64, seed=0)
+    run(tmp, "domainshift1", "epochs=1", "plots=False")
+    full, _ = run(tmp, "camtl", *REPLAY, "name=full")
+    return tmp, full
+
+
+def same_run(a, b):
+    """results.csv byte for byte, and last.pt's weights, EMA and optimizer moments exactly."""
+    assert (a / "results.csv").read_bytes() == (b / "results.csv").read_bytes()
+    ca, cb = (torch.load(d / "weights" / "last.pt", weights_only=True) for d in (a, b))
+    assert ca["epoch"] == cb["epoch"] and ca["ema_updates"] == cb["ema_updates"]
+    for part in ("model", "ema"):
+        assert all(torch.equal(ca[part][k], cb[part][k]) for k in ca[part]), part
+    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+
+
+def sigterm_at_step(monkeypatch, n):
+    """SIGTERM arrives during the n-th optimizer step (counting from 1)."""
+    real, calls = train.optimizer_step, {"n": 0}
+
+    def step(run, where="the end of the window"):
+        calls["n"] += 1
+        if calls["n"] == n:
+            train.on_sigterm(signal.SIGTERM, None)  # inside the epochs: noted, the step finishes
+        return real(run, where)
+    monkeypatch.setattr(train, "stop_asked", False)
+    monkeypatch.setattr(train, "optimizer_step", step)
+
+
+@pytest.mark.parametrize("step,where", [(3, "epoch 1 to batch 3/6"), (6, "epoch 1 to batch 6/6"),
+                                        (8, "epoch 2 to batch 2/6")])
+def test_sigterm_inside_an_epoch_resumes_to_the_uninterrupted_run(synth, monkeypatch, capsys, step, where):
+    """Mid-epoch (the loaders' position, running loss sums and RNG restored), at the last batch of an epoch (its
+    validation still to do) and in a later epoch: the resumed run equals the uninterrupted one."""
+    tmp, full = synth
+    sigterm_at_step(monkeypatch, step)
+    name = f"cut{step}"
+    with pytest.raises(SystemExit, match=f"holds {where}; continue with  python train.py --stage camtl --resume "):
+        run(tmp, "camtl", *REPLAY, f"name={name}")
+    cut = tmp / "runs" / "camtl" / name
+    ck = torch.load(cut / "weights" / "last.pt", weights_only=True)
+    assert ck["mid_epoch"]["batch"] == int(where.split()[4].split("/")[0]) and ck["epoch"] == (step - 1) // 6 - 1
+    monkeypatch.setattr(train, "stop_asked", False)
+    capsys.readouterr()
+    run(tmp, "camtl", *REPLAY, resume=cut)
+    assert f"batch {ck['mid_epoch']['batch'] + 1} with the run's own config" in capsys.readouterr().out
+    same_run(full, cut)
+
+
+def test_sigterm_outside_the_epochs_or_a_second_one_stops_at_once(monkeypatch):
+    """Set-up (a process group waiting for a dead peer) never reaches an optimizer step: SIGTERM there stops at
+    once; so does a second SIGTERM while a step finishes."""
+    monkeypatch.setattr(train, "stop_asked", False)
+    with pytest.raises(KeyboardInterrupt):
+        train.on_sigterm(signal.SIGTERM, None)
+    monkeypatch.setattr(train, "training", True)
+    train.on_sigterm(signal.SIGTERM, None)
+    assert train.stop_asked is True
+    with pytest.raises(KeyboardInterrupt):
+        train.on_sigterm(signal.SIGTERM, None)
+
+
+def test_resume_auto_starts_then_continues_then_finishes_the_same_run(synth, monkeypatch, capsys):
+    """The job script's one command line: the first start makes runs/camtl/{name}; killed after epoch 1 and
+    started again it continues there; started once more after the end it only saves the stage's product again."""
+    tmp, full = synth
+    real, calls = evaluate.validate, {"n": 0}
+
+    def killed_in_epoch_2(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(evaluate, "validate", killed_in_epoch_2)
+    auto = tmp / "runs" / "camtl" / "job"
+    with pytest.raises(SystemExit, match="holds epoch 1;"):
+        run(tmp, "camtl", *REPLAY, "name=job", resume="auto")
+    assert "--resume auto: no" in capsys.readouterr().out and (auto / "weights" / "last.pt").is_file()
+    monkeypatch.setattr(evaluate, "validate", real)
+    run(tmp, "camtl", *REPLAY, "name=job", "resume=auto")  # YOLOv8's key=value form of the same flag
+    out = capsys.readouterr().out
+    assert f"resuming {auto} from epoch 2 with the run's own config\n" in out  # the job's own --set: not "ignored"
+    same_run(full, auto)
+    assert sorted(p.name for p in auto.parent.iterdir() if p.name.startswith("job")) == ["job"]
+    product = auto / "weights" / "yolov8c-camtl.pt"
+    product.unlink()
+    run_dir, metrics = run(tmp, "camtl", *REPLAY, "name=job", resume="auto")
+    assert "has trained its 2 epochs; its best weights are validated and saved again" in capsys.readouterr().out
+    assert run_dir == auto and product.is_file() and metrics["fitness"] >= 0
+    same_run(full, auto)
+
+
+def worker_of_rank(agent, rank):
+    """-> the pid of torchrun's worker process of this RANK (from its environment), or None."""
+    kids = subprocess.run(["pgrep", "-P", str(agent)], capture_output=True, text=True).stdout.split()
+    for pid in kids:
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return int(pid)
+    return None
+
+
+@gloo
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
+def test_torchrun_restart_continues_the_run_of_its_first_start(synth):
+    """A rank killed after epoch 1 under torchrun --max-restarts=1: torchrun restarts both ranks with the same
+    command; they continue the first start's run folder from its last.pt. One folder, each epoch once, exit 0."""
+    tmp, _ = synth
+    project = tmp / "elastic"
+    sets = [*TINY, f"data={tmp / 'synth'}", f"project={project}", f"weights_dir={tmp / 'weights'}", "epochs=4",
+            "plots=False"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
+           "--monitor-interval=0.1", "--standalone", str(ROOT / "train.py"), "--stage",
+           "domainshift1", "--device", "cpu", "--set", *sets]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    log = open(tmp / "elastic.log", "w")
+    agent = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp)
+    last = project / "domainshift1" / "exp" / "weights" / "last.pt"
+    t0, killed = time.monotonic(), None
+    while killed is None and agent.poll() is None and time.monotonic() - t0 < 240:
+        if last.is_file() and (pid := worker_of_rank(agent.pid, 1)):
+            os.kill(pid, signal.SIGKILL)
+            killed = torch.load(last, weights_only=True)["epoch"] + 1
+        time.sleep(0.05)
+    agent.wait(timeout=300)
+    log.close()
+    out = (tmp / "elastic.log").read_text()
+    assert killed is not None and killed < 4, out[-3000:]
+    assert agent.returncode == 0, out[-3000:]
+    assert f"resuming {last.parent.parent} from epoch {killed + 1}" in out
+    assert [p.name for p in (project / "domainshift1").iterdir()] == ["exp"]
+    epochs = [line.split(",")[0] for line in (last.parent.parent / "results.csv").read_text().splitlines()[1:]]
+    assert epochs == ["1", "2", "3", "4"]
+    assert (last.parent / "yolov8c-domainshift1.pt").is_file()
