@@ -4,6 +4,7 @@
     python train.py --stage camtl                        # angiography stenoses + vessels (target domain)
     python train.py --stage camtl --config configs/angiography.py --set data=/data/arcade epochs=50
     python train.py --stage camtl --resume               # continue the newest camtl run exactly
+    python train.py --stage camtl --resume auto name=a   # a job script: continue runs/camtl/a, or start it
     torchrun --nproc_per_node=2 train.py --stage camtl   # DDP (NCCL on GPUs, gloo on CPU)
 
 Configuration is plain dicts (config.py; configs/defaults.py lists every key). Read top to bottom: the pieces of
