@@ -68,13 +68,14 @@ def predicts_a_folder(program, tmp_path):
 def cli_builds(camtl_ckpt, tmp_path_factory):
     """`python export.py` twice at once, as a user runs it: the default compiled artefact of camtl_ckpt and, when
     torchao is installed, --int8 of a lively tiny checkpoint calibrated on synthetic images. Each is mostly one
-    single-threaded C++ build, so on two cores the pair takes about the time of one. -> {"compiled" | "int8":
+    single-threaded C++ build, so on two cores the pair takes about the time of one. The int8 model has the fine
+    vessel path (seg_stride=4). -> {"compiled" | "int8":
     (output path, exit code, printed text)}; the int8 entry also gives its checkpoint and data root."""
     d = tmp_path_factory.mktemp("cli")
     jobs = {"compiled": (d / "camtl_aoti.pt2", ["--weights", str(camtl_ckpt), "--out", str(d / "camtl_aoti.pt2")])}
     if importlib.util.find_spec("torchao"):
         torch.manual_seed(0)
-        model = lively(randomise(CAMTL(TINY, verbose=False)))
+        model = lively(randomise(CAMTL({**TINY, "seg_stride": 4}, verbose=False)))  # the fine vessel path too
         ck = d / "best.pt"
         torch.save({"model": model.state_dict(), "config": {**model.cfg, "workers": 0}, "stage": "camtl"}, ck)
         root = synthetic.make_synthetic(d / "syn", n=6, imgsz=64)  # 4 training images per task

@@ -1,6 +1,7 @@
 """Runs that survive restarts: SIGTERM inside an epoch writes a checkpoint that continues it exactly, --resume auto
 continues the run a job script started, and a torchrun restart (--max-restarts) continues the run of its first
-start. Tiny widths, 64 px, a few seconds per run."""
+start. Every run here has the fine vessel path (seg_stride=4), so resume and DDP are checked with it too. Tiny
+widths, 64 px, a few seconds per run."""
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import synthetic
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
-REPLAY = ["camtl_ratio=[1,1,1]", "plots=False", "epochs=2"]  # 6 batches an epoch: det, seg, replayed fundus
+REPLAY = ["camtl_ratio=[1,1,1]", "plots=False", "epochs=2", "seg_stride=4"]  # 6 batches/epoch: det, seg, fundus
 
 
 def run(tmp, stage, *extra, resume=None):
@@ -32,7 +33,7 @@ def synth(tmp_path_factory):
     """A synthetic set, its stage 1 and an uninterrupted camtl run of two epochs to compare with."""
     tmp = tmp_path_factory.mktemp("restarts")
     synthetic.make_synthetic(tmp / "synth", n=6, imgsz=64, seed=0)
-    run(tmp, "domainshift1", "epochs=1", "plots=False")
+    run(tmp, "domainshift1", "epochs=1", "plots=False", "seg_stride=4")
     full, _ = run(tmp, "camtl", *REPLAY, "name=full")
     return tmp, full
 
@@ -145,7 +146,7 @@ def test_torchrun_restart_continues_the_run_of_its_first_start(synth):
     tmp, _ = synth
     project = tmp / "elastic"
     sets = [*TINY, f"data={tmp / 'synth'}", f"project={project}", f"weights_dir={tmp / 'weights'}", "epochs=4",
-            "plots=False"]
+            "plots=False", "seg_stride=4"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
            "--monitor-interval=0.1", "--standalone", str(ROOT / "train.py"), "--stage",
            "domainshift1", "--device", "cpu", "--set", *sets]
@@ -164,6 +165,7 @@ def test_torchrun_restart_continues_the_run_of_its_first_start(synth):
     out = (tmp / "elastic.log").read_text()
     assert killed is not None and killed < 4, out[-3000:]
     assert agent.returncode == 0, out[-3000:]
+    assert "max weight difference across 2 ranks 0\n" in out  # the replicas, fine path included, stayed equal
     assert f"resuming {last.parent.parent} from epoch {killed + 1}" in out
     assert [p.name for p in (project / "domainshift1").iterdir()] == ["exp"]
     epochs = [line.split(",")[0] for line in (last.parent.parent / "results.csv").read_text().splitlines()[1:]]
