@@ -89,11 +89,12 @@ class Progress:
     the caller's text (losses), items/s and ETA. When stdout is a file or a pipe: plain lines every `every` steps
     and at the end, with no control characters, flushed at once (tail -f, tee and nohup see them as they come)."""
 
-    def __init__(self, total, desc, every=10, unit="img", file=None, enabled=True):
+    def __init__(self, total, desc, every=10, unit="img", file=None, enabled=True, start=0):
+        """start: steps done before this clock started (an epoch resumed inside), left out of the rate and ETA."""
         self.total, self.desc, self.every, self.unit, self.enabled = total, desc, max(1, every), unit, enabled
         self.file = file or sys.stdout
         self.tty = self.file.isatty()
-        self.t0, self.items, self.last = time.time(), 0, ""
+        self.t0, self.items, self.last, self.start = time.time(), 0, "", start
 
     def update(self, i, text="", items=0):
         """Step i (1-based) done; items processed in it (for the rate); text: e.g. the running losses."""
@@ -101,7 +102,7 @@ class Progress:
         if not self.enabled or not (self.tty or i % self.every == 0 or i == self.total):
             return
         dt = max(time.time() - self.t0, 1e-9)
-        eta = dt / i * (self.total - i)
+        eta = dt / max(i - self.start, 1) * (self.total - i)
         rate = f"  {self.items / dt:.1f} {self.unit}/s" if self.items else ""
         line = f"{self.desc} {i:>{len(str(self.total))}}/{self.total} {text}{rate}  ETA {eta / 60:.1f} min"
         if self.tty:

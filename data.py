@@ -39,6 +39,7 @@ import math
 import os
 import random
 import re
+import signal
 import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -635,7 +636,15 @@ def build_loader(root, task_key, split="train", imgsz=256, batch=16, augment=Non
                      verbose=rank == 0)
     sampler = SeededSampler(ds, train if shuffle is None else shuffle, seed, rank, world_size)
     return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers, collate_fn=collate,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=persistent and workers > 0)
+                      pin_memory=torch.cuda.is_available(), persistent_workers=persistent and workers > 0,
+                      worker_init_fn=leave_sigterm_to_the_trainer if workers else None)
+
+
+def leave_sigterm_to_the_trainer(worker_id):
+    """A loader worker ignores SIGTERM: a cluster's stop signals every process of the job, and the training process
+    stops the run after its optimizer step (train.on_sigterm), which a worker killed first would end in a traceback.
+    The worker still ends with its loader, or when the training process is gone."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class AlternatingLoader:

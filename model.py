@@ -495,7 +495,9 @@ def load_checkpoint(path, device="cpu"):
         raise CheckpointError(f"{path}: its {shown} weights do not fit the model its config describes "
                               f"({str(e).strip().splitlines()[0][:150]})") from None
     model.set_domain("target" if stage == "camtl" else "source")
-    epoch = f", epoch {ckpt['epoch'] + 1}" if "epoch" in ckpt else ""
+    mid = ckpt.get("mid_epoch")  # a last.pt written inside an epoch (SIGTERM)
+    epoch = (f", epoch {mid['epoch'] + 1} to batch {mid['batch']}" if mid else
+             f", epoch {ckpt['epoch'] + 1}" if "epoch" in ckpt else "")
     print(f"{path}: {stage} checkpoint{epoch}, {shown} weights")
     return model.to(device).eval(), cfg
 

@@ -301,8 +301,8 @@ def open_run(cfg, args, master, log, comm):
     cfg = {**own, "epochs": epochs}
     mid = ckpt.get("mid_epoch")
     if ckpt["epoch"] + 1 < epochs:
-        log(f"resuming {last.parent.parent} from epoch {ckpt['epoch'] + 2}"
-            + (f", batch {mid['batch'] + 1}" if mid else "") + " with the run's own config"
+        at = "" if not mid else f", batch {mid['batch'] + 1}" if mid["batch"] < mid["nb"] else ", its validation"
+        log(f"resuming {last.parent.parent} from epoch {ckpt['epoch'] + 2}{at} with the run's own config"
             + (f" (--set {', '.join(ignored)} ignored: only epochs can change on resume)" if ignored else ""))
     return cfg, last.parent.parent, ckpt
 
@@ -595,10 +595,24 @@ def restore(run):
         run.ema.updates = ckpt["ema_updates"]
     run.crit.anchor = state["anchor"] or run.crit.anchor
     run.start_epoch, run.best_fitness = ckpt["epoch"] + 1, ckpt["best_fitness"]
+    run.metrics = ckpt.get("metrics") or {}  # what epochs without a validation repeat in results.csv
     run.mid_epoch = ckpt.get("mid_epoch")  # a checkpoint written inside an epoch (SIGTERM) continues that epoch
+    if run.mid_epoch and run.mid_epoch.get("world", run.world) != run.world:
+        run.mid_epoch = resharded(run, run.mid_epoch)
     set_rng_state(ckpt["rng"])  # inside an epoch: the RNG as that epoch began
     if run.master and (run.run_dir / "results.csv").exists():  # a row written after this checkpoint is redone
         write_csv(run.run_dir / "results.csv", None, keep_epochs=ckpt["epoch"] + 1)
+
+
+def resharded(run, mid):
+    """A checkpoint written inside an epoch by another number of ranks: every rank takes its share of one
+    permutation of the images, so the same images are done after batch x old ranks / new ranks of this run's
+    batches. The RNG and accumulation windows differ, so the run is no longer the uninterrupted one's."""
+    batch = min(round(mid["batch"] * mid["world"] / run.world), run.nb)
+    run.log(f"resuming inside epoch {mid['epoch'] + 1} on {run.world} rank(s), written on {mid['world']}: its "
+            f"batch {mid['batch']}/{mid['nb']} there is batch {batch}/{run.nb} here (the same images; the result "
+            "is not the uninterrupted run's to the bit)")
+    return {**mid, "batch": batch}
 
 
 def train_one_epoch(run, epoch):
@@ -615,7 +629,8 @@ def train_one_epoch(run, epoch):
     batches = iter(run.loader)  # the loader's workers take their seeds from the RNG here, as the epoch begins
     if mid:
         set_rng_state(mid["rng"])  # ... and from here on the RNG is where the interrupted run left it
-    bar = Progress(nb, f"{cfg['stage']} {epoch + 1}/{cfg['epochs']}", cfg["log_interval"], enabled=run.master)
+    bar = Progress(nb, f"{cfg['stage']} {epoch + 1}/{cfg['epochs']}", cfg["log_interval"], enabled=run.master,
+                   start=start)
     run.opt.zero_grad(set_to_none=True)
     run.window = 0
     for i, batch in enumerate(batches, start):
@@ -736,8 +751,10 @@ def stop_inside_epoch(run, epoch, done, meter):
     one (a preempted cluster job, requeued, loses no training)."""
     if run.master:
         ck = {**checkpoint(run, epoch - 1), "rng": run.epoch_rng,
-              "mid_epoch": {"epoch": epoch, "batch": done, "sum": meter.sum, "n": meter.n, "rng": rng_state()}}
+              "mid_epoch": {"epoch": epoch, "batch": done, "nb": run.nb, "world": run.world, "sum": meter.sum,
+                            "n": meter.n, "rng": rng_state()}}
         save_checkpoint(ck, run.run_dir / "weights" / "last.pt")
+    run.comm.barrier()  # no rank exits while rank 0 saves: a launcher would stop the rest of the job at once
     raise SystemExit(interrupted(run))
 
 
@@ -775,11 +792,12 @@ training = False  # the epochs are running (train); outside them SIGTERM stops a
 def on_sigterm(signum, frame):
     """SIGTERM (`kill`, a cluster's preemption, torchrun stopping its workers, study.py): while the epochs run, the
     optimizer step under way finishes, then a checkpoint that resumes inside the epoch is written
-    (stop_inside_epoch). Before or after them (set-up, a process group waiting for its peers), or at a second
-    SIGTERM, the run stops at once, as Ctrl-C does. A process started in the background (nohup ... &) ignores
-    SIGINT, so SIGTERM is the signal that reaches it."""
+    (stop_inside_epoch); more SIGTERMs meanwhile change nothing (a cluster signals every process of a job, and
+    torchrun signals its workers once more). Before or after the epochs (set-up, a process group waiting for its
+    peers) the run stops at once, as Ctrl-C always does. A process started in the background (nohup ... &)
+    ignores SIGINT, so SIGTERM is the signal that reaches it."""
     global stop_asked
-    if stop_asked or not training:
+    if not training:
         raise KeyboardInterrupt
     stop_asked = True
 

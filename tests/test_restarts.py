@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from test_ddp import free_port, gloo
@@ -19,7 +21,9 @@ import synthetic
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
-REPLAY = ["camtl_ratio=[1,1,1]", "plots=False", "epochs=2", "seg_stride=4"]  # 6 batches/epoch: det, seg, fundus
+# 10 batches an epoch (det, seg, fundus x 3: the 2-batch fundus stream starts over inside each epoch), a step every
+# 2 batches, a loader worker (its seed drawn from the RNG as each epoch begins), the fine vessel path
+REPLAY = ["camtl_ratio=[1,1,3]", "nbs=4", "workers=1", "plots=False", "epochs=2", "seg_stride=4"]
 
 
 def run(tmp, stage, *extra, resume=None):
@@ -39,10 +43,12 @@ def synth(tmp_path_factory):
 
 
 def same_run(a, b):
-    """results.csv byte for byte, and last.pt's weights, EMA and optimizer moments exactly."""
+    """results.csv byte for byte, and last.pt's weights, EMA, optimizer moments and RNG exactly."""
     assert (a / "results.csv").read_bytes() == (b / "results.csv").read_bytes()
     ca, cb = (torch.load(d / "weights" / "last.pt", weights_only=True) for d in (a, b))
     assert ca["epoch"] == cb["epoch"] and ca["ema_updates"] == cb["ema_updates"]
+    assert torch.equal(ca["rng"]["torch"], cb["rng"]["torch"]) and torch.equal(ca["rng"]["numpy"], cb["rng"]["numpy"])
+    assert ca["rng"]["python"] == cb["rng"]["python"]
     for part in ("model", "ema"):
         assert all(torch.equal(ca[part][k], cb[part][k]) for k in ca[part]), part
     sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
@@ -62,11 +68,13 @@ def sigterm_at_step(monkeypatch, n):
     monkeypatch.setattr(train, "optimizer_step", step)
 
 
-@pytest.mark.parametrize("step,where", [(3, "epoch 1 to batch 3/6"), (6, "epoch 1 to batch 6/6"),
-                                        (8, "epoch 2 to batch 2/6")])
-def test_sigterm_inside_an_epoch_resumes_to_the_uninterrupted_run(synth, monkeypatch, capsys, step, where):
-    """Mid-epoch (the loaders' position, running loss sums and RNG restored), at the last batch of an epoch (its
-    validation still to do) and in a later epoch: the resumed run equals the uninterrupted one."""
+@pytest.mark.parametrize("step,where,then", [(3, "epoch 1 to batch 6/10", "batch 7"),
+                                             (5, "epoch 1 to batch 10/10", "its validation"),
+                                             (8, "epoch 2 to batch 6/10", "batch 7")])
+def test_sigterm_inside_an_epoch_resumes_to_the_uninterrupted_run(synth, monkeypatch, capsys, step, where, then):
+    """Mid-epoch (the loaders' position, the fundus stream started over, running loss sums and RNG restored), at
+    the last batch of an epoch (its validation still to do) and in a later epoch: the resumed run equals the
+    uninterrupted one."""
     tmp, full = synth
     sigterm_at_step(monkeypatch, step)
     name = f"cut{step}"
@@ -74,25 +82,36 @@ def test_sigterm_inside_an_epoch_resumes_to_the_uninterrupted_run(synth, monkeyp
         run(tmp, "camtl", *REPLAY, f"name={name}")
     cut = tmp / "runs" / "camtl" / name
     ck = torch.load(cut / "weights" / "last.pt", weights_only=True)
-    assert ck["mid_epoch"]["batch"] == int(where.split()[4].split("/")[0]) and ck["epoch"] == (step - 1) // 6 - 1
+    assert ck["mid_epoch"]["batch"] == int(where.split()[4].split("/")[0]) and ck["epoch"] == (step - 1) // 5 - 1
     monkeypatch.setattr(train, "stop_asked", False)
     capsys.readouterr()
     run(tmp, "camtl", *REPLAY, resume=cut)
-    assert f"batch {ck['mid_epoch']['batch'] + 1} with the run's own config" in capsys.readouterr().out
+    assert f"from epoch {ck['epoch'] + 2}, {then} with the run's own config" in capsys.readouterr().out
     same_run(full, cut)
 
 
-def test_sigterm_outside_the_epochs_or_a_second_one_stops_at_once(monkeypatch):
+def test_sigterm_outside_the_epochs_stops_at_once_and_a_second_one_inside_waits(monkeypatch):
     """Set-up (a process group waiting for a dead peer) never reaches an optimizer step: SIGTERM there stops at
-    once; so does a second SIGTERM while a step finishes."""
+    once. Inside the epochs a second SIGTERM (a cluster signals every process, then torchrun its workers again)
+    still lets the step finish and the checkpoint be written."""
     monkeypatch.setattr(train, "stop_asked", False)
     with pytest.raises(KeyboardInterrupt):
         train.on_sigterm(signal.SIGTERM, None)
     monkeypatch.setattr(train, "training", True)
     train.on_sigterm(signal.SIGTERM, None)
+    train.on_sigterm(signal.SIGTERM, None)
     assert train.stop_asked is True
-    with pytest.raises(KeyboardInterrupt):
-        train.on_sigterm(signal.SIGTERM, None)
+
+
+def test_a_resumed_run_repeats_the_last_validation_in_rows_without_one(synth):
+    """With val_interval > 1 a row of an epoch without validation repeats the last validation's metrics; a resumed
+    run must have them too."""
+    tmp, full = synth
+    ck = torch.load(full / "weights" / "last.pt", weights_only=True)
+    args = SimpleNamespace(resume=str(full), set_keys={"epochs"}, device="cpu")  # extended by one epoch
+    run = train.setup({**ck["config"], "epochs": 3}, args, log=lambda *a, **k: None)
+    train.restore(run)
+    assert run.metrics == ck["metrics"] and run.metrics["fitness"] > 0
 
 
 def test_resume_auto_starts_then_continues_then_finishes_the_same_run(synth, monkeypatch, capsys):
@@ -140,33 +159,37 @@ def worker_of_rank(agent, rank):
 
 @gloo
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
-def test_torchrun_restart_continues_the_run_of_its_first_start(synth):
-    """A rank killed after epoch 1 under torchrun --max-restarts=1: torchrun restarts both ranks with the same
-    command; they continue the first start's run folder from its last.pt. One folder, each epoch once, exit 0."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_torchrun_restart_continues_the_run_of_its_first_start(synth, sig):
+    """A rank killed (SIGKILL) or stopped (SIGTERM: both ranks agree to stop after one step and rank 0 saves inside
+    the epoch) after epoch 1 under torchrun --max-restarts=1: torchrun restarts both ranks with the same command;
+    they continue the first start's run folder from its last.pt. One folder, each epoch once, exit 0."""
     tmp, _ = synth
-    project = tmp / "elastic"
+    project = tmp / f"elastic-{sig.name}"
     sets = [*TINY, f"data={tmp / 'synth'}", f"project={project}", f"weights_dir={tmp / 'weights'}", "epochs=4",
             "plots=False", "seg_stride=4"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
            "--monitor-interval=0.1", "--standalone", str(ROOT / "train.py"), "--stage",
            "domainshift1", "--device", "cpu", "--set", *sets]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    log = open(tmp / "elastic.log", "w")
+    log = open(project.with_suffix(".log"), "w")
     agent = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp)
     last = project / "domainshift1" / "exp" / "weights" / "last.pt"
     t0, killed = time.monotonic(), None
     while killed is None and agent.poll() is None and time.monotonic() - t0 < 240:
         if last.is_file() and (pid := worker_of_rank(agent.pid, 1)):
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, sig)
             killed = torch.load(last, weights_only=True)["epoch"] + 1
         time.sleep(0.05)
     agent.wait(timeout=300)
     log.close()
-    out = (tmp / "elastic.log").read_text()
+    out = project.with_suffix(".log").read_text()
     assert killed is not None and killed < 4, out[-3000:]
     assert agent.returncode == 0, out[-3000:]
     assert "max weight difference across 2 ranks 0\n" in out  # the replicas, fine path included, stayed equal
     assert f"resuming {last.parent.parent} from epoch {killed + 1}" in out
+    if sig == signal.SIGTERM:  # rank 1's signal stopped rank 0 too, after the same step, with a checkpoint
+        assert f"interrupted: {last} holds epoch {killed + 1} to batch 1/1; continue with" in out
     assert [p.name for p in (project / "domainshift1").iterdir()] == ["exp"]
     epochs = [line.split(",")[0] for line in (last.parent.parent / "results.csv").read_text().splitlines()[1:]]
     assert epochs == ["1", "2", "3", "4"]
