@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_ddp import free_port, gloo
+from test_ddp import gloo
 from test_train import TINY
 
 import evaluate
@@ -68,13 +68,12 @@ def sigterm_at_step(monkeypatch, n):
     monkeypatch.setattr(train, "optimizer_step", step)
 
 
-@pytest.mark.parametrize("step,where,then", [(3, "epoch 1 to batch 6/10", "batch 7"),
-                                             (5, "epoch 1 to batch 10/10", "its validation"),
+@pytest.mark.parametrize("step,where,then", [(5, "epoch 1 to batch 10/10", "its validation"),
                                              (8, "epoch 2 to batch 6/10", "batch 7")])
 def test_sigterm_inside_an_epoch_resumes_to_the_uninterrupted_run(synth, monkeypatch, capsys, step, where, then):
-    """Mid-epoch (the loaders' position, the fundus stream started over, running loss sums and RNG restored), at
-    the last batch of an epoch (its validation still to do) and in a later epoch: the resumed run equals the
-    uninterrupted one."""
+    """At the last batch of the first epoch (its validation still to do; no epoch complete) and inside a later
+    epoch (the loaders' position, the fundus stream started over, running loss sums and RNG restored): the resumed
+    run equals the uninterrupted one."""
     tmp, full = synth
     sigterm_at_step(monkeypatch, step)
     name = f"cut{step}"
@@ -86,8 +85,13 @@ def test_sigterm_inside_an_epoch_resumes_to_the_uninterrupted_run(synth, monkeyp
     monkeypatch.setattr(train, "stop_asked", False)
     capsys.readouterr()
     run(tmp, "camtl", *REPLAY, resume=cut)
-    assert f"from epoch {ck['epoch'] + 2}, {then} with the run's own config" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"from epoch {ck['epoch'] + 2}, {then} with the run's own config" in out
+    assert "init from last.pt (resume)" in out
+    assert "domainshift1.pt" not in out and "COCO" not in out  # no stage-1/COCO messages that do not apply
     same_run(full, cut)
+    with pytest.raises(SystemExit, match="has finished its 2 epochs; to train on, add --set epochs=N with N > 2"):
+        run(tmp, "camtl", *REPLAY, resume=cut)
 
 
 def test_sigterm_outside_the_epochs_stops_at_once_and_a_second_one_inside_waits(monkeypatch):
@@ -127,9 +131,10 @@ def test_resume_auto_starts_then_continues_then_finishes_the_same_run(synth, mon
         return real(*a, **k)
     monkeypatch.setattr(evaluate, "validate", killed_in_epoch_2)
     auto = tmp / "runs" / "camtl" / "job"
-    with pytest.raises(SystemExit, match="holds epoch 1;"):
-        run(tmp, "camtl", *REPLAY, "name=job", resume="auto")
-    assert "--resume auto: no" in capsys.readouterr().out and (auto / "weights" / "last.pt").is_file()
+    with pytest.raises(SystemExit, match=f"holds epoch 1; continue with  python train.py --stage camtl --resume {auto}"):
+        run(tmp, "camtl", *REPLAY, "name=job", resume="auto")  # Ctrl-C in epoch 2
+    assert "--resume auto: no" in capsys.readouterr().out
+    assert torch.load(auto / "weights" / "last.pt", weights_only=True)["epoch"] == 0
     monkeypatch.setattr(evaluate, "validate", real)
     run(tmp, "camtl", *REPLAY, "name=job", "resume=auto")  # YOLOv8's key=value form of the same flag
     out = capsys.readouterr().out
