@@ -199,3 +199,16 @@ def test_torchrun_restart_continues_the_run_of_its_first_start(synth, sig):
     epochs = [line.split(",")[0] for line in (last.parent.parent / "results.csv").read_text().splitlines()[1:]]
     assert epochs == ["1", "2", "3", "4"]
     assert (last.parent / "yolov8c-domainshift1.pt").is_file()
+
+
+def test_a_stop_inside_an_epoch_resumed_on_another_number_of_ranks_lands_on_the_same_images():
+    """Every rank takes its share of one permutation, so batch 6 of 10 on one rank is batch 3 of 5 on two (and
+    batch 2 of 5 on two is batch 4 of 10 on one); the run says it is no longer the uninterrupted one."""
+    said = []
+    mid = {"epoch": 0, "batch": 6, "nb": 10, "world": 1, "sum": {}, "n": {}, "rng": None}
+    two = SimpleNamespace(world=2, nb=5, log=said.append)
+    assert train.resharded(two, mid)["batch"] == 3
+    one = SimpleNamespace(world=1, nb=10, log=said.append)
+    assert train.resharded(one, {**mid, "batch": 2, "nb": 5, "world": 2})["batch"] == 4
+    assert train.resharded(two, {**mid, "batch": 10})["batch"] == 5  # never past the epoch's end
+    assert "batch 6/10 there is batch 3/5 here" in said[0] and "not the uninterrupted run's" in said[0]
