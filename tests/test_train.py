@@ -1,5 +1,6 @@
-"""Both training stages end to end on a tiny synthetic set: artefacts, stage hand-over, resume, config
-errors, NaN handling, DDP. Tiny widths and 64 px images keep each run to seconds on 2 CPU cores."""
+"""Both training stages end to end on a tiny synthetic set: artefacts, stage hand-over, SIGTERM, config errors,
+NaN handling (resume and torchrun: test_restarts.py, test_ddp.py). Tiny widths and 64 px images keep each run to
+seconds on 2 CPU cores."""
 import contextlib
 import io
 import signal
