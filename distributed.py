@@ -39,8 +39,8 @@ def init(want):
 def attempt_store(rank, world):
     """torchrun's key-value store (MASTER_ADDR:MASTER_PORT, served by its agent), its keys under this start's own
     prefix. When torchrun restarts the workers (--max-restarts), the restarted group would otherwise read the
-    addresses the first start left there and connect to processes that are gone (tried here: 4 restarts in 10
-    failed so, none in 10 with the prefix; pytorch/pytorch#167288)."""
+    addresses the first start left there and connect to processes that are gone (pytorch/pytorch#167288; measured
+    in docs/benchmarks.md, "a torchrun restart's process group")."""
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else rank 0 serves it, as env:// does
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                           is_master=rank == 0 and not agent, timeout=TIMEOUT)
