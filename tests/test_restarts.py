@@ -3,6 +3,7 @@ continues the run a job script started, and a torchrun restart (--max-restarts) 
 start. Every run here has the fine vessel path (seg_stride=4), so resume and DDP are checked with it too. Tiny
 widths, 64 px, a few seconds per run."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -149,56 +150,65 @@ def test_resume_auto_starts_then_continues_then_finishes_the_same_run(synth, mon
     same_run(full, auto)
 
 
-def worker_of_rank(agent, rank):
-    """-> the pid of torchrun's worker process of this RANK (from its environment), or None."""
+def worker_of_rank(agent, rank, start):
+    """-> the pid of torchrun's worker process of this RANK in its start number `start` (0: the first; from the
+    worker's environment), or None."""
     kids = subprocess.run(["pgrep", "-P", str(agent)], capture_output=True, text=True).stdout.split()
     for pid in kids:
         try:
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if f"RANK={rank}".encode() in env:
+        if f"RANK={rank}".encode() in env and f"TORCHELASTIC_RESTART_COUNT={start}".encode() in env:
             return int(pid)
     return None
 
 
 @gloo
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_torchrun_restart_continues_the_run_of_its_first_start(synth, sig):
-    """A rank killed (SIGKILL) or stopped (SIGTERM: both ranks agree to stop after one step and rank 0 saves inside
-    the epoch) after epoch 1 under torchrun --max-restarts=1: torchrun restarts both ranks with the same command;
-    they continue the first start's run folder from its last.pt. One folder, each epoch once, exit 0."""
+def test_torchrun_restarts_continue_the_run_of_the_first_start(synth):
+    """Under torchrun --max-restarts=2: rank 1 killed (SIGKILL) after an epoch, then, in the restarted group,
+    stopped (SIGTERM: both ranks agree to stop after one step and rank 0 saves inside the epoch). Each time
+    torchrun restarts both ranks with the same command and they continue the first start's run folder from its
+    last.pt: one folder, each epoch once, identical replicas, exit 0."""
     tmp, _ = synth
-    project = tmp / f"elastic-{sig.name}"
-    sets = [*TINY, f"data={tmp / 'synth'}", f"project={project}", f"weights_dir={tmp / 'weights'}", "epochs=4",
+    project = tmp / "elastic"
+    sets = [*TINY, f"data={tmp / 'synth'}", f"project={project}", f"weights_dir={tmp / 'weights'}", "epochs=5",
             "plots=False", "seg_stride=4"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
-           "--monitor-interval=0.1", "--standalone", str(ROOT / "train.py"), "--stage",
-           "domainshift1", "--device", "cpu", "--set", *sets]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=2",
+           "--monitor-interval=0.1", "--standalone", str(ROOT / "train.py"), "--stage", "domainshift1", "--device",
+           "cpu", "--set", *sets]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    log = open(project.with_suffix(".log"), "w")
+    log = open(tmp / "elastic.log", "w")
     agent = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp)
     last = project / "domainshift1" / "exp" / "weights" / "last.pt"
-    t0, killed = time.monotonic(), None
-    while killed is None and agent.poll() is None and time.monotonic() - t0 < 240:
-        if last.is_file() and (pid := worker_of_rank(agent.pid, 1)):
-            os.kill(pid, sig)
-            killed = torch.load(last, weights_only=True)["epoch"] + 1
-        time.sleep(0.05)
+    t0, at = time.monotonic(), []  # the epochs last.pt held when each signal went out
+    for start, sig in ((0, signal.SIGKILL), (1, signal.SIGTERM)):
+        base = None  # last.pt's epochs when this start's rank 1 appeared: it signals after one epoch of its own
+        while len(at) == start and agent.poll() is None and time.monotonic() - t0 < 240:
+            done = torch.load(last, weights_only=True)["epoch"] + 1 if last.is_file() else 0
+            pid = worker_of_rank(agent.pid, 1, start)
+            base = done if base is None and pid else base
+            if pid and done > base:
+                os.kill(pid, sig)
+                at.append(done)
+            time.sleep(0.05)
     agent.wait(timeout=300)
     log.close()
-    out = project.with_suffix(".log").read_text()
-    assert killed is not None and killed < 4, out[-3000:]
+    out = (tmp / "elastic.log").read_text()
+    assert len(at) == 2 and at[1] < 5, (at, out[-3000:])
     assert agent.returncode == 0, out[-3000:]
+    # the SIGKILL: the next start resumes after a whole epoch; the SIGTERM: a stop after a step, inside an epoch
+    resumed = re.findall(rf"resuming {re.escape(str(last.parent.parent))} from epoch (\d+)(, its validation)? with", out)
+    stopped = re.findall(rf"interrupted: {re.escape(str(last))} holds epoch (\d+) to batch 1/1; continue with", out)
+    assert len(resumed) == 2 and len(stopped) == 1, out[-3000:]
+    assert resumed[0] == (str(int(resumed[0][0])), "") and int(resumed[0][0]) > at[0]
+    assert resumed[1] == (stopped[0], ", its validation") and int(stopped[0]) > at[1]
     assert "max weight difference across 2 ranks 0\n" in out  # the replicas, fine path included, stayed equal
     assert out.count("domainshift1 done") == 1  # only rank 0 reports, once
-    assert f"resuming {last.parent.parent} from epoch {killed + 1}" in out
-    if sig == signal.SIGTERM:  # rank 1's signal stopped rank 0 too, after the same step, with a checkpoint
-        assert f"interrupted: {last} holds epoch {killed + 1} to batch 1/1; continue with" in out
     assert [p.name for p in (project / "domainshift1").iterdir()] == ["exp"]
     epochs = [line.split(",")[0] for line in (last.parent.parent / "results.csv").read_text().splitlines()[1:]]
-    assert epochs == ["1", "2", "3", "4"]
+    assert epochs == ["1", "2", "3", "4", "5"]
     assert (last.parent / "yolov8c-domainshift1.pt").is_file()
 
 
