@@ -706,6 +706,7 @@ class AlternatingLoader:
                 its[j] = iter(ld)
                 yield next(its[j])
 
+
 def val_loaders(root, stage, split="val", imgsz=512, batch=8, workers=0, nc=1):
     """{task: loader} of what a stage is scored on (STAGE_TASKS), without augmentation: stage 1 fundus vessels,
     camtl stenoses and angiogram vessels. A task without images in this split is left out."""
