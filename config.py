@@ -108,6 +108,8 @@ RULES = {
     "clip_grad": ((lambda v: v > 0), "> 0"),
     "amp_dtype": one_of("fp16", "bf16"),
     "seg_stride": one_of(8, 4, 2),
+    "widths": ((lambda v: all(isinstance(k, str) and type(n) is int and n >= 1 for k, n in v.items())),
+               "{layer: channels}, ints >= 1 (compress.py writes it)"),
     "compile": ((lambda v: v is True or v is False or v == "auto"), "true, false or auto (on CUDA only)"),
     "ema_decay": interval(0, 1, "[)"),
     "ema_tau": at_least(1),
@@ -128,7 +130,7 @@ for _k in ("box", "cls", "dfl", "kpt", "kobj", "w_p3", "w_p4", "w_p5", "w_p2", "
 # keys without a rule: bools and paths/names (their type is all; paths are checked where used), and device
 # (check_device). A new key belongs in RULES or here (tests/test_mistakes.py checks that every key is in one).
 TYPE_ONLY = ("ema_attention", "dual_bn", "kpt_aux", "ctam", "csam", "fpma", "xtam", "stage1", "augment", "data",
-             "weights_dir", "name", "exist_ok", "device", "cos_lr", "amp", "ema", "plots", "channels_last",
+             "init", "qat", "weights_dir", "name", "exist_ok", "device", "cos_lr", "amp", "ema", "plots", "channels_last",
              "deterministic")
 
 # -----------------------------------------------------------------------------

@@ -43,6 +43,8 @@ import contextlib
 import copy
 import json
 import logging
+import statistics
+import time
 import zipfile
 from pathlib import Path
 
@@ -190,6 +192,37 @@ def torchao_pt2e(parts=INT8_PARTS):
     for name in parts:
         quantizer.set_module_name_qconfig(f"model.{name}", cfg)
     return prepare_pt2e, convert_pt2e, quantizer
+
+
+class FakeQuantConv2d(nn.Conv2d):
+    """An nn.Conv2d that computes as the int8 program's convolutions do, for quantisation-aware training: its weight
+    rounded to int8 per output channel (symmetric, the range of each filter), its input to uint8 per tensor (the
+    batch's range, 0 included). Straight-through gradients (torch's fake quantisation). Its state dict is an
+    nn.Conv2d's, so a checkpoint trained with it is an ordinary one. Per-channel symmetric rounding does not change
+    when BatchNorm is folded in (a per-channel scale), so the unfused weight trains the deployed rounding."""
+
+    def forward(self, x):
+        lo, hi = x.detach().min().clamp(max=0).float(), x.detach().max().clamp(min=0).float()
+        scale = ((hi - lo) / 255).clamp(min=1e-8)
+        zero = (-lo / scale).round().clamp(0, 255).int()
+        x = torch.fake_quantize_per_tensor_affine(x, scale, zero, 0, 255)
+        w = self.weight
+        ws = (w.detach().abs().amax(dim=(1, 2, 3)).float() / 127.5).clamp(min=1e-8)  # (C_out,)
+        w = torch.fake_quantize_per_channel_affine(w, ws, torch.zeros_like(ws, dtype=torch.int32), 0, -128, 127)
+        return self._conv_forward(x, w, self.bias)
+
+
+def fake_quantize(model, on=True):
+    """Quantisation-aware training: every nn.Conv2d of INT8_PARTS (not FP32_PARTS) computes as FakeQuantConv2d
+    (on=False: as nn.Conv2d again). In place; -> how many."""
+    def inside(name, parts):
+        return any(name == p or name.startswith(f"{p}.") for p in parts)
+    n = 0
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and inside(name, INT8_PARTS) and not inside(name, FP32_PARTS):
+            m.__class__ = FakeQuantConv2d if on else nn.Conv2d
+            n += 1
+    return n
 
 
 def called_parts(model, names):
@@ -410,12 +443,9 @@ def check_int8_flags(a):
 
 def export_int8_cli(model, cfg, imgsz, a):
     """--int8: calibration images from --calib-data, the checkpoint's data or the synthetic set, then export_int8."""
-    import synthetic
     where = "--calib-data" if a.calib_data else "the checkpoint's data"
-    try:  # the synthetic set is looked up with the training parameters (other ones would regenerate it); an
-        # Ultralytics detector has no config: the default synthetic set
-        root = Path(a.calib_data or (cfg or {}).get("data")
-                    or (synthetic.ensure_config(cfg) if cfg else synthetic.ensure_synthetic()))
+    try:
+        root = Path(a.calib_data) if a.calib_data else data_root(cfg)
     except FileExistsError as e:
         raise SystemExit(f"calibration data: the built-in synthetic set, but {e}; pass --calib-data ROOT") from None
     if not root.is_dir():
@@ -433,6 +463,13 @@ def export_int8_cli(model, cfg, imgsz, a):
     return written
 
 
+def data_root(cfg):
+    """A checkpoint's data root: its config's `data`, else the synthetic set it was trained on, looked up with its
+    own parameters (other ones would generate another); an Ultralytics detector (cfg None): the default set."""
+    import synthetic
+    return Path(cfg.get("data") or synthetic.ensure_config(cfg) if cfg else synthetic.ensure_synthetic())
+
+
 @torch.no_grad()
 def measure(run, loaders, nc, limits=None, nms_kw=None):
     """
@@ -440,15 +477,18 @@ def measure(run, loaders, nc, limits=None, nms_kw=None):
     export.Deployed and an export.py program return, given the loaders' CPU images. loaders {"det": ..., "seg": ...}
     as data.val_loaders builds them; limits {task: n}: stop a task once n images are scored (exact with batch 1).
     nms_kw: the validation NMS (default VAL_NMS). -> {"images": {task: n}, "map50", "map50_95" (with "det"),
-    "dice_full" (with "seg" and a vessel output)}, computed as validate computes them.
+    "dice_full" (with "seg" and a vessel output), "ms": the median time of one call}, computed as validate computes
+    them.
     """
-    det_meter, seg_meter, images, vessels = DetMeter(), SegMeter(), {}, False
+    det_meter, seg_meter, images, vessels, times = DetMeter(), SegMeter(), {}, False, []
     for task, loader in loaders.items():
         images[task] = 0
         for batch in loader:
             if limits is not None and images[task] >= limits[task]:
                 break
+            t = time.perf_counter()
             out = run(batch["img"])
+            times.append(time.perf_counter() - t)
             images[task] += len(batch["img"])
             if task == "det":
                 h, w = batch["img"].shape[-2:]
@@ -457,13 +497,25 @@ def measure(run, loaders, nc, limits=None, nms_kw=None):
             elif len(out) > 1:
                 seg_meter.update(out[1].float().cpu(), batch["mask"])
                 vessels = True
-    m = {"images": images}
+    m = {"images": images, "ms": 1e3 * statistics.median(times) if times else float("nan")}
     if "det" in loaders:
         r = det_meter.compute(nc)
         m.update(map50=r["map50"], map50_95=r["map50_95"])
     if vessels:
         m["dice_full"] = seg_meter.compute()[0]
     return m
+
+
+def val_images(model, cfg, root, imgsz, n):
+    """What `measure` scores a model of config cfg on: -> (batch-1 val loaders of root's deployed tasks, at most n
+    images in all {task: n_task}, the validation NMS of cfg)."""
+    import data
+    loaders = {t: data.build_loader(root, k, "val", imgsz=imgsz, batch=1, augment=False, shuffle=False, workers=0,
+                                    nc=model.nc) for t, k in scored_tasks(model, cfg).items()}
+    limits = quotas({t: len(ld.dataset) for t, ld in loaders.items()}, n)
+    nms_kw = dict(conf=cfg["val_conf"], iou=cfg["val_iou"], max_det=cfg["max_det"], multi_label=True) if cfg \
+        else VAL_NMS
+    return {t: ld for t, ld in loaders.items() if limits[t]}, limits, nms_kw
 
 
 INT8_METRICS = {"map50": "mAP50", "map50_95": "mAP50-95", "dice_full": "Dice(full)"}
@@ -474,16 +526,10 @@ def int8_check(model, cfg, root, imgsz, path, n, tolerance=1.0):
     tasks, in turn, batch 1), scored as validation scores them (measure): mAP50, mAP50-95, Dice(full),
     printed as a table. A drop of more than `tolerance` points (0.01 each) is a warning naming the metric.
     -> {"fp32": metrics, "int8": metrics, "dropped": [metric keys]}, or None without validation images."""
-    import data
-    loaders = {t: data.build_loader(root, k, "val", imgsz=imgsz, batch=1, augment=False, shuffle=False, workers=0,
-                                    nc=model.nc) for t, k in scored_tasks(model, cfg).items()}
-    limits = quotas({t: len(ld.dataset) for t, ld in loaders.items()}, n)
-    loaders = {t: ld for t, ld in loaders.items() if limits[t]}
+    loaders, limits, nms_kw = val_images(model, cfg, root, imgsz, n)
     if not loaders:
         print(f"--int8: {root} has no validation images to measure fp32 against int8 on")
         return None
-    nms_kw = dict(conf=cfg["val_conf"], iou=cfg["val_iou"], max_det=cfg["max_det"], multi_label=True) if cfg \
-        else VAL_NMS
     run8, _ = load_program(path)
     res = {k: measure(run, loaders, model.nc, limits, nms_kw) for k, run in (("fp32", deployable(model).cpu()),
                                                                            ("int8", run8))}

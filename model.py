@@ -15,6 +15,7 @@ from checkpoints import CheckpointError, infer_scale, load_matching, map_ultraly
 from config import DEFAULTS, STAGES, saved_config
 from modules import (CSAM, CTAM, FPMA, XTAM, C2f, Conv, Detect, DualBatchNorm2d, EMAttention, SegHeadMulti, SPPF, UpAdd,
                      to_dualbn, to_groupnorm)
+from prune import apply_widths
 
 # (depth, width, max_channels) of the official scales
 SCALES = {
@@ -201,7 +202,8 @@ class YOLOv8(nn.Module):
 
 # the model's keys of a config, with their defaults and meaning in configs/defaults.py (imgsz: of the summary)
 MODEL_KEYS = ("scale", "nc", "attn_dim", "attn_heads", "attn_tokens", "attn_query_stride", "ema_attention",
-              "gn_groups", "dual_bn", "imgsz", "kpt_aux", "ctam", "csam", "fpma", "xtam", "seg_stride")
+              "gn_groups", "dual_bn", "imgsz", "kpt_aux", "ctam", "csam", "fpma", "xtam", "seg_stride",
+              "widths")
 CAMTL_DEFAULTS = {k: DEFAULTS[k] for k in MODEL_KEYS}
 TASKS = ("det", "seg")
 EARLY = {8: (), 4: (2,), 2: (2, 0)}  # seg_stride -> the backbone layers the fine path reads (stride 4, then 2)
@@ -264,6 +266,7 @@ class CAMTL(YOLOv8):
         if cfg["dual_bn"]:
             for name in DUALBN_PARTS:
                 to_dualbn(getattr(self, name))
+        apply_widths(self, cfg["widths"], cfg["gn_groups"])  # a pruned network: its narrowed layers
         self.active_domain = "source"
         self.frozen = ()  # names of parts whose BatchNorm statistics stay fixed in train mode (stage_setup)
         if verbose:

@@ -37,6 +37,7 @@ import data
 import distributed
 import evaluate
 import plots
+from export import fake_quantize
 from checkpoints import CheckpointError, read_checkpoint, save_checkpoint
 from cli import Progress
 from config import STAGES, check_device, format_config, load_config, next_run_dir, parse_set, saved_config
@@ -322,21 +323,25 @@ def find_stage1(cfg):
 
 
 def build_model(cfg, stage, log, verbose=True):
-    """-> (CAMTL set up for the stage, the stage-1 checkpoint it started from or None). domainshift1 starts from
-    COCO weights in weights_dir (or random init); camtl from yolov8{S}-domainshift1.pt (else, or with stage1=False,
-    COCO/random)."""
+    """-> (CAMTL set up for the stage, the checkpoint it started from or None). domainshift1 starts from COCO
+    weights in weights_dir (or random init); camtl from yolov8{S}-domainshift1.pt (else, or with stage1=False,
+    COCO/random); either from `init` when set (then with that checkpoint's widths, written into cfg)."""
     wd, S = Path(cfg["weights_dir"]), scale_tag(cfg)
     coco = {"det": wd / f"yolov8{S}.pt", "seg": wd / f"yolov8{S}-seg.pt"}
     coco = {k: str(v) if v.is_file() else None for k, v in coco.items()}
-    found = find_stage1(cfg) if stage == "camtl" else None
-    stage_ckpt = found if cfg["stage1"] else None
-    if stage == "camtl" and not cfg["stage1"]:
+    found = find_stage1(cfg) if stage == "camtl" and not cfg["init"] else None
+    stage_ckpt = cfg["init"] or (found if cfg["stage1"] else None)
+    was = saved_config(read_checkpoint(stage_ckpt).get("config", {})) if stage_ckpt else None
+    if cfg["init"]:  # its weights, so its widths: a pruned network's checkpoint builds that network
+        cfg["widths"] = was["widths"]
+        log(f"init={cfg['init']}: this run starts from its weights"
+            + (f" ({len(cfg['widths'])} pruned layers)" if cfg["widths"] else ""))
+    elif stage == "camtl" and not cfg["stage1"]:
         log(f"stage1=False: camtl starts from COCO weights or random init{f', not from {found}' if found else ''}")
     elif stage == "camtl" and found is None:
         log(f"WARNING: no yolov8{S}-domainshift1.pt in {wd}/ or {cfg['project']}/domainshift1/*/weights/; "
             "starting camtl from COCO weights or random init. Run `python train.py --stage domainshift1` first.")
     if stage_ckpt is not None:
-        was = saved_config(read_checkpoint(stage_ckpt).get("config", {}))
         effect = {STAGE1_SWITCHES: "what stage 1 trained there does not carry over, the parts this run has start fresh",
                   STAGE1_FUNCTION: "its weights load, but compute otherwise than in stage 1"}
         for keys, what in effect.items():
@@ -536,6 +541,8 @@ def setup(cfg, args, log=print):
     root, loader, val_loaders = build_data(cfg, rank, world)
     quiet = lambda *a, **k: None  # noqa: E731  (a resumed run's weights come from last.pt: no init messages)
     model, init_from = build_model(cfg, cfg["stage"], log if ckpt is None else quiet, verbose=master and not ckpt)
+    if cfg["qat"]:  # before the EMA's copy: validation scores the weights as int8 sees them too
+        log(f"qat: {fake_quantize(model)} convolutions see int8 weights and uint8 inputs, as in export.py --int8")
     model.to(device, memory_format=torch.channels_last if cfg["channels_last"] else torch.contiguous_format)
     for t in model.state_dict().values():  # every replica starts from rank 0's weights and buffers
         comm.broadcast(t, 0)

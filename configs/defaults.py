@@ -24,6 +24,8 @@ config = {
     "xtam": False,  # DenseMTL's two-way exchange: seg <- det too, S_k += gate * attn(S_k <- N_k), gates zero at init
     "seg_stride": 8,  # stride of the finest vessel logits: 8 (P3 only, the original), 4 or 2 (a fine path through the
     # backbone's stride-4 and stride-2 maps: much finer vessels, on the demo lower mAP; docs/benchmarks.md, DRIVE)
+    "widths": {},  # a pruned network's narrowed layers {layer: channels}, written by compress.py (prune.py); {} = the
+    # scale's widths
     "kpt_aux": False,  # centre-keypoint auxiliary on Detect (training only; stripped at export); try it with
     # box=0.01 dfl=0.01, the seed recipe (ablation: docs/benchmarks.md)
     # --- data
@@ -37,6 +39,8 @@ config = {
     "camtl_ratio": [1, 2],  # batches per cycle: [det, seg] or [det, seg, source replay]
     "augment": True,
     # --- weights and output
+    "init": "",  # a checkpoint this run starts from (its weights, and its widths if pruned) instead of COCO or stage 1:
+    # compress.py's fine-tuning sets it
     "stage1": True,  # camtl starts from yolov8{S}-domainshift1.pt when found; False: from COCO weights or random init
     "weights_dir": "weights",  # yolov8{S}.pt / yolov8{S}-seg.pt / yolov8{S}-domainshift1.pt looked up here
     "project": "runs",  # runs/{stage}/{name}
@@ -65,6 +69,8 @@ config = {
     # minutes to compile on a CPU); one graph per (tasks, domain, train/val), see train.compile_models
     "amp": True,  # autocast: fp16 (+ GradScaler) on CUDA only; bf16 on CUDA and CPU. fp16 on the CPU trains in fp32
     "amp_dtype": "fp16",  # fp16 / bf16 (`--set amp_dtype=bf16 --device cpu` runs the autocast path on a CPU)
+    "qat": False,  # quantisation-aware training: the int8 program's convolutions see int8 weights and inputs
+    # (fake quantisation, export.fake_quantize); compress.py --qat sets it
     "ema": True,
     "ema_decay": 0.9999,
     "ema_tau": 2000,
