@@ -155,7 +155,8 @@ def main(argv=None):
         try:
             export.torchao_pt2e()
         except ImportError as e:
-            raise SystemExit(f"--qat: {e}") from None
+            raise SystemExit("--qat exports an int8 program, which needs the optional package torchao: "
+                             "pip install torchao") from None
     if sys.stdout.isatty() is False and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
     try:

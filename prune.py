@@ -116,13 +116,21 @@ def importance(producer):
     return w
 
 
-def prune(model, ratio, max_groups=32):
-    """Remove the fraction `ratio` (0 < ratio < 1) of every site's channels, the least important ones, in place.
-    At least 4 channels stay. -> the widths {site: channels} that describe the pruned network."""
+# left whole by `prune` unless asked: the seg head is about 4% of CAMTL-n's FLOPs, and narrowing it costs vessel Dice
+# that the detection layers' fine-tuning recovers and its does not (docs/benchmarks.md, compression)
+KEEP = ("seg_head.",)
+
+
+def prune(model, ratio, max_groups=32, keep=KEEP):
+    """Remove the fraction `ratio` (0 < ratio < 1) of every site's channels, the least important ones, in place;
+    sites whose name starts with one of `keep` stay whole. At least 4 channels stay. -> the widths {site: channels}
+    that describe the pruned network."""
     if not 0 < ratio < 1:
         raise ValueError(f"prune ratio {ratio}: expected a fraction between 0 and 1, e.g. 0.3")
     widths = {}
     for name, (producer, _, _) in sites(model).items():
+        if name.startswith(keep):
+            continue
         c = producer.conv.out_channels
         n = min(c, max(4, round(c * (1 - ratio))))
         keep = importance(producer).topk(n).indices.sort().values

@@ -355,9 +355,14 @@ def build_model(cfg, stage, log, verbose=True):
             f"{cfg['lambda_align']} unused)")
     if stage_ckpt is None and not any(coco.values()):
         log(f"no COCO weights (yolov8{S}.pt, yolov8{S}-seg.pt) in {wd}/: random init")
-    model = CAMTL.from_pretrained(camtl_config(cfg, stage), det=None if stage_ckpt else coco["det"],
-                                  seg=None if stage_ckpt else coco["seg"],
-                                  stage_ckpt=str(stage_ckpt) if stage_ckpt else None, stage=stage, verbose=verbose)
+    try:
+        model = CAMTL.from_pretrained(camtl_config(cfg, stage), det=None if stage_ckpt else coco["det"],
+                                      seg=None if stage_ckpt else coco["seg"],
+                                      stage_ckpt=str(stage_ckpt) if stage_ckpt else None, stage=stage, verbose=verbose)
+    except CheckpointError:
+        raise
+    except ValueError as e:  # widths naming a layer this network does not have
+        raise SystemExit(f"key {e}") from None
     return model, stage_ckpt
 
 

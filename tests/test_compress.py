@@ -1,0 +1,210 @@
+"""Compression: structured pruning removes whole channels correctly (prune.py), fake quantisation computes what
+int8 computes (export.FakeQuantConv2d), and compress.py fine-tunes both through train.py's loop into a checkpoint
+that every command loads; its mistakes are answered in one line."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from test_export import TINY, randomise
+from test_train import TINY as TINY_RUN
+
+import compress
+import evaluate
+import export
+import predict
+import synthetic
+import train
+from model import CAMTL, count_params, load_checkpoint
+from modules import Bottleneck
+from prune import apply_widths, importance, narrow, prune, sites
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("seg_stride", [8, 2])
+def test_narrowing_channels_nothing_reads_changes_nothing(seg_stride):
+    """Half of every site's channels made unread (their consumer's input weights zeroed), then removed: every
+    output is unchanged, so the surgery maps each kept channel to its own filter, norm (BN, each DualBN branch,
+    GroupNorm) and consumer input (SPPF's four copies too)."""
+    torch.manual_seed(0)
+    model = randomise(CAMTL({**TINY, "seg_stride": seg_stride}, verbose=False))
+    model.set_domain("target")
+    have = sites(model)
+    assert any(isinstance(m, Bottleneck) for m in model.modules()) and "backbone.9.cv1" in have
+    assert ("seg_head.heads.0.2" in have) == (seg_stride == 8)  # P3's last hidden map feeds the fine path
+    keep = {}
+    with torch.no_grad():
+        for name, (producer, consumer, copies) in have.items():
+            c = producer.conv.out_channels
+            keep[name] = torch.arange(0, c, 2)
+            drop = torch.cat([torch.arange(1, c, 2) + k * c for k in range(copies)])
+            consumer.weight[:, drop] = 0
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        det, seg = model(x)
+        before = count_params(model)
+        for name, idx in keep.items():
+            narrow(model, name, idx)
+        det2, seg2 = model(x)
+    assert count_params(model) < 0.8 * before
+    assert torch.allclose(det, det2, atol=1e-5) and torch.allclose(seg["full"], seg2["full"], atol=1e-5)
+    for name, (producer, consumer, copies) in sites(model).items():
+        assert producer.conv.out_channels == len(keep[name]) == consumer.in_channels // copies
+
+
+def test_prune_removes_the_least_important_and_its_widths_rebuild_the_network():
+    torch.manual_seed(0)
+    model = randomise(CAMTL(TINY, verbose=False))
+    site = "backbone.2.m.0.cv1"
+    producer = sites(model)[site][0]
+    c = producer.conv.out_channels
+    with torch.no_grad():
+        producer.bn.target.weight[: c // 2] *= 1e-3  # the first half hardly reaches the output
+    model.set_domain("target")
+    imp = importance(producer)
+    assert imp[: c // 2].max() < imp[c // 2:].min()
+    kept_filters = producer.conv.weight[c // 2:].clone()
+    widths = prune(model, 0.5)
+    assert widths[site] == c // 2 and torch.equal(producer.conv.weight, kept_filters)
+    assert set(widths) == {k for k in sites(CAMTL(TINY, verbose=False)) if not k.startswith("seg_head.")}
+    assert len(prune(CAMTL(TINY, verbose=False), 0.5, keep=())) == len(sites(model))
+    # a config carrying the widths builds the same network: the checkpoint loads strictly, outputs equal
+    again = CAMTL({**TINY, "widths": widths}, verbose=False)
+    again.load_state_dict(model.state_dict())
+    again.set_domain("target")
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x)[1]["full"], again.eval()(x)[1]["full"])
+    with pytest.raises(ValueError, match="prune ratio 1.5"):
+        prune(model, 1.5)
+    with pytest.raises(ValueError, match="'neck.nope' is not a prunable layer"):
+        apply_widths(CAMTL(TINY, verbose=False), {"neck.nope": 3})
+    with pytest.raises(ValueError, match="expected an int from 1 to its"):
+        apply_widths(CAMTL(TINY, verbose=False), {site: 10 ** 4})
+
+
+def test_fake_quantised_conv_is_the_hand_computed_int8_conv_and_trains():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 8, 8) * 2 + 0.5
+    ref = nn.Conv2d(3, 4, 3, padding=1)
+    ref.load_state_dict(conv.state_dict())
+    n = export.fake_quantize(nn.ModuleDict({"backbone": nn.Sequential(conv), "other": nn.Sequential(ref)}))
+    assert n == 1 and type(conv) is export.FakeQuantConv2d and type(ref) is nn.Conv2d
+    # by hand: input uint8 over the tensor's range (0 included), weights int8 per output channel, symmetric
+    lo, hi = min(x.min().item(), 0), max(x.max().item(), 0)
+    s = (hi - lo) / 255
+    z = round(-lo / s)
+    xq = ((x / s).round() + z).clamp(0, 255).sub(z) * s
+    ws = ref.weight.abs().amax(dim=(1, 2, 3), keepdim=True) / 127.5
+    wq = (ref.weight / ws).round().clamp(-128, 127) * ws
+    want = nn.functional.conv2d(xq, wq, ref.bias, padding=1)
+    got = conv(x)
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, ref(x), atol=1e-3)
+    got.square().sum().backward()  # straight-through: every weight gets a gradient
+    assert conv.weight.grad is not None and conv.weight.grad.abs().min() > 0
+    assert list(conv.state_dict()) == ["weight", "bias"]  # an ordinary checkpoint
+    export.fake_quantize(nn.ModuleDict({"backbone": nn.Sequential(conv)}), on=False)
+    assert type(conv) is nn.Conv2d
+    model = CAMTL(TINY, verbose=False)
+    convs = [k for k, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    assert 0 < export.fake_quantize(model) < len(convs)  # the int8 parts only (attention and gates stay fp32)
+
+
+def portable_instead_of_compiled(prog, path, meta, freeze=False):
+    """export.compile_package stand-in: the int8 program saved as the portable torch.export program (its C++ build
+    takes a minute; tests/test_export.py builds one)."""
+    torch.export.save(prog, path, extra_files={export.META: json.dumps({**meta, "compiled": False})})
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory):
+    """A tiny camtl run (2 epochs from random init), then `compress.py --prune 0.5 --qat --epochs 1` on it."""
+    tmp = tmp_path_factory.mktemp("compress")
+    synthetic.make_synthetic(tmp / "synth", n=6, imgsz=64, seed=0)
+    base, _ = train.main(["--stage", "camtl", "--set", *TINY_RUN, f"data={tmp / 'synth'}", f"project={tmp / 'runs'}",
+                          f"weights_dir={tmp / 'weights'}", "plots=False", "epochs=2", "seg_stride=4"])
+    weights = base / "weights" / "yolov8c-camtl.pt"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(export, "compile_package", portable_instead_of_compiled)
+        res = compress.main(["--weights", str(weights), "--prune", "0.5", "--qat", "--epochs", "1", "--calib", "4",
+                             "--val", "8", "--set", "log_interval=5"])
+    return tmp, weights, res
+
+
+def test_compress_prunes_and_trains_for_int8_through_train_py(compressed, capsys):
+    tmp, weights, res = compressed
+    run = tmp / "runs" / "camtl" / "exp-prune50-qat"
+    product = run / "weights" / "yolov8c-camtl.pt"
+    assert (run / "pruned.pt").is_file() and (run / "results.csv").is_file() and product.is_file()
+    assert list(res) == ["fp32", "prune50-qat fp32", "int8 (post-training)", "prune50-qat int8"]
+    for m in res.values():
+        assert {"map50", "map50_95", "dice_full", "ms", "mb"} <= set(m) and 0 <= m["dice_full"] <= 1
+    assert res["prune50-qat fp32"]["params"] < 0.75 * res["fp32"]["params"]
+    assert res["prune50-qat fp32"]["gflops"] < res["fp32"]["gflops"]
+    assert json.loads((run / "compress.json").read_text())["results"]["prune50-qat int8"]["map50"] == \
+        res["prune50-qat int8"]["map50"]
+    ck = torch.load(product, weights_only=True)
+    pruned = torch.load(run / "pruned.pt", weights_only=True)
+    assert ck["config"]["widths"] == pruned["config"]["widths"] and ck["config"]["qat"] is True
+    assert ck["config"]["init"] == str(run / "pruned.pt") and ck["config"]["lr0"] == pytest.approx(2e-4)
+    full = dict(sites(load_checkpoint(weights)[0]))
+    for name, n in ck["config"]["widths"].items():
+        assert n < full[name][0].conv.out_channels
+
+
+def test_a_pruned_checkpoint_goes_through_every_command(compressed, tmp_path):
+    """evaluate.py, export.py (its program equals the eager network), predict.py (the checkpoint and its program
+    predict alike) and --resume all load the smaller network from its own checkpoint."""
+    tmp, weights, _ = compressed
+    run = tmp / "runs" / "camtl" / "exp-prune50-qat"
+    product = run / "weights" / "yolov8c-camtl.pt"
+    model, cfg = load_checkpoint(product)
+    assert cfg["widths"] and count_params(model) < 0.75 * count_params(load_checkpoint(weights)[0])
+    m = evaluate.main(["--weights", str(product), "--device", "cpu"])
+    assert 0 <= m["dice_full"] <= 1
+    export.export(model, 64, tmp_path / "p.pt2", verbose=False)
+    prog, meta = export.load_program(tmp_path / "p.pt2")
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        want = export.deployable(model)(x)
+    got = prog(x)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(got, want))
+    src = tmp_path / "src"
+    src.mkdir()
+    img = next((tmp / "synth" / "angiography" / "segment" / "images").iterdir())
+    (src / img.name).write_bytes(img.read_bytes())
+    outs = {}
+    for name, w in (("ckpt", product), ("prog", tmp_path / "p.pt2")):
+        predict.main(["--weights", str(w), "--source", str(src), "--save-dir", str(tmp_path / name), "--conf",
+                      "0.001", "--device", "cpu"])
+        outs[name] = (tmp_path / name / "masks" / img.name).read_bytes()
+    assert outs["ckpt"] == outs["prog"]
+    train.main(["--stage", "camtl", "--resume", str(run), "--set", "epochs=2"])
+    rows = (run / "results.csv").read_text().strip().splitlines()
+    assert len(rows) == 3  # header, the fine-tune's epoch, the resumed one
+    assert torch.load(product, weights_only=True)["config"]["widths"] == cfg["widths"]
+
+
+def test_compress_mistakes_are_one_line(compressed, tmp_path, monkeypatch):
+    tmp, weights, _ = compressed
+    w = ["--weights", str(weights)]
+    for argv, says in (([*w], "nothing to do; pass --prune R"),
+                       ([*w, "--prune", "1.5"], "--prune 1.5: the fraction of channels to remove"),
+                       ([*w, "--prune", "0.3", "--epochs", "0"], "--epochs 0: must be >= 1"),
+                       (["--weights", str(tmp_path / "no.pt"), "--qat"], "no such file"),
+                       ([*w, "--prune", "0.3", "--set", "epoch=3"], "unknown key 'epoch'")):
+        with pytest.raises(SystemExit) as e:
+            compress.main(argv)
+        assert says in str(e.value) and "\n" not in str(e.value), str(e.value)
+    bad = tmp_path / "yolo.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="compress.py fine-tunes on the run's own data"):
+        compress.main(["--weights", str(bad), "--prune", "0.3"])
+    monkeypatch.setattr(export, "torchao_pt2e", lambda *a: (_ for _ in ()).throw(ImportError(export.NEEDS_TORCHAO)))
+    with pytest.raises(SystemExit, match="--qat exports an int8 program, which needs the optional package torchao"):
+        compress.main([*w, "--qat"])
+    with pytest.raises(SystemExit, match="widths: 'neck.nope' is not a prunable layer"):
+        train.main(["--stage", "camtl", "--set", *TINY_RUN, f"data={tmp / 'synth'}", f"project={tmp_path}",
+                    "widths={'neck.nope': 3}", "stage1=False"])
