@@ -121,15 +121,15 @@ def importance(producer):
 KEEP = ("seg_head.",)
 
 
-def prune(model, ratio, max_groups=32, keep=KEEP):
+def prune(model, ratio, max_groups=32, whole=KEEP):
     """Remove the fraction `ratio` (0 < ratio < 1) of every site's channels, the least important ones, in place;
-    sites whose name starts with one of `keep` stay whole. At least 4 channels stay. -> the widths {site: channels}
+    sites whose name starts with one of `whole` stay whole. At least 4 channels stay. -> the widths {site: channels}
     that describe the pruned network."""
     if not 0 < ratio < 1:
         raise ValueError(f"prune ratio {ratio}: expected a fraction between 0 and 1, e.g. 0.3")
     widths = {}
     for name, (producer, _, _) in sites(model).items():
-        if name.startswith(keep):
+        if name.startswith(whole):
             continue
         c = producer.conv.out_channels
         n = min(c, max(4, round(c * (1 - ratio))))

@@ -68,7 +68,7 @@ def test_prune_removes_the_least_important_and_its_widths_rebuild_the_network():
     widths = prune(model, 0.5)
     assert widths[site] == c // 2 and torch.equal(producer.conv.weight, kept_filters)
     assert set(widths) == {k for k in sites(CAMTL(TINY, verbose=False)) if not k.startswith("seg_head.")}
-    assert len(prune(CAMTL(TINY, verbose=False), 0.5, keep=())) == len(sites(model))
+    assert len(prune(CAMTL(TINY, verbose=False), 0.5, whole=())) == len(sites(model))
     # a config carrying the widths builds the same network: the checkpoint loads strictly, outputs equal
     again = CAMTL({**TINY, "widths": widths}, verbose=False)
     again.load_state_dict(model.state_dict())
