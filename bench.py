@@ -7,6 +7,7 @@ subprocess so peak memory does not leak from one into the next.
     python bench.py --only levers        # YOLOv8 640 px inference: eager, channels_last, torch.compile, the .pt2,
                                          # int8 (needs torchao), Ultralytics' own YOLOv8 (if installed), side by side
     python bench.py --only steplevers --compile   # YOLOv8 / CAMTL train step levers, with torch.compile (minutes)
+    python bench.py --only compress              # compiled fp32 / int8 programs, pruned 0, 0.3, 0.5, at 256 and 512
     python bench.py --only ceiling --data ROOT    # the best vessel F1 a head of each seg_stride allows, on ROOT's
                                                   # fundus training masks (e.g. DRIVE's), at 576 px
 
@@ -404,6 +405,49 @@ def bench_steplevers(a):
             "eager", "median_ms": out["camtl_eager_ms"], "min_ms": min(times["camtl_eager"]), "peak_mb": 0.0, **out}
 
 
+def bench_compress(a):
+    """(k) What compress.py buys in speed, batch 1, CAMTL at 256 px (the demo's training size) and 512: the compiled
+    fp32 .pt2 (export.py's default) and the int8 one (export.py --int8), each for the network as built and pruned
+    by 0.3 and 0.5 (compress.py --prune: the same widths whatever the weights, so random weights time it; QAT's
+    program is the int8 one). Per size all alternate in one process; ratios are medians of per-round ratios against
+    the unpruned compiled fp32. Also parameters, GFLOPs and the programs' sizes. Headline: 0.5 int8 at 256."""
+    import tempfile
+    from pathlib import Path
+
+    import export
+    from model import CAMTL, count_params, gflops
+    from prune import prune
+    out = {}
+    with tempfile.TemporaryDirectory() as d, torch.no_grad():
+        for S in ((a.size,) if a.size else (256, 512)):
+            fns, x = {}, torch.rand(1, 3, S, S)
+            for r in (0, 0.3, 0.5):
+                torch.manual_seed(0)
+                model = CAMTL({"scale": a.scale, "dual_bn": True}, verbose=False).eval()
+                if r:
+                    prune(model, r)
+                tag = f"p{round(100 * r)}"
+                out[f"{tag}_params"], out[f"{tag}_gflops_{S}"] = count_params(model), gflops(model, S)
+                path = Path(d) / f"{tag}_{S}.pt2"
+                export.export(model, S, path, verbose=False, compiled=True)
+                out[f"{tag}_fp32_{S}_mb"] = path.stat().st_size / 2**20
+                prog = export.load_program(path)[0]
+                fns[f"{tag}_fp32"] = lambda prog=prog: prog(x)
+                q = int8_program(export, model, S, Path(d) / f"{tag}_{S}_int8.pt2")
+                if isinstance(q, str):
+                    out[f"{tag}_int8"] = q
+                    continue
+                out[f"{tag}_int8_{S}_mb"] = (Path(d) / f"{tag}_{S}_int8.pt2").stat().st_size / 2**20
+                fns[f"{tag}_int8"] = lambda q=q: q(x)
+            times = alternate(fns, a.repeats)
+            out.update({f"{k}_{S}_ms": statistics.median(v) for k, v in times.items()})
+            out.update({f"{k}_{S}_speedup": 1 / ratio(times, k, "p0_fp32") for k in times if k != "p0_fp32"})
+    S = a.size or 256
+    head = f"p50_int8_{S}_ms" if f"p50_int8_{S}_ms" in out else f"p50_fp32_{S}_ms"
+    return {"what": f"CAMTL{a.scale} compiled programs, pruned 0/0.3/0.5 x fp32/int8, 1x3xSxS; headline {head}",
+            "median_ms": out[head], "min_ms": out[head], "peak_mb": 0.0, **out}
+
+
 def bench_ceiling(a):
     """(j) What the seg head's output stride allows: for each fundus mask of --data's train and val splits,
     letterboxed to --size (576), a free logit map at stride 8, 4 and 2 fitted to it (Adam, 1000 steps, BCE + Dice
@@ -450,7 +494,7 @@ def child(name, a, *extra):
 
 SECTIONS = {"infer": bench_infer, "train": bench_train, "loss": bench_loss, "loader": bench_loader, "iter": bench_iter,
             "export": bench_export, "camtl": bench_camtl, "levers": bench_levers, "steplevers": bench_steplevers,
-            "ceiling": bench_ceiling}
+            "compress": bench_compress, "ceiling": bench_ceiling}
 CHILD_ONLY = {"step_memory": bench_step_memory}  # sections other sections run in a child process, not --only
 
 
