@@ -130,8 +130,8 @@ for _k in ("box", "cls", "dfl", "kpt", "kobj", "w_p3", "w_p4", "w_p5", "w_p2", "
 # keys without a rule: bools and paths/names (their type is all; paths are checked where used), and device
 # (check_device). A new key belongs in RULES or here (tests/test_mistakes.py checks that every key is in one).
 TYPE_ONLY = ("ema_attention", "dual_bn", "kpt_aux", "ctam", "csam", "fpma", "xtam", "stage1", "augment", "data",
-             "init", "qat", "weights_dir", "name", "exist_ok", "device", "cos_lr", "amp", "ema", "plots", "channels_last",
-             "deterministic")
+             "init", "qat", "weights_dir", "name", "exist_ok", "device", "cos_lr", "amp", "ema", "plots",
+             "channels_last", "deterministic")
 
 # -----------------------------------------------------------------------------
 # checking one value, a device, a merged config
