@@ -30,8 +30,6 @@ import sys
 from argparse import Namespace
 from pathlib import Path
 
-import torch
-
 import export
 import train
 from checkpoints import CheckpointError, save_checkpoint
@@ -154,7 +152,7 @@ def main(argv=None):
     if a.qat:
         try:
             export.torchao_pt2e()
-        except ImportError as e:
+        except ImportError:
             raise SystemExit("--qat exports an int8 program, which needs the optional package torchao: "
                              "pip install torchao") from None
     if sys.stdout.isatty() is False and hasattr(sys.stdout, "reconfigure"):

@@ -15,3 +15,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_collection_finish(session):
+    """The export builds start now, in the background, when a selected test needs them (tests/prebuild.py)."""
+    if any("cli_builds" in getattr(item, "fixturenames", ()) for item in session.items):
+        import prebuild
+        prebuild.start()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if "prebuild" in sys.modules:
+        sys.modules["prebuild"].stop()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_export import TINY, randomise
+from prebuild import TINY, randomise
 
 import synthetic
 import train

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn as nn
-from test_export import TINY, randomise
+from prebuild import TINY, randomise
 from test_train import TINY as TINY_RUN
 
 import compress

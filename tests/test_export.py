@@ -2,9 +2,6 @@
 predictions from a .pt2 equal predictions from the checkpoint it came from, and the int8 program stays close to the
 fp32 model (when the optional torchao is installed; without it, --int8 says so in one line), its mAP and Dice
 printed beside the fp32 model's and a drop beyond the tolerance a warning."""
-import importlib.util
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,43 +11,22 @@ import torch
 from PIL import Image
 
 import data
-import predict
 import export
+import predict
+import prebuild
 import synthetic
 from export import measure
-from model import CAMTL, load_checkpoint, load_weights
+from model import load_checkpoint, load_weights
 
 FIX = Path(__file__).parent / "fixtures"
-REPO = Path(__file__).resolve().parent.parent
-TINY = {"scale": [0.33, 0.125, 1024], "dual_bn": True, "imgsz": 64}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def randomise(model, seed=0):
-    """BatchNorm statistics and affine far from identity (so folding is really exercised, each DualBN branch
-    differently) and attention gates open (so CTAM/CSAM/FPMA reach the outputs)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                for t, lo, hi in ((m.running_mean, -0.2, 0.2), (m.running_var, 0.5, 1.5),
-                                  (m.weight, 0.7, 1.3), (m.bias, -0.2, 0.2)):
-                    t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
-        for name, p in model.named_parameters():
-            if name.split(".")[-1] == "gate":
-                p.copy_(torch.rand(p.shape, generator=g) - 0.5)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def camtl_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    model = randomise(CAMTL(TINY, verbose=False))
-    path = tmp_path_factory.mktemp("ck") / "best.pt"
-    torch.save({"model": model.state_dict(), "config": {**model.cfg, "workers": 0}, "stage": "camtl"}, path)
-    return path
+    return prebuild.camtl_checkpoint(tmp_path_factory.mktemp("ck") / "best.pt")
 
 
 def predicts_a_folder(program, tmp_path):
@@ -65,32 +41,11 @@ def predicts_a_folder(program, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def cli_builds(camtl_ckpt, tmp_path_factory):
-    """`python export.py` twice at once, as a user runs it: the default compiled artefact of camtl_ckpt and, when
-    torchao is installed, --int8 of a lively tiny checkpoint calibrated on synthetic images. Each is mostly one
-    single-threaded C++ build, so on two cores the pair takes about the time of one. The int8 model has the fine
-    vessel path (seg_stride=4). -> {"compiled" | "int8":
-    (output path, exit code, printed text)}; the int8 entry also gives its checkpoint and data root."""
-    d = tmp_path_factory.mktemp("cli")
-    jobs = {"compiled": (d / "camtl_aoti.pt2", ["--weights", str(camtl_ckpt), "--out", str(d / "camtl_aoti.pt2")])}
-    if importlib.util.find_spec("torchao"):
-        torch.manual_seed(0)
-        model = lively(randomise(CAMTL({**TINY, "seg_stride": 4}, verbose=False)))  # the fine vessel path too
-        ck = d / "best.pt"
-        torch.save({"model": model.state_dict(), "config": {**model.cfg, "workers": 0}, "stage": "camtl"}, ck)
-        root = synthetic.make_synthetic(d / "syn", n=6, imgsz=64)  # 4 training images per task
-        argv = ["--weights", str(ck), "--int8", "--calib-data", str(root), "--calib", "8"]
-        jobs["int8"] = (d / "best.int8.pt2", argv)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    logs = {k: open(d / f"{k}.log", "w") for k in jobs}  # files: an unread pipe, once full, blocks its writer
-    procs = {k: subprocess.Popen([sys.executable, "export.py", *argv], cwd=REPO, env=env, stdout=logs[k],
-                                 stderr=subprocess.STDOUT, text=True) for k, (_, argv) in jobs.items()}
-    out = {k: (jobs[k][0], p.wait(timeout=900), (d / f"{k}.log").read_text()) for k, p in procs.items()}
-    for f in logs.values():
-        f.close()
-    if "int8" in out:
-        out["int8"] += (ck, root)
-    return out
+def cli_builds():
+    """`python export.py` as a user runs it: the default compiled artefact of a tiny checkpoint and, when torchao is
+    installed, --int8 of a lively one with the fine vessel path, calibrated on synthetic images; started in the
+    background as the session began (tests/prebuild.py)."""
+    return prebuild.result()
 
 
 def test_yolov8_from_ultralytics_pt2_equals_eager(tmp_path):
@@ -172,7 +127,7 @@ def test_export_says_so_when_asked_for_another_size_than_the_training_one(camtl_
 
 
 def test_compiled_artefact_is_the_default_equals_eager_and_predicts(cli_builds, camtl_ckpt, tmp_path):
-    out, code, text = cli_builds["compiled"]  # the CLI without flags
+    out, code, text, camtl_ckpt = cli_builds["compiled"]  # the CLI without flags
     assert code == 0 and f"wrote {out} (compiled by AOTInductor" in text, text
     run, meta = export.load_program(out)
     assert meta["compiled"] and meta["imgsz"] == 64 and meta["model"] == "CAMTL"
@@ -188,19 +143,6 @@ def test_compiled_artefact_is_the_default_equals_eager_and_predicts(cli_builds, 
 
 # -----------------------------------------------------------------------------
 # int8 (--int8): PT2E static quantisation through the optional package torchao, compiled by AOTInductor
-
-
-def lively(model, seed=1):
-    """Conv weights at He scale (variance 2 / fan-in): the default init shrinks the signal layer by layer, so a tiny
-    random network's outputs are nearly constant and any quantiser, broken or not, would reproduce them. Here a
-    quantiser calibrated on the wrong range (zeros, or images x 0.1) leaves vessel logits with correlation 0.74-0.88
-    and boxes 0.4-0.6 px off on average; a working one, > 0.99 and < 0.1 px."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.Conv2d) and m.weight.requires_grad:  # not DFL's frozen bin values
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2 / m.weight[0].numel()) ** 0.5)
-    return model
 
 
 def test_int8_cli_needs_torchao_one_line_and_rejects_what_it_cannot_do(camtl_ckpt, monkeypatch):

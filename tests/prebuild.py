@@ -1,0 +1,102 @@
+"""The suite's slowest artefacts, built in the background: `python export.py` twice, as a user runs it, the default
+compiled program of a tiny checkpoint and (when torchao is installed) --int8 of a lively one. Each is mostly one
+single-threaded C++ build of about a minute, so conftest.py starts them as soon as the tests are collected, when a
+selected test needs them, and they build while the tests before tests/test_export.py run; its `cli_builds` fixture
+waits for them (`result`)."""
+import contextlib
+import importlib.util
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+import synthetic
+from model import CAMTL
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = {"scale": [0.33, 0.125, 1024], "dual_bn": True, "imgsz": 64}
+_jobs = {}  # name -> (output path, Popen, log path[, checkpoint, data root])
+_dir = []
+
+
+def randomise(model, seed=0):
+    """BatchNorm statistics and affine far from identity (so folding is really exercised, each DualBN branch
+    differently) and attention gates open (so CTAM/CSAM/FPMA reach the outputs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                for t, lo, hi in ((m.running_mean, -0.2, 0.2), (m.running_var, 0.5, 1.5),
+                                  (m.weight, 0.7, 1.3), (m.bias, -0.2, 0.2)):
+                    t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
+        for name, p in model.named_parameters():
+            if name.split(".")[-1] == "gate":
+                p.copy_(torch.rand(p.shape, generator=g) - 0.5)
+    return model.eval()
+
+
+def lively(model, seed=1):
+    """Conv weights at He scale (variance 2 / fan-in): the default init shrinks the signal layer by layer, so a tiny
+    random network's outputs are nearly constant and any quantiser, broken or not, would reproduce them. Here a
+    quantiser calibrated on the wrong range (zeros, or images x 0.1) leaves vessel logits with correlation 0.74-0.88
+    and boxes 0.4-0.6 px off on average; a working one, > 0.99 and < 0.1 px."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d) and m.weight.requires_grad:  # not DFL's frozen bin values
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2 / m.weight[0].numel()) ** 0.5)
+    return model
+
+
+def camtl_checkpoint(path, cfg=None, make=randomise):
+    """A tiny camtl checkpoint (seed 0, `make` applied) at path, as test_export.py's tests use it -> path."""
+    torch.manual_seed(0)
+    model = make(CAMTL({**TINY, **(cfg or {})}, verbose=False))
+    torch.save({"model": model.state_dict(), "config": {**model.cfg, "workers": 0}, "stage": "camtl"}, path)
+    return path
+
+
+def start():
+    """Launch both builds (once): the compiled program of the randomised tiny checkpoint, and --int8 of a lively one
+    with the fine vessel path (seg_stride=4), calibrated on a tiny synthetic set."""
+    if _jobs:
+        return
+    d = Path(tempfile.mkdtemp(prefix="nanocamtl-prebuild-"))
+    _dir.append(d)
+    ck = camtl_checkpoint(d / "camtl.pt")
+    jobs = {"compiled": (d / "camtl_aoti.pt2", ["--weights", str(ck), "--out", str(d / "camtl_aoti.pt2")], (ck,))}
+    if importlib.util.find_spec("torchao"):
+        ck8 = camtl_checkpoint(d / "best.pt", {"seg_stride": 4}, lambda m: lively(randomise(m)))
+        with contextlib.redirect_stdout(io.StringIO()):  # collection is under way: nothing to print yet
+            root = synthetic.make_synthetic(d / "syn", n=6, imgsz=64)  # 4 training images per task
+        argv = ["--weights", str(ck8), "--int8", "--calib-data", str(root), "--calib", "8"]
+        jobs["int8"] = (d / "best.int8.pt2", argv, (ck8, root))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, (out, argv, extra) in jobs.items():
+        log = d / f"{name}.log"
+        with open(log, "w") as f:  # a file, not a pipe: an unread pipe, once full, blocks its writer
+            proc = subprocess.Popen([sys.executable, "export.py", *argv], cwd=REPO, env=env, stdout=f,
+                                    stderr=subprocess.STDOUT, text=True)
+        _jobs[name] = (out, proc, log, extra)
+
+
+def result():
+    """Wait for the builds -> {"compiled": (output path, exit code, printed text, checkpoint), "int8": (the same,
+    data root)}."""
+    start()
+    return {k: (out, proc.wait(timeout=900), log.read_text(), *extra) for k, (out, proc, log, extra) in _jobs.items()}
+
+
+def stop():
+    """End of the session: builds still running are stopped, their folder removed."""
+    for _, proc, _, _ in _jobs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    for d in _dir:
+        shutil.rmtree(d, ignore_errors=True)
