@@ -121,11 +121,11 @@ def portable_instead_of_compiled(prog, path, meta, freeze=False):
 
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory):
-    """A tiny camtl run (2 epochs from random init), then `compress.py --prune 0.5 --qat --epochs 1` on it."""
+    """A tiny camtl run (1 epoch from random init), then `compress.py --prune 0.5 --qat --epochs 1` on it."""
     tmp = tmp_path_factory.mktemp("compress")
     synthetic.make_synthetic(tmp / "synth", n=6, imgsz=64, seed=0)
     base, _ = train.main(["--stage", "camtl", "--set", *TINY_RUN, f"data={tmp / 'synth'}", f"project={tmp / 'runs'}",
-                          f"weights_dir={tmp / 'weights'}", "plots=False", "epochs=2", "seg_stride=4"])
+                          f"weights_dir={tmp / 'weights'}", "plots=False", "epochs=1", "seg_stride=4"])
     weights = base / "weights" / "yolov8c-camtl.pt"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(export, "compile_package", portable_instead_of_compiled)
