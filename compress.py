@@ -97,8 +97,8 @@ def compress(a):
         widths = prune(net, a.prune, cfg["gn_groups"])
         run_dir.mkdir(parents=True, exist_ok=True)
         ft["init"] = str(run_dir / "pruned.pt")
-        save_checkpoint({"model": net.state_dict(), "weights": "ema", "stage": stage,
-                         "config": {**cfg, "widths": widths}}, ft["init"])
+        save_checkpoint({"model": net.state_dict(), "weights": "ema", "stage": stage,  # widths pruned before stay
+                         "config": {**cfg, "widths": {**cfg["widths"], **widths}}}, ft["init"])
         print(f"--prune {a.prune}: {len(widths)} layers narrowed, {before:,} -> {count_params(net):,} parameters; "
               f"fine-tuning {ft['init']} for {a.epochs} epochs")
     run_dir, _ = train.train(ft, Namespace(resume=None, device=a.device, set_keys=set()))
