@@ -92,15 +92,8 @@ def compress(a):
     run_dir = next_run_dir(ft["project"], stage, ft["name"])
     ft["name"] = run_dir.name
     if a.prune:
-        net = load_checkpoint(a.weights)[0]
-        before = count_params(net)
-        widths = prune(net, a.prune, cfg["gn_groups"])
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ft["init"] = str(run_dir / "pruned.pt")
-        save_checkpoint({"model": net.state_dict(), "weights": "ema", "stage": stage,  # widths pruned before stay
-                         "config": {**cfg, "widths": {**cfg["widths"], **widths}}}, ft["init"])
-        print(f"--prune {a.prune}: {len(widths)} layers narrowed, {before:,} -> {count_params(net):,} parameters; "
-              f"fine-tuning {ft['init']} for {a.epochs} epochs")
+        ft["init"] = str(pruned(a.weights, a.prune, run_dir / "pruned.pt"))
+        print(f"fine-tuning {ft['init']} for {a.epochs} epochs")
     run_dir, _ = train.train(ft, Namespace(resume=None, device=a.device, set_keys=set()))
     product = run_dir / "weights" / f"yolov8{train.scale_tag(cfg)}-{stage}.pt"
     small, _ = load_checkpoint(product)
@@ -118,6 +111,19 @@ def compress(a):
     (run_dir / "compress.json").write_text(json.dumps({"weights": str(a.weights), "product": str(product),
                                                        "prune": a.prune, "qat": a.qat, "results": res}, indent=1))
     return res
+
+
+def pruned(weights, ratio, path):
+    """The network of checkpoint `weights` pruned by `ratio` (prune.prune), saved at path as a checkpoint of its stage
+    whose config has the new widths (and those of layers pruned before) -> path."""
+    net, cfg = load_checkpoint(weights)
+    before = count_params(net)
+    widths = prune(net, ratio, cfg["gn_groups"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint({"model": net.state_dict(), "weights": "ema", "stage": cfg["stage"],
+                     "config": {**cfg, "widths": {**cfg["widths"], **widths}}}, path)
+    print(f"--prune {ratio}: {len(widths)} layers narrowed, {before:,} -> {count_params(net):,} parameters")
+    return path
 
 
 def calibration(model, cfg, imgsz, n):

@@ -113,6 +113,19 @@ def test_fake_quantised_conv_is_the_hand_computed_int8_conv_and_trains():
     assert 0 < export.fake_quantize(model) < len(convs)  # the int8 parts only (attention and gates stay fp32)
 
 
+def test_pruning_a_pruned_network_keeps_its_other_narrowed_layers(tmp_path):
+    """A checkpoint whose seg head was narrowed by hand (`widths`), pruned again: the layers --prune leaves whole
+    keep their widths, so the new checkpoint still builds its network."""
+    torch.manual_seed(0)
+    model = randomise(CAMTL({**TINY, "widths": {"seg_head.heads.1.0": 8}}, verbose=False))
+    torch.save({"model": model.state_dict(), "config": {**model.cfg, "workers": 0}, "stage": "camtl"},
+               tmp_path / "a.pt")
+    path = compress.pruned(tmp_path / "a.pt", 0.5, tmp_path / "run" / "pruned.pt")
+    net, cfg = load_checkpoint(path)
+    assert cfg["widths"]["seg_head.heads.1.0"] == 8 and cfg["widths"]["backbone.9.cv1"] == 32
+    assert net.seg_head.heads[1][0].conv.out_channels == 8
+
+
 def portable_instead_of_compiled(prog, path, meta, freeze=False):
     """export.compile_package stand-in: the int8 program saved as the portable torch.export program (its C++ build
     takes a minute; tests/test_export.py builds one)."""
