@@ -28,7 +28,8 @@ def sites(model):
             out[f"{name}.cv1"] = (m.cv1, m.cv2.conv, 1)
         elif isinstance(m, SPPF):
             out[f"{name}.cv1"] = (m.cv1, m.cv2.conv, 4)
-        elif isinstance(m, nn.Sequential) and name.startswith(("detect.cv", "seg_head.heads.", "seg_head.fine.")):
+        elif isinstance(m, nn.Sequential) and name.startswith(("detect.cv2.", "detect.cv3.", "seg_head.heads.",
+                                                               "seg_head.fine.")):  # not detect.cv4: training only
             last = len(m) - 1 if not (fine is not None and name == "seg_head.heads.0") else len(m) - 2
             for j in range(min(last, len(m) - 1)):
                 if isinstance(m[j], Conv):
@@ -64,6 +65,7 @@ def _narrow_norm(norm, idx, max_groups):
 
 def _narrow_conv(conv, idx, dim):
     """A copy of nn.Conv2d conv keeping output (dim 0) or input (dim 1) channels idx."""
+    assert conv.groups == 1 and conv.padding_mode == "zeros", "sites are plain convolutions"
     w = conv.weight
     c_out, c_in = (len(idx), conv.in_channels) if dim == 0 else (conv.out_channels, len(idx))
     new = nn.Conv2d(c_in, c_out, conv.kernel_size, conv.stride, conv.padding, conv.dilation, bias=conv.bias is not None)
@@ -87,17 +89,21 @@ def narrow(model, name, keep, max_groups=32):
     setattr(parent, attr, _narrow_conv(consumer, reads, 1))
 
 
+class WidthsError(ValueError):
+    """`widths` that do not fit the network the rest of the config builds."""
+
+
 def apply_widths(model, widths, max_groups=32):
     """Narrow each site named in widths {site: channels} to that many channels (the first ones: the weights that
-    fill them are loaded afterwards). A name that is no site, or a width outside 1..today's: ValueError."""
+    fill them are loaded afterwards). A name that is no site, or a width outside 1..today's: WidthsError."""
     have = sites(model)
     for name, n in widths.items():
         if name not in have:
-            raise ValueError(f"widths: {name!r} is not a prunable layer of this network (the config's scale and "
-                             f"switches build another one)")
+            raise WidthsError(f"widths: {name!r} is not a prunable layer of this network (the config's scale and "
+                              f"switches build another one)")
         c = have[name][0].conv.out_channels
         if not (isinstance(n, int) and 1 <= n <= c):
-            raise ValueError(f"widths: {name} = {n!r}: expected an int from 1 to its {c} channels")
+            raise WidthsError(f"widths: {name} = {n!r}: expected an int from 1 to its {c} channels")
         if n < c:
             narrow(model, name, torch.arange(n), max_groups)
     return model
@@ -116,15 +122,21 @@ def importance(producer):
     return w
 
 
-# left whole by `prune` unless asked: the seg head is about 4% of CAMTL-n's FLOPs, and narrowing it costs vessel Dice
-# that the detection layers' fine-tuning recovers and its does not (docs/benchmarks.md, compression)
-KEEP = ("seg_head.",)
+# left whole by `prune` unless asked: the seg head is about 4% of CAMTL-n's FLOPs, and narrowing it cost vessel Dice
+# that fine-tuning did not bring back, while detection came back (docs/design.md, compression)
+WHOLE = ("seg_head.",)
 
 
-def prune(model, ratio, max_groups=32, whole=KEEP):
-    """Remove the fraction `ratio` (0 < ratio < 1) of every site's channels, the least important ones, in place;
-    sites whose name starts with one of `whole` stay whole. At least 4 channels stay. -> the widths {site: channels}
-    that describe the pruned network."""
+def kept(c, ratio):
+    """How many of c channels stay: c * (1 - ratio) rounded to a multiple of 8 (the channel blocks oneDNN's and the
+    GPUs' convolution kernels work in), at least 8; c itself when c <= 8."""
+    return c if c <= 8 else min(c, max(8, 8 * round(c * (1 - ratio) / 8)))
+
+
+def prune(model, ratio, max_groups=32, whole=WHOLE):
+    """Remove the fraction `ratio` (0 < ratio < 1) of every site's channels (`kept`), the least important ones, in
+    place; sites whose name starts with one of `whole` stay whole. -> the widths {site: channels} that describe the
+    pruned network."""
     if not 0 < ratio < 1:
         raise ValueError(f"prune ratio {ratio}: expected a fraction between 0 and 1, e.g. 0.3")
     widths = {}
@@ -132,7 +144,7 @@ def prune(model, ratio, max_groups=32, whole=KEEP):
         if name.startswith(whole):
             continue
         c = producer.conv.out_channels
-        n = min(c, max(4, round(c * (1 - ratio))))
+        n = kept(c, ratio)
         keep = importance(producer).topk(n).indices.sort().values
         narrow(model, name, keep, max_groups)
         widths[name] = n

@@ -43,6 +43,7 @@ from cli import Progress
 from config import STAGES, check_device, format_config, load_config, next_run_dir, parse_set, saved_config
 from losses import MultiTaskLoss, TermMeter
 from model import STAGE1_FUNCTION, STAGE1_SWITCHES, CAMTL, camtl_config, class_names, count_params
+from prune import WidthsError
 
 # -----------------------------------------------------------------------------
 # pieces of the loop: checkpoints, EMA, optimizer, schedule
@@ -359,9 +360,7 @@ def build_model(cfg, stage, log, verbose=True):
         model = CAMTL.from_pretrained(camtl_config(cfg, stage), det=None if stage_ckpt else coco["det"],
                                       seg=None if stage_ckpt else coco["seg"],
                                       stage_ckpt=str(stage_ckpt) if stage_ckpt else None, stage=stage, verbose=verbose)
-    except CheckpointError:
-        raise
-    except ValueError as e:  # widths naming a layer this network does not have
+    except WidthsError as e:  # widths naming a layer this network does not have
         raise SystemExit(f"key {e}") from None
     return model, stage_ckpt
 

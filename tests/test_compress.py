@@ -56,7 +56,7 @@ def test_narrowing_channels_nothing_reads_changes_nothing(seg_stride):
 def test_prune_removes_the_least_important_and_its_widths_rebuild_the_network():
     torch.manual_seed(0)
     model = randomise(CAMTL(TINY, verbose=False))
-    site = "backbone.2.m.0.cv1"
+    site = next(k for k, (p, _, _) in sites(model).items() if p.conv.out_channels == 16)
     producer = sites(model)[site][0]
     c = producer.conv.out_channels
     with torch.no_grad():
