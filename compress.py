@@ -5,27 +5,32 @@ fine-tune it through train.py's loop on its own data, and print what it gained a
     python compress.py --weights runs/camtl/exp/weights/yolov8n-camtl.pt --qat           # -> runs/camtl/exp-qat
     python compress.py --weights best.pt --prune 0.5 --qat --epochs 20 --set batch=16 device=0
 
---prune R removes the fraction R of the channels of every prunable layer (prune.py lists them: the hidden widths
-of the bottlenecks, SPPF, Detect's branches and the seg head, and the backbone's strided convs), the ones whose
-BN-folded filters are smallest. The network is physically smaller: its checkpoint keeps its widths in its config
-(`widths`), so evaluate.py, predict.py, export.py (also --int8) and --resume load it as any other. The pruned
-network before fine-tuning is saved as {run}/pruned.pt.
---qat fine-tunes with fake quantisation (the key `qat`): every convolution export.py --int8 makes int8 sees int8
-weights and uint8 inputs in training, so the weights learn to live with the rounding. Then the product is exported
-with export.py --int8 (needs the optional package torchao), and so is --weights, as the post-training int8 program
-to compare with.
+--prune R removes the fraction R of the channels of every prunable layer outside the seg head (prune.py lists them:
+the hidden widths of the bottlenecks, SPPF and Detect's branches, and the backbone's strided convs; widths kept in
+multiples of 8), the ones whose BN-folded filters are smallest. The network is physically smaller: its checkpoint
+keeps its widths in its config (`widths`), so evaluate.py, predict.py, export.py (also --int8) and --resume load it
+as any other. The pruned network before fine-tuning is saved as {run}/pruned.pt.
+--qat fine-tunes with fake quantisation (the key `qat`): every convolution export.py --int8 makes int8 computes with
+int8 weights and uint8 inputs in training, so the weights learn to live with the rounding. Then the product is
+exported with export.py --int8 (needs the optional package torchao), and so is --weights, as the post-training int8
+program to compare with.
 
-Fine-tuning: train.py's loop, stage, data and config of --weights; `init` = the network to fine-tune, --epochs
-(default 10), lr0 a tenth of the run's, no warmup (the weights are trained already), and --set KEY=VALUE for any
-other key (configs/defaults.py). The run lives in {project}/{stage}/{name}-prune30 (-qat, -prune30-qat) and
-continues after an interruption with `python train.py --stage STAGE --resume RUN`.
+Fine-tuning: train.py's loop, with the stage, data and config of --weights (a camtl checkpoint: the network that is
+deployed); `init` = the network to fine-tune, --epochs (default 10), lr0 a tenth of the run's, no warmup, and
+--set KEY=VALUE for any other key (configs/defaults.py). The run goes beside the run of --weights
+({runs}/camtl/{name}-prune30, -qat, -prune30-qat; ./runs/camtl/ for a file outside a run folder). Interrupted, it
+continues with `python train.py --stage camtl --resume RUN`; then export and score its product with export.py.
 
 At the end, on --val validation images of the data (as export.py --int8 scores): mAP50, mAP50-95, Dice(full),
-ms per image at batch 1 on this machine, parameters, GFLOPs and file size of --weights (fp32; with --qat also its
-post-training int8 program) and of the result (fp32; with --qat its int8 program), and compress.json in the run.
+ms per image at batch 1 on this machine (fp32: the fused eager model; int8: its compiled program; bench.py times
+the compiled fp32 program), parameters, GFLOPs and file size of --weights (fp32; with --qat also its post-training
+int8 program) and of the result (fp32; with --qat its int8 program), and compress.json in the run. --weights is not
+fine-tuned: the difference includes what --epochs more of training gives any network.
 """
 import argparse
 import json
+import os
+import signal
 import sys
 from argparse import Namespace
 from pathlib import Path
@@ -38,14 +43,16 @@ from model import count_params, gflops, load_checkpoint
 from prune import prune
 
 FINE_TUNE = {"warmup_epochs": 0.0, "warmup_min_iters": 0, "exist_ok": True}  # the weights are trained already
-LR0 = {"SGD": 0.01, "AdamW": 0.002}  # train.build_optimizer's defaults for lr0 = 0
 
 
 def fine_tune_config(cfg, a, tag):
-    """The fine-tuning run's config: --weights' own (its data, stage, recipe), then FINE_TUNE, then --set."""
-    cfg = {**cfg, **FINE_TUNE, "epochs": a.epochs, "qat": a.qat, "init": str(a.weights),
-           "lr0": 0.1 * (cfg["lr0"] or LR0[cfg["optimizer"]])}
-    cfg["name"] = f"{Path(a.weights).parent.parent.name if Path(a.weights).parent.name == 'weights' else 'exp'}-{tag}"
+    """The fine-tuning run's config: --weights' own (its data, stage, recipe), then FINE_TUNE, then --set. The run
+    goes beside the run of --weights ({project}/{stage}/{name}/weights/W), named {name}-{tag}."""
+    w = Path(a.weights).resolve()
+    in_run = w.parent.name == "weights" and w.parents[2].name == cfg["stage"]
+    cfg = {**cfg, **FINE_TUNE, "epochs": a.epochs, "qat": a.qat, "init": str(w),
+           "lr0": 0.1 * (cfg["lr0"] or train.LR0[cfg["optimizer"]]),
+           "project": str(w.parents[3]) if in_run else "runs", "name": f"{w.parents[1].name if in_run else 'exp'}-{tag}"}
     for k, v in parse_set(a.set).items():
         cfg[k] = check_key(k, v, "--set")
     return check_config(cfg)
@@ -87,13 +94,17 @@ def compress(a):
         raise SystemExit(f"{e} (compress.py fine-tunes on the run's own data and config, so it takes train.py's "
                          "checkpoints)") from None
     stage, imgsz = cfg["stage"], cfg["imgsz"]
+    if stage != "camtl":
+        raise SystemExit(f"--weights {a.weights}: a {stage} checkpoint; compress.py compresses the network that is "
+                         "deployed, a camtl checkpoint (train.py --stage camtl)")
     tag = "-".join(([f"prune{round(100 * a.prune)}"] if a.prune else []) + (["qat"] if a.qat else []))
     ft = fine_tune_config(cfg, a, tag)
     run_dir = next_run_dir(ft["project"], stage, ft["name"])
     ft["name"] = run_dir.name
     if a.prune:
-        ft["init"] = str(pruned(a.weights, a.prune, run_dir / "pruned.pt"))
-        print(f"fine-tuning {ft['init']} for {a.epochs} epochs")
+        ft["init"] = str(prune_checkpoint(a.weights, a.prune, run_dir / "pruned.pt").resolve())
+    print(f"fine-tuning {ft['init']}{' with fake quantisation' if a.qat else ''}: {ft['epochs']} epochs, lr0 "
+          f"{ft['lr0']:.3g} (a tenth of the run's), no warmup, in {run_dir}")
     run_dir, _ = train.train(ft, Namespace(resume=None, device=a.device, set_keys=set()))
     product = run_dir / "weights" / f"yolov8{train.scale_tag(cfg)}-{stage}.pt"
     small, _ = load_checkpoint(product)
@@ -103,7 +114,10 @@ def compress(a):
         images = calibration(model, cfg, imgsz, a.calib)
         for name, net, path in (("int8 (post-training)", model, run_dir / "weights" / "post-training.int8.pt2"),
                                 (f"{tag} int8", small, product.with_suffix(".int8.pt2"))):
-            export.export_int8(net, imgsz, path, images, verbose=False)
+            try:
+                export.export_int8(net, imgsz, path, images, verbose=False)
+            except ValueError as e:  # no C++ compiler here: the fine-tuned checkpoint is written all the same
+                raise SystemExit(f"{e}; the fine-tuned checkpoint is {product}") from None
             rows[name] = (export.load_program(path)[0], path, net)
     res = score(rows, model, cfg, imgsz, a.val)
     print(f"{a.weights} against {product} on the validation images of {cfg['data'] or 'the synthetic set'} "
@@ -113,7 +127,7 @@ def compress(a):
     return res
 
 
-def pruned(weights, ratio, path):
+def prune_checkpoint(weights, ratio, path):
     """The network of checkpoint `weights` pruned by `ratio` (prune.prune), saved at path as a checkpoint of its stage
     whose config has the new widths (and those of layers pruned before) -> path."""
     net, cfg = load_checkpoint(weights)
@@ -146,10 +160,13 @@ def main(argv=None):
     ap.add_argument("--val", type=int, default=64, metavar="N", help="validation images to score on (default 64)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="fine-tuning config keys")
     a = ap.parse_args(argv)
-    if not (a.prune or a.qat):
-        raise SystemExit("compress.py: nothing to do; pass --prune R (0 < R < 1), --qat, or both")
     if a.prune is not None and not 0 < a.prune < 1:
         raise SystemExit(f"--prune {a.prune}: the fraction of channels to remove, between 0 and 1 (e.g. 0.3)")
+    if not (a.prune or a.qat):
+        raise SystemExit("compress.py: nothing to do; pass --prune R (0 < R < 1), --qat, or both")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit("compress.py runs as one process; under torchrun, fine-tune its pruned.pt with train.py: "
+                         "torchrun ... train.py --stage camtl --set init=RUN/pruned.pt (docs/predict.md)")
     for flag, v in (("--epochs", a.epochs), ("--calib", a.calib), ("--val", a.val)):
         if v < 1:
             raise SystemExit(f"{flag} {v}: must be >= 1")
@@ -165,9 +182,10 @@ def main(argv=None):
         sys.stdout.reconfigure(line_buffering=True)
     try:
         return compress(a)
-    except (CheckpointError, ImportError, ValueError) as e:
+    except CheckpointError as e:
         raise SystemExit(str(e)) from None
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, train.on_sigterm)  # a preempted fine-tune stops after its step, resumable
     main()

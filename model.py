@@ -428,9 +428,10 @@ class CAMTL(YOLOv8):
         return said + ["random: " + ", ".join(fresh)]
 
     def load_stage(self, ckpt, path, verbose=True):
-        """Our stage checkpoint's weights ({"model": state dict, ...}); plain BN loads into both DualBN branches."""
+        """Our checkpoint's weights ({"model": state dict, ...}; a last.pt's EMA, as load_checkpoint takes it);
+        plain BN loads into both DualBN branches."""
         try:
-            load_matching(self, ckpt["model"], path, verbose=verbose)
+            load_matching(self, ckpt.get("ema") or ckpt["model"], path, verbose=verbose)
         except ValueError as e:
             raise CheckpointError(f"{e}; expected a stage checkpoint of this model's scale and config") from None
 

@@ -84,6 +84,9 @@ class ModelEMA:
                 v.copy_(msd[k])
 
 
+LR0 = {"SGD": 0.01, "AdamW": 0.002}  # lr0 = 0: the optimizer's default, as YOLOv8's
+
+
 def build_optimizer(model, cfg, accumulate, world=1):
     """Three groups as YOLOv8: weights with decay, norm weights and biases (and attention gates) without."""
     decay, no_decay, bias = [], [], []
@@ -99,7 +102,7 @@ def build_optimizer(model, cfg, accumulate, world=1):
             else:
                 decay.append(p)
     name = cfg["optimizer"]
-    lr0 = cfg["lr0"] or {"SGD": 0.01, "AdamW": 0.002}.get(name, 0.01)
+    lr0 = cfg["lr0"] or LR0[name]
     wd = cfg["weight_decay"] * cfg["batch"] * world * accumulate / cfg["nbs"]  # of the global batch, as YOLOv8
     if name == "SGD":
         opt = torch.optim.SGD(bias, lr=lr0, momentum=cfg["momentum"], nesterov=True)
@@ -323,18 +326,24 @@ def find_stage1(cfg):
     return runs[-1] if runs else None
 
 
-def build_model(cfg, stage, log, verbose=True):
+def build_model(cfg, stage, log, verbose=True, resume=False):
     """-> (CAMTL set up for the stage, the checkpoint it started from or None). domainshift1 starts from COCO
     weights in weights_dir (or random init); camtl from yolov8{S}-domainshift1.pt (else, or with stage1=False,
-    COCO/random); either from `init` when set (then with that checkpoint's widths, written into cfg)."""
+    COCO/random); either from `init` when set. The checkpoint it starts from brings its widths (a pruned network's;
+    written into cfg). `resume`: last.pt brings everything, so nothing else is read."""
     wd, S = Path(cfg["weights_dir"]), scale_tag(cfg)
     coco = {"det": wd / f"yolov8{S}.pt", "seg": wd / f"yolov8{S}-seg.pt"}
-    coco = {k: str(v) if v.is_file() else None for k, v in coco.items()}
-    found = find_stage1(cfg) if stage == "camtl" and not cfg["init"] else None
-    stage_ckpt = cfg["init"] or (found if cfg["stage1"] else None)
-    was = saved_config(read_checkpoint(stage_ckpt).get("config", {})) if stage_ckpt else None
-    if cfg["init"]:  # its weights, so its widths: a pruned network's checkpoint builds that network
-        cfg["widths"] = was["widths"]
+    coco = {k: str(v) if v.is_file() and not resume else None for k, v in coco.items()}
+    found = find_stage1(cfg) if stage == "camtl" and not cfg["init"] and not resume else None
+    stage_ckpt = None if resume else cfg["init"] or (found if cfg["stage1"] else None)
+    was = None
+    if stage_ckpt:
+        try:
+            was = saved_config(read_checkpoint(stage_ckpt).get("config", {}))
+        except CheckpointError as e:
+            raise CheckpointError(f"key init: {e}" if cfg["init"] else str(e)) from None
+        cfg["widths"] = was["widths"]  # its weights, so its widths: a pruned network's checkpoint builds that network
+    if cfg["init"]:
         log(f"init={cfg['init']}: this run starts from its weights"
             + (f" ({len(cfg['widths'])} pruned layers)" if cfg["widths"] else ""))
     elif stage == "camtl" and not cfg["stage1"]:
@@ -354,7 +363,7 @@ def build_model(cfg, stage, log, verbose=True):
     if not cfg["ctam"] and cfg["lambda_align"]:
         log(f"ctam=False: the align term is skipped (it aligns CTAM's attention with the vessels; lambda_align "
             f"{cfg['lambda_align']} unused)")
-    if stage_ckpt is None and not any(coco.values()):
+    if stage_ckpt is None and not any(coco.values()) and not resume:
         log(f"no COCO weights (yolov8{S}.pt, yolov8{S}-seg.pt) in {wd}/: random init")
     try:
         model = CAMTL.from_pretrained(camtl_config(cfg, stage), det=None if stage_ckpt else coco["det"],
@@ -544,7 +553,8 @@ def setup(cfg, args, log=print):
     log(format_config(cfg))
     root, loader, val_loaders = build_data(cfg, rank, world)
     quiet = lambda *a, **k: None  # noqa: E731  (a resumed run's weights come from last.pt: no init messages)
-    model, init_from = build_model(cfg, cfg["stage"], log if ckpt is None else quiet, verbose=master and not ckpt)
+    model, init_from = build_model(cfg, cfg["stage"], log if ckpt is None else quiet, verbose=master and not ckpt,
+                                   resume=ckpt is not None)
     if cfg["qat"]:  # before the EMA's copy: validation scores the weights as int8 sees them too
         log(f"qat: {fake_quantize(model)} convolutions see int8 weights and uint8 inputs, as in export.py --int8")
     model.to(device, memory_format=torch.channels_last if cfg["channels_last"] else torch.contiguous_format)

@@ -2,6 +2,7 @@
 int8 computes (export.FakeQuantConv2d), and compress.py fine-tunes both through train.py's loop into a checkpoint
 that every command loads; its mistakes are answered in one line."""
 import json
+from argparse import Namespace
 
 import pytest
 import torch
@@ -15,7 +16,8 @@ import export
 import predict
 import synthetic
 import train
-from model import CAMTL, count_params, load_checkpoint
+from config import load_config
+from model import CAMTL, camtl_config, count_params, load_checkpoint
 from modules import Bottleneck
 from prune import apply_widths, importance, narrow, prune, sites
 
@@ -42,13 +44,15 @@ def test_narrowing_channels_nothing_reads_changes_nothing(seg_stride):
             consumer.weight[:, drop] = 0
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
-        det, seg = model(x)
-        before = count_params(model)
+        before = {d: model.set_domain(d)(x) for d in ("target", "source")}  # each DualBN branch
+        n = count_params(model)
         for name, idx in keep.items():
             narrow(model, name, idx)
-        det2, seg2 = model(x)
-    assert count_params(model) < 0.8 * before
-    assert torch.allclose(det, det2, atol=1e-5) and torch.allclose(seg["full"], seg2["full"], atol=1e-5)
+        for d, (det, seg) in before.items():
+            model.set_domain(d)
+            det2, seg2 = model(x)
+            assert torch.allclose(det, det2, atol=1e-5) and torch.allclose(seg["full"], seg2["full"], atol=1e-5), d
+    assert count_params(model) < 0.8 * n
     for name, (producer, consumer, copies) in sites(model).items():
         assert producer.conv.out_channels == len(keep[name]) == consumer.in_channels // copies
 
@@ -92,13 +96,18 @@ def test_fake_quantised_conv_is_the_hand_computed_int8_conv_and_trains():
     ref.load_state_dict(conv.state_dict())
     n = export.fake_quantize(nn.ModuleDict({"backbone": nn.Sequential(conv), "other": nn.Sequential(ref)}))
     assert n == 1 and type(conv) is export.FakeQuantConv2d and type(ref) is nn.Conv2d
-    # by hand: input uint8 over the tensor's range (0 included), weights int8 per output channel, symmetric
-    lo, hi = min(x.min().item(), 0), max(x.max().item(), 0)
-    s = (hi - lo) / 255
-    z = round(-lo / s)
-    xq = ((x / s).round() + z).clamp(0, 255).sub(z) * s
-    ws = ref.weight.abs().amax(dim=(1, 2, 3), keepdim=True) / 127.5
-    wq = (ref.weight / ws).round().clamp(-128, 127) * ws
+    # the rounding torch's quantisers define (the X86 quantiser's: weights int8 per output channel, symmetric;
+    # inputs uint8 per tensor, affine), with the ranges of this weight and this batch
+    from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
+    wobs = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+    wobs(ref.weight.detach())
+    ws, wz = wobs.calculate_qparams()
+    ws, wz = ws.view(-1, 1, 1, 1), wz.view(-1, 1, 1, 1)
+    wq = ((ref.weight.detach() / ws).round() + wz).clamp(-128, 127).sub(wz) * ws
+    xobs = MinMaxObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine)
+    xobs(x)
+    xs, xz = xobs.calculate_qparams()
+    xq = ((x / xs).round() + xz).clamp(0, 255).sub(xz) * xs
     want = nn.functional.conv2d(xq, wq, ref.bias, padding=1)
     got = conv(x)
     assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, ref(x), atol=1e-3)
@@ -120,7 +129,7 @@ def test_pruning_a_pruned_network_keeps_its_other_narrowed_layers(tmp_path):
     model = randomise(CAMTL({**TINY, "widths": {"seg_head.heads.1.0": 8}}, verbose=False))
     torch.save({"model": model.state_dict(), "config": {**model.cfg, "workers": 0}, "stage": "camtl"},
                tmp_path / "a.pt")
-    path = compress.pruned(tmp_path / "a.pt", 0.5, tmp_path / "run" / "pruned.pt")
+    path = compress.prune_checkpoint(tmp_path / "a.pt", 0.5, tmp_path / "run" / "pruned.pt")
     net, cfg = load_checkpoint(path)
     assert cfg["widths"]["seg_head.heads.1.0"] == 8 and cfg["widths"]["backbone.9.cv1"] == 32
     assert net.seg_head.heads[1][0].conv.out_channels == 8
@@ -162,13 +171,14 @@ def test_compress_prunes_and_trains_for_int8_through_train_py(compressed, capsys
     ck = torch.load(product, weights_only=True)
     pruned = torch.load(run / "pruned.pt", weights_only=True)
     assert ck["config"]["widths"] == pruned["config"]["widths"] and ck["config"]["qat"] is True
-    assert ck["config"]["init"] == str(run / "pruned.pt") and ck["config"]["lr0"] == pytest.approx(2e-4)
+    assert ck["config"]["init"] == str((run / "pruned.pt").resolve()) and ck["config"]["lr0"] == pytest.approx(2e-4)
     full = dict(sites(load_checkpoint(weights)[0]))
-    for name, n in ck["config"]["widths"].items():
-        assert n < full[name][0].conv.out_channels
+    for name, n in ck["config"]["widths"].items():  # halved in multiples of 8; 8 channels stay
+        c = full[name][0].conv.out_channels
+        assert n == (c if c <= 8 else c // 2) and n % 8 == 0, (name, c, n)
 
 
-def test_a_pruned_checkpoint_goes_through_every_command(compressed, tmp_path):
+def test_a_pruned_checkpoint_goes_through_every_command(compressed, tmp_path, capsys):
     """evaluate.py, export.py (its program equals the eager network), predict.py (the checkpoint and its program
     predict alike) and --resume all load the smaller network from its own checkpoint."""
     tmp, weights, _ = compressed
@@ -195,7 +205,9 @@ def test_a_pruned_checkpoint_goes_through_every_command(compressed, tmp_path):
                       "0.001", "--device", "cpu"])
         outs[name] = (tmp_path / name / "masks" / img.name).read_bytes()
     assert outs["ckpt"] == outs["prog"]
+    (run / "pruned.pt").rename(tmp_path / "moved.pt")  # last.pt holds what --resume needs: not `init`
     train.main(["--stage", "camtl", "--resume", str(run), "--set", "epochs=2"])
+    assert "qat: " in capsys.readouterr().out  # the resumed run trains with fake quantisation too
     rows = (run / "results.csv").read_text().strip().splitlines()
     assert len(rows) == 3  # header, the fine-tune's epoch, the resumed one
     assert torch.load(product, weights_only=True)["config"]["widths"] == cfg["widths"]
@@ -208,10 +220,21 @@ def test_compress_mistakes_are_one_line(compressed, tmp_path, monkeypatch):
                        ([*w, "--prune", "1.5"], "--prune 1.5: the fraction of channels to remove"),
                        ([*w, "--prune", "0.3", "--epochs", "0"], "--epochs 0: must be >= 1"),
                        (["--weights", str(tmp_path / "no.pt"), "--qat"], "no such file"),
-                       ([*w, "--prune", "0.3", "--set", "epoch=3"], "unknown key 'epoch'")):
+                       ([*w, "--prune", "0.3", "--set", "epoch=3"], "unknown key 'epoch'"),
+                       ([*w, "--prune", "0"], "--prune 0.0: the fraction of channels to remove")):
         with pytest.raises(SystemExit) as e:
             compress.main(argv)
         assert says in str(e.value) and "\n" not in str(e.value), str(e.value)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="compress.py runs as one process; under torchrun, fine-tune its pruned.pt"):
+        compress.main([*w, "--prune", "0.3"])
+    monkeypatch.delenv("WORLD_SIZE")
+    stage1 = tmp_path / "ds1.pt"
+    cfg = {**torch.load(weights, weights_only=True)["config"], "stage": "domainshift1"}
+    torch.save({"model": CAMTL(camtl_config(cfg, "domainshift1"), verbose=False).state_dict(), "config": cfg,
+                "stage": "domainshift1"}, stage1)
+    with pytest.raises(SystemExit, match="a domainshift1 checkpoint; compress.py compresses the network that is"):
+        compress.main(["--weights", str(stage1), "--prune", "0.3"])
     bad = tmp_path / "yolo.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="compress.py fine-tunes on the run's own data"):
@@ -222,3 +245,34 @@ def test_compress_mistakes_are_one_line(compressed, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="widths: 'neck.nope' is not a prunable layer"):
         train.main(["--stage", "camtl", "--set", *TINY_RUN, f"data={tmp / 'synth'}", f"project={tmp_path}",
                     "widths={'neck.nope': 3}", "stage1=False"])
+
+
+def test_qat_is_in_the_trained_model_and_its_ema_and_a_run_starts_from_init_s_ema(compressed, tmp_path):
+    """qat=True: the model train.setup builds and its EMA copy (what validation scores) compute with fake
+    quantisation. init=last.pt: the run starts from its EMA weights, as load_checkpoint reads a last.pt."""
+    tmp, weights, _ = compressed
+    last = weights.parent / "last.pt"
+    sets = [*TINY_RUN, f"data={tmp / 'synth'}", f"project={tmp_path}", "seg_stride=4", "qat=True", f"init={last}"]
+    run = train.setup(load_config("camtl", None, sets), Namespace(resume=None, device="cpu", set_keys=set()))
+    for net in (run.model, run.ema.ema):
+        assert sum(type(m) is export.FakeQuantConv2d for m in net.modules()) == export.fake_quantize(CAMTL(
+            {**TINY, "seg_stride": 4}, verbose=False))
+    ema = torch.load(last, weights_only=True)["ema"]
+    assert all(torch.equal(run.model.state_dict()[k], v) for k, v in ema.items())
+
+
+def test_a_pruned_stage_checkpoint_builds_its_own_widths(tmp_path):
+    """The checkpoint a run starts from brings its widths (here a pruned stage-1 product that camtl finds in
+    weights_dir), and GroupNorm layers narrowed to a width their groups do not divide get the groups it takes."""
+    widths = {"backbone.9.cv1": 16, "seg_head.heads.1.0": 6}
+    torch.manual_seed(0)
+    stage1 = {**load_config("domainshift1", None, [*TINY_RUN, "gn_groups=4"]), "widths": widths}
+    model = CAMTL(camtl_config(stage1, "domainshift1"), verbose=False)
+    assert model.seg_head.heads[1][0].bn.num_groups == 2  # 6 channels: 2 groups of 3
+    (tmp_path / "w").mkdir()
+    torch.save({"model": model.state_dict(), "config": stage1, "stage": "domainshift1"},
+               tmp_path / "w" / "yolov8c-domainshift1.pt")
+    cfg = load_config("camtl", None, [*TINY_RUN, f"weights_dir={tmp_path / 'w'}", "gn_groups=4"])
+    net, _ = train.build_model(cfg, "camtl", print, verbose=False)
+    assert cfg["widths"] == widths and net.backbone[9].cv1.conv.out_channels == 16
+    assert torch.equal(net.seg_head.heads[1][0].bn.weight, model.seg_head.heads[1][0].bn.weight)
