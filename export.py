@@ -195,11 +195,13 @@ def torchao_pt2e(parts=INT8_PARTS):
 
 
 class FakeQuantConv2d(nn.Conv2d):
-    """An nn.Conv2d that computes as the int8 program's convolutions do, for quantisation-aware training: its weight
-    rounded to int8 per output channel (symmetric, the range of each filter), its input to uint8 per tensor (the
-    batch's range, 0 included). Straight-through gradients (torch's fake quantisation). Its state dict is an
-    nn.Conv2d's, so a checkpoint trained with it is an ordinary one. Per-channel symmetric rounding does not change
-    when BatchNorm is folded in (a per-channel scale), so the unfused weight trains the deployed rounding."""
+    """An nn.Conv2d that rounds as the int8 program's convolutions do, for quantisation-aware training: its weight
+    to int8 per output channel (symmetric over each filter's range: the program's weight rounding exactly), its
+    input to uint8 per tensor over the batch's range (0 included; the program uses a range calibrated once).
+    Straight-through gradients (torch's fake quantisation: none for a value the rounding clips, such as a filter's
+    largest positive weight at +127.5 steps). Its state dict is an nn.Conv2d's, so a checkpoint trained with it is an
+    ordinary one. Per-channel symmetric rounding does not change when BatchNorm is folded in (a per-channel scale),
+    so the unfused weight trains the deployed rounding."""
 
     def forward(self, x):
         lo, hi = x.detach().min().clamp(max=0).float(), x.detach().max().clamp(min=0).float()
