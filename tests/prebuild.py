@@ -1,5 +1,5 @@
 """The suite's slowest artefacts, built in the background: `python export.py` twice, as a user runs it, the default
-compiled program of a tiny checkpoint and (when torchao is installed) --int8 of a lively one. Each is mostly one
+compiled program of a tiny checkpoint and (when torchao is installed) --int8 of a lively, pruned one. Each is mostly one
 single-threaded C++ build of about a minute, so conftest.py starts them as soon as the tests are collected, when a
 selected test needs them, and they build while the tests before tests/test_export.py run; its `cli_builds` fixture
 waits for them (`result`)."""
@@ -17,6 +17,7 @@ import torch
 
 import synthetic
 from model import CAMTL
+from prune import prune
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = {"scale": [0.33, 0.125, 1024], "dual_bn": True, "imgsz": 64}
@@ -53,17 +54,17 @@ def lively(model, seed=1):
     return model
 
 
-def camtl_checkpoint(path, cfg=None, make=randomise):
-    """A tiny camtl checkpoint (seed 0, `make` applied) at path, as test_export.py's tests use it -> path."""
+def camtl_checkpoint(path):
+    """The randomised tiny camtl checkpoint (seed 0) at path, as test_export.py's tests use it -> path."""
     torch.manual_seed(0)
-    model = make(CAMTL({**TINY, **(cfg or {})}, verbose=False))
+    model = randomise(CAMTL(TINY, verbose=False))
     torch.save({"model": model.state_dict(), "config": {**model.cfg, "workers": 0}, "stage": "camtl"}, path)
     return path
 
 
 def start():
     """Launch both builds (once): the compiled program of the randomised tiny checkpoint, and --int8 of a lively one
-    with the fine vessel path (seg_stride=4), calibrated on a tiny synthetic set."""
+    with the fine vessel path (seg_stride=4), pruned by half (prune.py), calibrated on a tiny synthetic set."""
     if _jobs:
         return
     d = Path(tempfile.mkdtemp(prefix="nanocamtl-prebuild-"))
@@ -71,8 +72,13 @@ def start():
     ck = camtl_checkpoint(d / "camtl.pt")
     jobs = {"compiled": (d / "camtl_aoti.pt2", ["--weights", str(ck), "--out", str(d / "camtl_aoti.pt2")], (ck,))}
     if importlib.util.find_spec("torchao"):
-        ck8 = camtl_checkpoint(d / "best.pt", {"seg_stride": 4}, lambda m: lively(randomise(m)))
-        with contextlib.redirect_stdout(io.StringIO()):  # collection is under way: nothing to print yet
+        torch.manual_seed(0)  # a pruned network with the fine vessel path: both through the int8 build
+        model = lively(randomise(CAMTL({**TINY, "seg_stride": 4}, verbose=False)))
+        widths = prune(model, 0.5)
+        ck8 = d / "best.pt"
+        torch.save({"model": model.state_dict(), "config": {**model.cfg, "widths": widths, "workers": 0},
+                    "stage": "camtl"}, ck8)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # collecting
             root = synthetic.make_synthetic(d / "syn", n=6, imgsz=64)  # 4 training images per task
         argv = ["--weights", str(ck8), "--int8", "--calib-data", str(root), "--calib", "8"]
         jobs["int8"] = (d / "best.int8.pt2", argv, (ck8, root))

@@ -168,7 +168,7 @@ def test_int8_cli_artefact_is_close_to_fp32_and_predicts(cli_builds, tmp_path):
     out, code, text, ck, root = cli_builds["int8"]  # --weights best.pt --int8: next to it, best.int8.pt2
     assert code == 0 and f"wrote {out} (int8, compiled by AOTInductor" in text, text
     run, meta = export.load_program(out)
-    assert meta["model"] == "CAMTL" and meta["imgsz"] == 64 and meta["compiled"]
+    assert meta["model"] == "CAMTL" and meta["imgsz"] == 64 and meta["compiled"] and meta["config"]["widths"]
     assert meta["int8"]["calib_counts"] == {"angiography_detection": 4, "angiography_segmentation": 4}
 
     # letterboxed validation images of both tasks, through the int8 program and the fused fp32 model
