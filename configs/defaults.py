@@ -39,8 +39,8 @@ config = {
     "camtl_ratio": [1, 2],  # batches per cycle: [det, seg] or [det, seg, source replay]
     "augment": True,
     # --- weights and output
-    "init": "",  # a checkpoint this run starts from (its weights, and its widths if pruned) instead of COCO or stage 1:
-    # compress.py's fine-tuning sets it
+    "init": "",  # a checkpoint this run starts from instead of COCO or stage 1: its weights (a last.pt's EMA) and
+    # widths; the run's other model keys must be the checkpoint's. compress.py's fine-tuning sets it
     "stage1": True,  # camtl starts from yolov8{S}-domainshift1.pt when found; False: from COCO weights or random init
     "weights_dir": "weights",  # yolov8{S}.pt / yolov8{S}-seg.pt / yolov8{S}-domainshift1.pt looked up here
     "project": "runs",  # runs/{stage}/{name}

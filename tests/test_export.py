@@ -126,7 +126,7 @@ def test_export_says_so_when_asked_for_another_size_than_the_training_one(camtl_
     assert predict.load_predictor(tmp_path / "b.pt2")[1] == 96  # asked for, and done
 
 
-def test_compiled_artefact_is_the_default_equals_eager_and_predicts(cli_builds, camtl_ckpt, tmp_path):
+def test_compiled_artefact_is_the_default_equals_eager_and_predicts(cli_builds, tmp_path):
     out, code, text, camtl_ckpt = cli_builds["compiled"]  # the CLI without flags
     assert code == 0 and f"wrote {out} (compiled by AOTInductor" in text, text
     run, meta = export.load_program(out)
