@@ -52,7 +52,8 @@ def fine_tune_config(cfg, a, tag):
     in_run = w.parent.name == "weights" and w.parents[2].name == cfg["stage"]
     cfg = {**cfg, **FINE_TUNE, "epochs": a.epochs, "qat": a.qat, "init": str(w),
            "lr0": 0.1 * (cfg["lr0"] or train.LR0[cfg["optimizer"]]),
-           "project": str(w.parents[3]) if in_run else "runs", "name": f"{w.parents[1].name if in_run else 'exp'}-{tag}"}
+           "project": str(w.parents[3]) if in_run else "runs",
+           "name": f"{w.parents[1].name if in_run else 'exp'}-{tag}"}
     for k, v in parse_set(a.set).items():
         cfg[k] = check_key(k, v, "--set")
     return check_config(cfg)
