@@ -49,7 +49,7 @@ def fine_tune_config(cfg, a, tag):
     """The fine-tuning run's config: --weights' own (its data, stage, recipe), then FINE_TUNE, then --set. The run
     goes beside the run of --weights ({project}/{stage}/{name}/weights/W), named {name}-{tag}."""
     w = Path(a.weights).resolve()
-    in_run = w.parent.name == "weights" and w.parents[2].name == cfg["stage"]
+    in_run = len(w.parents) > 3 and w.parent.name == "weights" and w.parents[2].name == cfg["stage"]
     cfg = {**cfg, **FINE_TUNE, "epochs": a.epochs, "qat": a.qat, "init": str(w),
            "lr0": 0.1 * (cfg["lr0"] or train.LR0[cfg["optimizer"]]),
            "project": str(w.parents[3]) if in_run else "runs",
