@@ -167,7 +167,8 @@ def main(argv=None):
         raise SystemExit("compress.py: nothing to do; pass --prune R (0 < R < 1), --qat, or both")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SystemExit("compress.py runs as one process; under torchrun, fine-tune its pruned.pt with train.py: "
-                         "torchrun ... train.py --stage camtl --set init=RUN/pruned.pt (docs/predict.md)")
+                         "torchrun ... train.py --stage camtl --config SOURCE_RUN/config.py --set init=RUN/pruned.pt "
+                         "... (docs/predict.md)")
     for flag, v in (("--epochs", a.epochs), ("--calib", a.calib), ("--val", a.val)):
         if v < 1:
             raise SystemExit(f"{flag} {v}: must be >= 1")

@@ -143,7 +143,9 @@ def portable_instead_of_compiled(prog, path, meta, freeze=False):
 
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory):
-    """A tiny camtl run (1 epoch from random init), then `compress.py --prune 0.5 --qat --epochs 1` on it."""
+    """A tiny camtl run (1 epoch from random init), then `compress.py --prune 0.5 --qat --epochs 1` on it (--qat
+    exports int8: the optional torchao)."""
+    pytest.importorskip("torchao", reason="compress.py --qat exports int8 with the optional package torchao")
     tmp = tmp_path_factory.mktemp("compress")
     synthetic.make_synthetic(tmp / "synth", n=6, imgsz=64, seed=0)
     base, _ = train.main(["--stage", "camtl", "--set", *TINY_RUN, f"data={tmp / 'synth'}", f"project={tmp / 'runs'}",
