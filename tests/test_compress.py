@@ -244,6 +244,9 @@ def test_compress_mistakes_are_one_line(compressed, tmp_path, monkeypatch):
     monkeypatch.setattr(export, "torchao_pt2e", lambda *a: (_ for _ in ()).throw(ImportError(export.NEEDS_TORCHAO)))
     with pytest.raises(SystemExit, match="--qat exports an int8 program, which needs the optional package torchao"):
         compress.main([*w, "--qat"])
+    with pytest.raises(SystemExit, match=r"^key init: .*no\.pt"):
+        train.main(["--stage", "camtl", "--set", *TINY_RUN, f"data={tmp / 'synth'}", f"project={tmp_path}",
+                    f"init={tmp_path / 'no.pt'}"])
     with pytest.raises(SystemExit, match="widths: 'neck.nope' is not a prunable layer"):
         train.main(["--stage", "camtl", "--set", *TINY_RUN, f"data={tmp / 'synth'}", f"project={tmp_path}",
                     "widths={'neck.nope': 3}", "stage1=False"])
