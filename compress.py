@@ -104,8 +104,9 @@ def compress(a):
     ft["name"] = run_dir.name
     if a.prune:
         ft["init"] = str(prune_checkpoint(a.weights, a.prune, run_dir / "pruned.pt").resolve())
+    lr_from = "--set" if "lr0" in parse_set(a.set) else "a tenth of the run's"
     print(f"fine-tuning {ft['init']}{' with fake quantisation' if a.qat else ''}: {ft['epochs']} epochs, lr0 "
-          f"{ft['lr0']:.3g} (a tenth of the run's), no warmup, in {run_dir}")
+          f"{ft['lr0']:.3g} ({lr_from}), warmup {ft['warmup_epochs']:g} epochs, in {run_dir}")
     run_dir, _ = train.train(ft, Namespace(resume=None, device=a.device, set_keys=set()))
     product = run_dir / "weights" / f"yolov8{train.scale_tag(cfg)}-{stage}.pt"
     small, _ = load_checkpoint(product)
