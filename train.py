@@ -37,10 +37,10 @@ import data
 import distributed
 import evaluate
 import plots
-from export import fake_quantize
 from checkpoints import CheckpointError, read_checkpoint, save_checkpoint
 from cli import Progress
 from config import STAGES, check_device, format_config, load_config, next_run_dir, parse_set, saved_config
+from export import fake_quantize
 from losses import MultiTaskLoss, TermMeter
 from model import STAGE1_FUNCTION, STAGE1_SWITCHES, CAMTL, camtl_config, class_names, count_params
 from prune import WidthsError
