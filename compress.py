@@ -28,6 +28,7 @@ int8 program) and of the result (fp32; with --qat its int8 program), and compres
 fine-tuned: the difference includes what --epochs more of training gives any network.
 """
 import argparse
+import copy
 import json
 import os
 import signal
@@ -103,7 +104,7 @@ def compress(a):
     run_dir = next_run_dir(ft["project"], stage, ft["name"])
     ft["name"] = run_dir.name
     if a.prune:
-        ft["init"] = str(prune_checkpoint(a.weights, a.prune, run_dir / "pruned.pt").resolve())
+        ft["init"] = str(prune_checkpoint(copy.deepcopy(model), cfg, a.prune, run_dir / "pruned.pt").resolve())
     lr_from = "--set" if "lr0" in parse_set(a.set) else "a tenth of the run's"
     print(f"fine-tuning {ft['init']}{' with fake quantisation' if a.qat else ''}: {ft['epochs']} epochs, lr0 "
           f"{ft['lr0']:.3g} ({lr_from}), warmup {ft['warmup_epochs']:g} epochs, in {run_dir}")
@@ -129,10 +130,9 @@ def compress(a):
     return res
 
 
-def prune_checkpoint(weights, ratio, path):
-    """The network of checkpoint `weights` pruned by `ratio` (prune.prune), saved at path as a checkpoint of its stage
-    whose config has the new widths (and those of layers pruned before) -> path."""
-    net, cfg = load_checkpoint(weights)
+def prune_checkpoint(net, cfg, ratio, path):
+    """net (a loaded checkpoint's network, config cfg) pruned by `ratio` in place (prune.prune), saved at path as a
+    checkpoint of its stage whose config has the new widths (and those of layers pruned before) -> path."""
     before = count_params(net)
     widths = prune(net, ratio, cfg["gn_groups"])
     path.parent.mkdir(parents=True, exist_ok=True)

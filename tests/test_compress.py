@@ -129,7 +129,7 @@ def test_pruning_a_pruned_network_keeps_its_other_narrowed_layers(tmp_path):
     model = randomise(CAMTL({**TINY, "widths": {"seg_head.heads.1.0": 8}}, verbose=False))
     torch.save({"model": model.state_dict(), "config": {**model.cfg, "workers": 0}, "stage": "camtl"},
                tmp_path / "a.pt")
-    path = compress.prune_checkpoint(tmp_path / "a.pt", 0.5, tmp_path / "run" / "pruned.pt")
+    path = compress.prune_checkpoint(*load_checkpoint(tmp_path / "a.pt"), 0.5, tmp_path / "run" / "pruned.pt")
     net, cfg = load_checkpoint(path)
     assert cfg["widths"]["seg_head.heads.1.0"] == 8 and cfg["widths"]["backbone.9.cv1"] == 32
     assert net.seg_head.heads[1][0].conv.out_channels == 8
