@@ -71,6 +71,19 @@ def _is_regex(v):
 
 
 NON_NEGATIVE = at_least(0)
+# the augmentation's strengths (data.AUG; repeated here: config imports nothing), which `augment` may change
+AUG_RANGES = {"fliplr": interval(0, 1), "flipud": interval(0, 1), "scale": interval(0, 1, "[)"),
+              "translate": interval(0, 0.5), "brightness": interval(0, 1), "contrast": interval(0, 1, "[)"),
+              "gamma": interval(0, 1, "[)")}
+
+
+def _is_augment(v):
+    if isinstance(v, bool):
+        return True
+    nums = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v.values())
+    return nums and all(k in AUG_RANGES and AUG_RANGES[k][0](x) for k, x in v.items())
+
+
 RULES = {
     # model
     "scale": (_is_scale, f"one of {', '.join(SCALE_NAMES)}, or [depth, width, max_channels] with depth and width "
@@ -108,6 +121,8 @@ RULES = {
     "clip_grad": ((lambda v: v > 0), "> 0"),
     "amp_dtype": one_of("fp16", "bf16"),
     "seg_stride": one_of(8, 4, 2),
+    "augment": (_is_augment, "true, false, or a dict of the augmentation's strengths to change, each "
+                + "; ".join(f"{k} {r[1]}" for k, r in AUG_RANGES.items())),
     "widths": ((lambda v: all(isinstance(k, str) and type(n) is int and n >= 1 for k, n in v.items())),
                "{layer: channels}, ints >= 1 (compress.py writes it)"),
     "compile": ((lambda v: v is True or v is False or v == "auto"), "true, false or auto (on CUDA only)"),
@@ -129,7 +144,7 @@ for _k in ("box", "cls", "dfl", "kpt", "kobj", "w_p3", "w_p4", "w_p5", "w_p2", "
     RULES[_k] = NON_NEGATIVE
 # keys without a rule: bools and paths/names (their type is all; paths are checked where used), and device
 # (check_device). A new key belongs in RULES or here (tests/test_mistakes.py checks that every key is in one).
-TYPE_ONLY = ("ema_attention", "dual_bn", "kpt_aux", "ctam", "csam", "fpma", "xtam", "stage1", "augment", "data",
+TYPE_ONLY = ("ema_attention", "dual_bn", "kpt_aux", "ctam", "csam", "fpma", "xtam", "stage1", "data",
              "init", "qat", "weights_dir", "name", "exist_ok", "device", "cos_lr", "amp", "ema", "plots",
              "channels_last", "deterministic")
 
@@ -176,6 +191,8 @@ def check_key(key, value, source):
     want = DEFAULTS[key]
     if key == "compile":  # a bool or "auto": RULES tells
         ok = True
+    elif key == "augment":  # a bool or a dict of strengths: RULES tells
+        ok = isinstance(value, (bool, dict))
     elif isinstance(want, bool) or isinstance(value, bool):  # bool is an int subclass: compare exactly
         ok = type(value) is type(want)
     elif isinstance(want, float):

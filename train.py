@@ -443,9 +443,10 @@ def build_data(cfg, rank, world):
     data.check_stage_data(root, stage, cfg["batch"], cfg["camtl_ratio"], world)  # one message if too little data
 
     def train_loader(key):
-        return data.build_loader(root, key, "train", imgsz=cfg["imgsz"], batch=cfg["batch"], augment=cfg["augment"],
+        aug = cfg["augment"]  # True, False or {strength: value} changing data.AUG's
+        return data.build_loader(root, key, "train", imgsz=cfg["imgsz"], batch=cfg["batch"], augment=aug is not False,
                                  workers=cfg["workers"], seed=cfg["seed"], rank=rank, world_size=world,
-                                 nc=cfg["nc"], shuffle=True)
+                                 nc=cfg["nc"], shuffle=True, hyp=aug if isinstance(aug, dict) else None)
     tasks, ratio = data.STAGE_TASKS[stage], cfg["camtl_ratio"]
     if stage == "domainshift1":
         loader = train_loader(tasks["seg"])

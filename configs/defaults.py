@@ -37,7 +37,7 @@ config = {
     "workers": 2,
     "group_regex": "",  # when splits.json is written: regex whose first group keys a patient/video
     "camtl_ratio": [1, 2],  # batches per cycle: [det, seg] or [det, seg, source replay]
-    "augment": True,
+    "augment": True,  # False: none; a dict changes strengths of data.AUG, e.g. {"scale": 0.25} (sizes x0.75-1.25)
     # --- weights and output
     "init": "",  # a checkpoint this run starts from instead of COCO or stage 1: its weights (a last.pt's EMA) and
     # widths; the run's other model keys must be the checkpoint's. compress.py's fine-tuning sets it

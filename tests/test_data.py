@@ -256,6 +256,31 @@ def test_augmentation_keeps_boxes_and_masks_aligned(aug):
     assert kept >= 8
 
 
+def test_the_augment_key_sets_the_training_loaders_strengths(synth):
+    """`augment` True, False or a dict changing data.AUG's strengths reaches the training loader; a strength with
+    no name or out of range is one line naming the key."""
+    import config
+    import train
+    off = dict(fliplr=0, flipud=0, scale=0, translate=0, brightness=0, contrast=0, gamma=0)
+    loaders = {}
+    for name, aug in (("none", False), ("all off", off), ("default", True), ("scale", {"scale": 0.25})):
+        cfg = {**config.load_config("domainshift1", None, [f"augment={aug!r}", f"data={str(synth)!r}", "imgsz=64",
+                                                           "batch=2", "workers=0"]), "stage": "domainshift1"}
+        _, loader, _ = train.build_data(cfg, 0, 1)
+        loaders[name] = loader.dataset
+    assert not loaders["none"].augment and loaders["default"].augment and loaders["default"].hyp == data.AUG
+    assert loaders["scale"].hyp == {**data.AUG, "scale": 0.25}
+    same = [loaders[k][(0, 0, 0)]["img"] for k in ("none", "all off")]
+    assert torch.allclose(*same, atol=1 / 1023)  # every strength at 0 is no augmentation (the photometric table's
+    # 1024 levels aside)
+    assert not torch.allclose(same[0], loaders["default"][(0, 0, 0)]["img"], atol=0.01)
+    assert set(config.AUG_RANGES) == set(data.AUG)
+    for bad in ("{'scal': 0.25}", "{'scale': 1.5}", "{'scale': 'a'}", "1"):
+        with pytest.raises(SystemExit, match="key 'augment'") as e:
+            config.load_config("domainshift1", None, [f"augment={bad}"])
+        assert "\n" not in str(e.value)
+
+
 def _canvas_xyxy(b, S):
     """(n, 5) cls+xywh normalised to the canvas -> (n, 4) xyxy in canvas px."""
     return np.stack([b[:, 1] - b[:, 3] / 2, b[:, 2] - b[:, 4] / 2, b[:, 1] + b[:, 3] / 2, b[:, 2] + b[:, 4] / 2], 1) * S
