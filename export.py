@@ -227,15 +227,16 @@ def fake_quantize(model, on=True):
     return n
 
 
-def called_parts(model, names):
-    """names -> the modules the quantizer can find: it matches the modules a node was called in, and a ModuleList is
-    indexed, never called, so one stands for its items. A name the model lacks (a YOLOv8 has no s5) is left out."""
-    have, out = dict(model.named_modules()), []
+def called_parts(prog, names):
+    """names -> the modules of the exported program `prog` (of a Deployed: paths below its `model`) the quantizer can
+    find. It matches the modules a node was called in, and a container forward walks item by item (a ModuleList,
+    P3's seg head Sequential) is never called itself, so the outermost called modules inside it stand for it. A
+    name the model lacks (a YOLOv8 has no s5) is left out."""
+    called = {p.removeprefix("model.") for n in prog.graph.nodes for p, _ in n.meta.get("nn_module_stack", {}).values()}
+    out = []
     for n in names:
-        if isinstance(have.get(n), nn.ModuleList):
-            out += [f"{n}.{i}" for i in range(len(have[n]))]
-        elif n in have:
-            out.append(n)
+        inner = [c for c in called if c == n or c.startswith(f"{n}.")]
+        out += sorted(c for c in inner if not any(c.startswith(f"{o}.") for o in inner))  # the outermost only
     return out
 
 
@@ -286,10 +287,11 @@ def export_int8(model, imgsz, path, images, calib=None, verbose=True):
     Returns [path]."""
     check_imgsz(imgsz, imgsz, "export")
     net = deployable(model).cpu()  # the X86 quantizer's int8 kernels run on the CPU
-    parts = called_parts(net.model, INT8_PARTS)
-    prepare_pt2e, convert_pt2e, quantizer = torchao_pt2e(parts)
     x = torch.rand(1, 3, imgsz, imgsz)
-    prepared = prepare_pt2e(torch.export.export(net, (x,)).module(), quantizer)  # observers around parts' ops
+    traced = torch.export.export(net, (x,))
+    parts = called_parts(traced, INT8_PARTS)
+    prepare_pt2e, convert_pt2e, quantizer = torchao_pt2e(parts)
+    prepared = prepare_pt2e(traced.module(), quantizer)  # observers around parts' ops
     seen = 0
     with torch.no_grad():
         for img in images:

@@ -145,6 +145,24 @@ def test_compiled_artefact_is_the_default_equals_eager_and_predicts(cli_builds, 
 # int8 (--int8): PT2E static quantisation through the optional package torchao, compiled by AOTInductor
 
 
+@pytest.mark.parametrize("seg_stride", [8, 2])
+def test_int8_parts_reach_every_convolution_they_name(seg_stride):
+    """The quantizer matches the modules a node was called in: each name export_int8 hands it must be one the
+    traced program called, and together they must cover every convolution under INT8_PARTS (a Sequential that
+    forward walks item by item, like P3's seg head, is never called itself)."""
+    from model import CAMTL
+    model = CAMTL({"scale": [0.33, 0.125, 1024], "nc": 1, "seg_stride": seg_stride}, verbose=False).eval()
+    net = export.deployable(model)
+    prog = torch.export.export(net, (torch.rand(1, 3, 64, 64),))
+    called = {p.removeprefix("model.") for n in prog.graph.nodes for p, _ in n.meta.get("nn_module_stack", {}).values()}
+    parts = export.called_parts(prog, export.INT8_PARTS)
+    assert parts and set(parts) <= called
+    convs = [n for n, m in net.model.named_modules() if isinstance(m, torch.nn.Conv2d)
+             and any(n.startswith(f"{p}.") for p in export.INT8_PARTS)]
+    assert len(convs) > 20 and "seg_head.heads.0.0.conv" in convs
+    assert all(any(c == p or c.startswith(f"{p}.") for p in parts) for c in convs)
+
+
 def test_int8_cli_needs_torchao_one_line_and_rejects_what_it_cannot_do(camtl_ckpt, monkeypatch):
     for flags in (["--portable"], ["--dynamic-batch"], ["--format", "onnx"]):
         with pytest.raises(SystemExit, match=f"--int8 with {flags[0]}"):
