@@ -17,11 +17,19 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def pytest_collection_modifyitems(items):
+    """The test that waits for Inductor's kernels (tests/prebuild.py) runs last, so they build meanwhile."""
+    items.sort(key=lambda item: "inductor_cache" in getattr(item, "fixturenames", ()))  # stable: the rest in order
+
+
 def pytest_collection_finish(session):
-    """The export builds start now, in the background, when a selected test needs them (tests/prebuild.py)."""
-    if any("cli_builds" in getattr(item, "fixturenames", ()) for item in session.items):
+    """The export builds and Inductor's kernels start now, in the background, when a selected test needs them
+    (tests/prebuild.py)."""
+    wanted = {f: any(f in getattr(item, "fixturenames", ()) for item in session.items)
+              for f in ("cli_builds", "inductor_cache")}
+    if any(wanted.values()):
         import prebuild
-        prebuild.start()
+        prebuild.start(exports=wanted["cli_builds"], inductor=wanted["inductor_cache"])
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -2,8 +2,11 @@
 compiled program of a tiny checkpoint and (when torchao is installed) --int8 of a lively, pruned one. Each is mostly one
 single-threaded C++ build of about a minute, so conftest.py starts them as soon as the tests are collected, when a
 selected test needs them, and they build while the tests before tests/test_export.py run; its `cli_builds` fixture
-waits for them (`result`)."""
+waits for them (`result`). Likewise Inductor's kernels for test_compile.py's Block: on a fresh machine their C++
+builds take about 30 s, so a background process compiles the same Block first and leaves them in Inductor's cache,
+and the test (fixture `inductor_cache`) then compiles it again from that cache."""
 import contextlib
+import copy
 import importlib.util
 import io
 import os
@@ -17,6 +20,7 @@ import torch
 
 import synthetic
 from model import CAMTL
+from modules import CTAM, Conv, to_dualbn
 from prune import prune
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,10 +66,51 @@ def camtl_checkpoint(path):
     return path
 
 
-def start():
-    """Launch both builds (once): the compiled program of the randomised tiny checkpoint, and --int8 of a lively one
-    with the fine vessel path (seg_stride=4), pruned by half (prune.py), calibrated on a tiny synthetic set."""
-    if _jobs:
+class Block(torch.nn.Module):
+    """The unusual part of the network for a compiler: a DualBN Conv, then CTAM's attention as P3 runs it (queries
+    pooled 2x2, SDPA on strided views, pooled keys, the output upsampled back, the key-attention maps) in
+    channels_last."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = to_dualbn(Conv(8, 16, 3))
+        self.ctam = CTAM(16, (8,), dim=16, heads=4, tokens=16, qpool=2)
+        torch.nn.init.uniform_(self.ctam.gate, -1, 1)
+
+    def forward(self, x):
+        y, maps = self.ctam(self.conv(x), [x], need_attn=True)
+        return y, maps[0]
+
+
+def block_step(m, x):
+    """Forward + a loss on both outputs + backward -> ([y, map], the parameters' gradients)."""
+    m.zero_grad()
+    y, a = m(x)
+    (y.square().mean() + a.square().sum()).backward()
+    return [y.detach(), a.detach()], [p.grad for p in m.parameters() if p.grad is not None]
+
+
+def compiled_block():
+    """(eager Block, its Inductor-compiled copy, input x), one thread, as test_compile.py runs them."""
+    torch.set_num_threads(1)  # the kernels Inductor writes depend on the thread count, and so does its cache key
+    torch.manual_seed(0)
+    block = Block().to(memory_format=torch.channels_last).train()
+    compiled = copy.deepcopy(block)
+    compiled.compile(dynamic=False)
+    return block, compiled, torch.rand(2, 8, 16, 16).contiguous(memory_format=torch.channels_last)
+
+
+def start(exports=True, inductor=True):
+    """Launch the builds (once each): the compiled program of the randomised tiny checkpoint, and --int8 of a lively
+    one with the fine vessel path (seg_stride=4), pruned by half (prune.py), calibrated on a tiny synthetic set; and
+    the Block's Inductor kernels, into Inductor's cache."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if inductor and "inductor" not in _jobs:
+        code = "import prebuild; b, c, x = prebuild.compiled_block(); prebuild.block_step(c, x)"
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parent, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env={**env, "PYTHONPATH": str(REPO)})
+        _jobs["inductor"] = (None, proc, None, ())
+    if not exports or "compiled" in _jobs:
         return
     d = Path(tempfile.mkdtemp(prefix="nanocamtl-prebuild-"))
     _dir.append(d)
@@ -82,7 +127,6 @@ def start():
             root = synthetic.make_synthetic(d / "syn", n=6, imgsz=64)  # 4 training images per task
         argv = ["--weights", str(ck8), "--int8", "--calib-data", str(root), "--calib", "8"]
         jobs["int8"] = (d / "best.int8.pt2", argv, (ck8, root))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name, (out, argv, extra) in jobs.items():
         log = d / f"{name}.log"
         with open(log, "w") as f:  # a file, not a pipe: an unread pipe, once full, blocks its writer
@@ -94,8 +138,16 @@ def start():
 def result():
     """Wait for the builds -> {"compiled": (output path, exit code, printed text, checkpoint), "int8": (the same,
     data root)}."""
-    start()
-    return {k: (out, proc.wait(timeout=900), log.read_text(), *extra) for k, (out, proc, log, extra) in _jobs.items()}
+    start(inductor=False)
+    return {k: (out, proc.wait(timeout=900), log.read_text(), *extra) for k, (out, proc, log, extra) in _jobs.items()
+            if k != "inductor"}
+
+
+def inductor_warm():
+    """Wait for the Block's kernels to be in Inductor's cache (started now if they were not). Whether that worked
+    does not matter: the test compiles the Block itself either way."""
+    start(exports=False)
+    _jobs["inductor"][1].wait(timeout=600)
 
 
 def stop():

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
+import prebuild
 from prebuild import TINY, randomise
 
 import synthetic
 import train
 from model import CAMTL, stage_setup
-from modules import Conv, CTAM, to_dualbn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,34 +54,15 @@ def test_channels_last_gives_the_same_outputs_and_gradients():
     assert_close([grads_cl[k] for k in grads], list(grads.values()), 1e-9)
 
 
-class Block(torch.nn.Module):
-    """The unusual part of the network for a compiler: a DualBN Conv, then CTAM's attention as P3 runs it (queries
-    pooled 2x2, SDPA on strided views, pooled keys, the output upsampled back, the key-attention maps) in
-    channels_last."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = to_dualbn(Conv(8, 16, 3))
-        self.ctam = CTAM(16, (8,), dim=16, heads=4, tokens=16, qpool=2)
-        torch.nn.init.uniform_(self.ctam.gate, -1, 1)
-
-    def forward(self, x):
-        y, maps = self.ctam(self.conv(x), [x], need_attn=True)
-        return y, maps[0]
+@pytest.fixture
+def inductor_cache():
+    """The Block's kernels, compiled in the background since collection (tests/prebuild.py)."""
+    prebuild.inductor_warm()
 
 
-def test_inductor_compiled_block_matches_eager():
-    torch.manual_seed(0)
-    block = Block().to(memory_format=torch.channels_last).train()
-    compiled = copy.deepcopy(block)
-    compiled.compile(dynamic=False)
-    x = torch.rand(2, 8, 16, 16).contiguous(memory_format=torch.channels_last)
-    res = []
-    for m in (block, compiled):
-        m.zero_grad()
-        y, a = m(x)
-        (y.square().mean() + a.square().sum()).backward()
-        res.append(([y.detach(), a.detach()], [p.grad for p in m.parameters() if p.grad is not None]))
+def test_inductor_compiled_block_matches_eager(inductor_cache):
+    block, compiled, x = prebuild.compiled_block()
+    res = [prebuild.block_step(m, x) for m in (block, compiled)]
     assert_close(res[1][0], res[0][0])
     assert len(res[1][1]) == len(res[0][1]) > 5
     assert_close(res[1][1], res[0][1])
