@@ -74,12 +74,14 @@ NON_NEGATIVE = at_least(0)
 # the augmentation's strengths (data.AUG; repeated here: config imports nothing), which `augment` may change
 AUG_RANGES = {"fliplr": interval(0, 1), "flipud": interval(0, 1), "scale": interval(0, 1, "[)"),
               "translate": interval(0, 0.5), "brightness": interval(0, 1), "contrast": interval(0, 1, "[)"),
-              "gamma": interval(0, 1, "[)")}
+              "gamma": interval(0, 1)}
 
 
 def _is_augment(v):
     if isinstance(v, bool):
         return True
+    if not isinstance(v, dict):
+        return False
     nums = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v.values())
     return nums and all(k in AUG_RANGES and AUG_RANGES[k][0](x) for k, x in v.items())
 
@@ -121,7 +123,7 @@ RULES = {
     "clip_grad": ((lambda v: v > 0), "> 0"),
     "amp_dtype": one_of("fp16", "bf16"),
     "seg_stride": one_of(8, 4, 2),
-    "augment": (_is_augment, "true, false, or a dict of the augmentation's strengths to change, each "
+    "augment": (_is_augment, "True, False, or a dict of the augmentation's strengths to change, each "
                 + "; ".join(f"{k} {r[1]}" for k, r in AUG_RANGES.items())),
     "widths": ((lambda v: all(isinstance(k, str) and type(n) is int and n >= 1 for k, n in v.items())),
                "{layer: channels}, ints >= 1 (compress.py writes it)"),
@@ -192,7 +194,7 @@ def check_key(key, value, source):
     if key == "compile":  # a bool or "auto": RULES tells
         ok = True
     elif key == "augment":  # a bool or a dict of strengths: RULES tells
-        ok = isinstance(value, (bool, dict))
+        ok = True
     elif isinstance(want, bool) or isinstance(value, bool):  # bool is an int subclass: compare exactly
         ok = type(value) is type(want)
     elif isinstance(want, float):

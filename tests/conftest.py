@@ -27,7 +27,7 @@ def pytest_collection_finish(session):
     (tests/prebuild.py)."""
     wanted = {f: any(f in getattr(item, "fixturenames", ()) for item in session.items)
               for f in ("cli_builds", "inductor_cache")}
-    if any(wanted.values()):
+    if any(wanted.values()) and not session.config.option.collectonly:
         import prebuild
         prebuild.start(exports=wanted["cli_builds"], inductor=wanted["inductor_cache"])
 

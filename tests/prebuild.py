@@ -11,6 +11,7 @@ import importlib.util
 import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -107,8 +108,9 @@ def start(exports=True, inductor=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if inductor and "inductor" not in _jobs:
         code = "import prebuild; b, c, x = prebuild.compiled_block(); prebuild.block_step(c, x)"
+        path = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parent, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env={**env, "PYTHONPATH": str(REPO)})
+                                stderr=subprocess.DEVNULL, env={**env, "PYTHONPATH": path}, start_new_session=True)
         _jobs["inductor"] = (None, proc, None, ())
     if not exports or "compiled" in _jobs:
         return
@@ -131,7 +133,7 @@ def start(exports=True, inductor=True):
         log = d / f"{name}.log"
         with open(log, "w") as f:  # a file, not a pipe: an unread pipe, once full, blocks its writer
             proc = subprocess.Popen([sys.executable, "export.py", *argv], cwd=REPO, env=env, stdout=f,
-                                    stderr=subprocess.STDOUT, text=True)
+                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
         _jobs[name] = (out, proc, log, extra)
 
 
@@ -147,14 +149,22 @@ def inductor_warm():
     """Wait for the Block's kernels to be in Inductor's cache (started now if they were not). Whether that worked
     does not matter: the test compiles the Block itself either way."""
     start(exports=False)
-    _jobs["inductor"][1].wait(timeout=600)
+    try:
+        _jobs["inductor"][1].wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        _kill(_jobs["inductor"][1])
 
 
 def stop():
     """End of the session: builds still running are stopped, their folder removed."""
     for _, proc, _, _ in _jobs.values():
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _kill(proc)
     for d in _dir:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def _kill(proc):
+    """A build and everything it started (Inductor's compile workers, the C++ compilers): its own process group."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

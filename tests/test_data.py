@@ -275,8 +275,8 @@ def test_the_augment_key_sets_the_training_loaders_strengths(synth):
     # 1024 levels aside)
     assert not torch.allclose(same[0], loaders["default"][(0, 0, 0)]["img"], atol=0.01)
     assert set(config.AUG_RANGES) == set(data.AUG)
-    for bad in ("{'scal': 0.25}", "{'scale': 1.5}", "{'scale': 'a'}", "1"):
-        with pytest.raises(SystemExit, match="key 'augment'") as e:
+    for bad in ("{'scal': 0.25}", "{'scale': 1.5}", "{'scale': 'a'}", "1", "[0.5]"):
+        with pytest.raises(SystemExit, match="key 'augment' must be True, False, or a dict") as e:
             config.load_config("domainshift1", None, [f"augment={bad}"])
         assert "\n" not in str(e.value)
 

@@ -187,6 +187,7 @@ def test_int8_cli_artefact_is_close_to_fp32_and_predicts(cli_builds, tmp_path):
     run, meta = export.load_program(out)
     assert meta["model"] == "CAMTL" and meta["imgsz"] == 64 and meta["compiled"] and meta["config"]["widths"]
     assert meta["int8"]["calib_counts"] == {"angiography_detection": 4, "angiography_segmentation": 4}
+    assert "seg_head.heads.0.0" in meta["int8"]["parts"]  # P3's seg head, walked item by item, is quantised too
 
     # letterboxed validation images of both tasks, through the int8 program and the fused fp32 model
     eager = export.deployable(load_checkpoint(ck)[0])
