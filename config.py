@@ -191,9 +191,7 @@ def check_key(key, value, source):
     if key == "device":  # `--set device=0` arrives as an int, `device=0,1` as a tuple
         return check_device(value, source)
     want = DEFAULTS[key]
-    if key == "compile":  # a bool or "auto": RULES tells
-        ok = True
-    elif key == "augment":  # a bool or a dict of strengths: RULES tells
+    if key in ("compile", "augment"):  # a bool or "auto" / a dict of strengths: RULES tells
         ok = True
     elif isinstance(want, bool) or isinstance(value, bool):  # bool is an int subclass: compare exactly
         ok = type(value) is type(want)

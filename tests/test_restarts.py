@@ -186,7 +186,8 @@ def test_torchrun_restarts_continue_the_run_of_the_first_start(synth):
 
     def epochs_held():  # read again only when the file changed: a poll must stay far shorter than an epoch
         try:
-            key = (last.stat().st_mtime_ns, last.stat().st_size)
+            st = last.stat()
+            key = (st.st_ino, st.st_mtime_ns, st.st_size)  # os.replace gives each save a new inode
         except FileNotFoundError:
             return 0
         if key not in held:
