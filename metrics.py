@@ -10,7 +10,6 @@ Imports nothing of nanoCAMTL but box_ops, so that evaluate.py and export.py can 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 
 from box_ops import box_iou, xywh2xyxy
 
@@ -34,6 +33,7 @@ def nms(pred, conf=0.25, iou=0.7, max_det=300, classes=None, agnostic=False, mul
     multi_label=False keeps each anchor's best class (predict path); the Ultralytics validator uses
     multi_label=True (see VAL_NMS), which emits one row per (anchor, class) scoring above conf.
     """
+    import torchvision  # here, not at the top: with torch._dynamo it takes 1-2 s, which commands that stop early skip
     nc = pred.shape[1] - 4
     multi_label &= nc > 1  # with one class the two modes coincide
     out = []
