@@ -23,7 +23,7 @@ def pytest_collection_modifyitems(items):
 
 
 def pytest_collection_finish(session):
-    """The export builds and Inductor's kernels start now, in the background, when a selected test needs them
+    """The export builds and Inductor's kernels are queued now, in the background, when a selected test needs them
     (tests/prebuild.py)."""
     wanted = {f: any(f in getattr(item, "fixturenames", ()) for item in session.items)
               for f in ("cli_builds", "inductor_cache")}

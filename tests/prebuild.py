@@ -1,10 +1,10 @@
 """The suite's slowest artefacts, built in the background: `python export.py` twice, as a user runs it, the default
 compiled program of a tiny checkpoint and (when torchao is installed) --int8 of a lively, pruned one. Each is mostly one
-single-threaded C++ build of about a minute, so conftest.py starts them as soon as the tests are collected, when a
+single-threaded C++ build of about a minute, so conftest.py queues them as soon as the tests are collected, when a
 selected test needs them, and they build while the tests before tests/test_export.py run; its `cli_builds` fixture
 waits for them (`result`). Likewise Inductor's kernels for test_compile.py's Block: on a fresh machine their C++
-builds take about 30 s, so a background process compiles the same Block first and leaves them in Inductor's cache,
-and the test (fixture `inductor_cache`) then compiles it again from that cache."""
+builds take about 30 s, so a background process compiles the same Block after the exports and leaves them in
+Inductor's cache, and the test (fixture `inductor_cache`, run last) then compiles it again from that cache."""
 import contextlib
 import copy
 import importlib.util
@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -26,8 +27,8 @@ from prune import prune
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = {"scale": [0.33, 0.125, 1024], "dual_bn": True, "imgsz": 64}
-_jobs = {}  # name -> (output path, Popen, log path[, checkpoint, data root])
-_dir = []
+_jobs = {}  # name -> {argv, cwd, env, out, log, extra, proc: its Popen once started, done: threading.Event}
+_lock, _runner, _ended, _dir = threading.Lock(), [], threading.Event(), []
 
 
 def randomise(model, seed=0):
@@ -102,62 +103,101 @@ def compiled_block():
 
 
 def start(exports=True, inductor=True):
-    """Launch the builds (once each): the compiled program of the randomised tiny checkpoint, and --int8 of a lively
+    """Queue the builds (once each): the compiled program of the randomised tiny checkpoint, and --int8 of a lively
     one with the fine vessel path (seg_stride=4), pruned by half (prune.py), calibrated on a tiny synthetic set; and
-    the Block's Inductor kernels, into Inductor's cache."""
+    the Block's Inductor kernels, into Inductor's cache. They run one after another, in the order the tests need them,
+    so that with the tests' own process two processes share the 2 cores (all three at once slowed the tests beside
+    them by half)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if exports and "compiled" not in _jobs:
+        d = Path(tempfile.mkdtemp(prefix="nanocamtl-prebuild-"))
+        _dir.append(d)
+        ck = camtl_checkpoint(d / "camtl.pt")
+        _queue("compiled", ["export.py", "--weights", str(ck), "--out", str(d / "camtl_aoti.pt2")], REPO, env,
+               d / "camtl_aoti.pt2", d / "compiled.log", (ck,))
+        if importlib.util.find_spec("torchao"):
+            torch.manual_seed(0)  # a pruned network with the fine vessel path: both through the int8 build
+            model = lively(randomise(CAMTL({**TINY, "seg_stride": 4}, verbose=False)))
+            widths = prune(model, 0.5)
+            ck8 = d / "best.pt"
+            torch.save({"model": model.state_dict(), "config": {**model.cfg, "widths": widths, "workers": 0},
+                        "stage": "camtl"}, ck8)
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # collecting
+                root = synthetic.make_synthetic(d / "syn", n=6, imgsz=64)  # 4 training images per task
+            argv = ["export.py", "--weights", str(ck8), "--int8", "--calib-data", str(root), "--calib", "8"]
+            _queue("int8", argv, REPO, env, d / "best.int8.pt2", d / "int8.log", (ck8, root))
     if inductor and "inductor" not in _jobs:
         code = "import prebuild; b, c, x = prebuild.compiled_block(); prebuild.block_step(c, x)"
         path = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parent, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env={**env, "PYTHONPATH": path}, start_new_session=True)
-        _jobs["inductor"] = (None, proc, None, ())
-    if not exports or "compiled" in _jobs:
-        return
-    d = Path(tempfile.mkdtemp(prefix="nanocamtl-prebuild-"))
-    _dir.append(d)
-    ck = camtl_checkpoint(d / "camtl.pt")
-    jobs = {"compiled": (d / "camtl_aoti.pt2", ["--weights", str(ck), "--out", str(d / "camtl_aoti.pt2")], (ck,))}
-    if importlib.util.find_spec("torchao"):
-        torch.manual_seed(0)  # a pruned network with the fine vessel path: both through the int8 build
-        model = lively(randomise(CAMTL({**TINY, "seg_stride": 4}, verbose=False)))
-        widths = prune(model, 0.5)
-        ck8 = d / "best.pt"
-        torch.save({"model": model.state_dict(), "config": {**model.cfg, "widths": widths, "workers": 0},
-                    "stage": "camtl"}, ck8)
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # collecting
-            root = synthetic.make_synthetic(d / "syn", n=6, imgsz=64)  # 4 training images per task
-        argv = ["--weights", str(ck8), "--int8", "--calib-data", str(root), "--calib", "8"]
-        jobs["int8"] = (d / "best.int8.pt2", argv, (ck8, root))
-    for name, (out, argv, extra) in jobs.items():
-        log = d / f"{name}.log"
-        with open(log, "w") as f:  # a file, not a pipe: an unread pipe, once full, blocks its writer
-            proc = subprocess.Popen([sys.executable, "export.py", *argv], cwd=REPO, env=env, stdout=f,
-                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        _jobs[name] = (out, proc, log, extra)
+        _queue("inductor", ["-c", code], Path(__file__).parent, {**env, "PYTHONPATH": path}, None, None, ())
+
+
+def _queue(name, argv, cwd, env, out, log, extra):
+    """One build more for the background thread (started if none is running)."""
+    with _lock:
+        _jobs[name] = {"argv": argv, "cwd": cwd, "env": env, "out": out, "log": log, "extra": extra, "proc": None,
+                       "done": threading.Event()}
+        if not any(t.is_alive() for t in _runner):
+            _runner.append(threading.Thread(target=_run_all, daemon=True))
+            _runner[-1].start()
+
+
+def _run_all():
+    """The background thread: each queued build in turn, until none is left or the session ends."""
+    while True:
+        with _lock:
+            todo = [j for j in _jobs.values() if j["proc"] is None and not j["done"].is_set()]
+            if not todo or _ended.is_set():
+                for j in todo:
+                    j["done"].set()
+                return
+            j = todo[0]
+            with open(j["log"] or os.devnull, "w") as f:  # a file, not a pipe: an unread pipe, once full, blocks
+                j["proc"] = subprocess.Popen([sys.executable, *j["argv"]], cwd=j["cwd"], env=j["env"], stdout=f,
+                                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        j["proc"].wait()
+        j["done"].set()
+
+
+def _wait(name, timeout):
+    """The build `name` finished (or the session ended) within timeout seconds -> its Popen, None if never started."""
+    if not _jobs[name]["done"].wait(timeout):
+        raise TimeoutError(f"the background build {name!r} took over {timeout} s")
+    return _jobs[name]["proc"]
 
 
 def result():
     """Wait for the builds -> {"compiled": (output path, exit code, printed text, checkpoint), "int8": (the same,
     data root)}."""
     start(inductor=False)
-    return {k: (out, proc.wait(timeout=900), log.read_text(), *extra) for k, (out, proc, log, extra) in _jobs.items()
-            if k != "inductor"}
+    out = {}
+    for k in ("compiled", "int8"):
+        if k in _jobs:
+            j, code = _jobs[k], _wait(k, 900).returncode
+            out[k] = (j["out"], code, j["log"].read_text(), *j["extra"])
+    return out
 
 
 def inductor_warm():
-    """Wait for the Block's kernels to be in Inductor's cache (started now if they were not). Whether that worked
+    """Wait for the Block's kernels to be in Inductor's cache (queued now if they were not). Whether that worked
     does not matter: the test compiles the Block itself either way."""
     start(exports=False)
     try:
-        _jobs["inductor"][1].wait(timeout=300)
-    except subprocess.TimeoutExpired:
-        _kill(_jobs["inductor"][1])
+        _wait("inductor", 300)
+    except TimeoutError:
+        with _lock:
+            _jobs["inductor"]["done"].set()  # if it has not started, it never will
+            proc = _jobs["inductor"]["proc"]
+        if proc is not None:
+            _kill(proc)
 
 
 def stop():
-    """End of the session: builds still running are stopped, their folder removed."""
-    for _, proc, _, _ in _jobs.values():
+    """End of the session: the queue is emptied, a build still running stopped, their folder removed."""
+    _ended.set()
+    with _lock:
+        procs = [j["proc"] for j in _jobs.values() if j["proc"] is not None]
+    for proc in procs:
         _kill(proc)
     for d in _dir:
         shutil.rmtree(d, ignore_errors=True)
