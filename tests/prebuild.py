@@ -108,7 +108,7 @@ def start(exports=True, inductor=True):
     the Block's Inductor kernels, into Inductor's cache. They run one after another, in the order the tests need them,
     so that with the tests' own process two processes share the 2 cores (all three at once slowed the tests beside
     them by half)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1"}  # one core, no compile workers
     if exports and "compiled" not in _jobs:
         d = Path(tempfile.mkdtemp(prefix="nanocamtl-prebuild-"))
         _dir.append(d)
