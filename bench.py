@@ -7,7 +7,7 @@ subprocess so peak memory does not leak from one into the next.
     python bench.py --only levers        # YOLOv8 640 px inference: eager, channels_last, torch.compile, the .pt2,
                                          # int8 (needs torchao), Ultralytics' own YOLOv8 (if installed), side by side
     python bench.py --only steplevers --compile   # YOLOv8 / CAMTL train step levers, with torch.compile (minutes)
-    python bench.py --only compress              # compiled fp32 / int8 programs, pruned 0, 0.3, 0.5, at 256 and 512
+    python bench.py --only compress              # compiled fp32 / int8 programs, pruned 0 to 0.6, at 256 and 512
     python bench.py --only ceiling --data ROOT    # the best vessel F1 a head of each seg_stride allows, on ROOT's
                                                   # fundus training masks (e.g. DRIVE's), at 576 px
 
@@ -408,7 +408,7 @@ def bench_steplevers(a):
 def bench_compress(a):
     """(k) What compress.py buys in speed, batch 1, CAMTL at 256 px (the demo's training size) and 512: the compiled
     fp32 .pt2 (export.py's default) and the int8 one (export.py --int8), each for the network as built and pruned
-    by 0.3 and 0.5 (compress.py --prune: the same widths whatever the weights, so random weights time it; QAT's
+    by 0.3, 0.5 and 0.6 (compress.py --prune: the same widths whatever the weights, so random weights time it; QAT's
     program is the int8 one). Per size all alternate in one process; ratios are medians of per-round ratios against
     the unpruned compiled fp32. Also parameters, GFLOPs and the programs' sizes. Headline: 0.5 int8 at 256."""
     import tempfile
@@ -421,7 +421,7 @@ def bench_compress(a):
     with tempfile.TemporaryDirectory() as d, torch.no_grad():
         for S in ((a.size,) if a.size else (256, 512)):
             fns, x = {}, torch.rand(1, 3, S, S)
-            for r in (0, 0.3, 0.5):
+            for r in (0, 0.3, 0.5, 0.6):
                 torch.manual_seed(0)
                 model = CAMTL({"scale": a.scale, "dual_bn": True}, verbose=False).eval()
                 if r:
@@ -444,7 +444,7 @@ def bench_compress(a):
             out.update({f"{k}_{S}_speedup": 1 / ratio(times, k, "p0_fp32") for k in times if k != "p0_fp32"})
     S = a.size or 256
     head = f"p50_int8_{S}_ms" if f"p50_int8_{S}_ms" in out else f"p50_fp32_{S}_ms"
-    return {"what": f"CAMTL{a.scale} compiled programs, pruned 0/0.3/0.5 x fp32/int8, 1x3xSxS; headline {head}",
+    return {"what": f"CAMTL{a.scale} compiled programs, pruned 0/0.3/0.5/0.6 x fp32/int8, 1x3xSxS; headline {head}",
             "median_ms": out[head], "min_ms": out[head], "peak_mb": 0.0, **out}
 
 

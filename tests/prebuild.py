@@ -28,7 +28,7 @@ from prune import prune
 REPO = Path(__file__).resolve().parent.parent
 TINY = {"scale": [0.33, 0.125, 1024], "dual_bn": True, "imgsz": 64}
 _jobs = {}  # name -> {argv, cwd, env, out, log, extra, proc: its Popen once started, done: threading.Event}
-_lock, _runner, _ended, _dir = threading.Lock(), [], threading.Event(), []
+_lock, _busy, _ended, _dir = threading.Lock(), [], threading.Event(), []  # _busy: [True] while the thread runs
 
 
 def randomise(model, seed=0):
@@ -108,7 +108,7 @@ def start(exports=True, inductor=True):
     the Block's Inductor kernels, into Inductor's cache. They run one after another, in the order the tests need them,
     so that with the tests' own process two processes share the 2 cores (all three at once slowed the tests beside
     them by half)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1"}  # one core, no compile workers
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1"}  # the tests have the other core
     if exports and "compiled" not in _jobs:
         d = Path(tempfile.mkdtemp(prefix="nanocamtl-prebuild-"))
         _dir.append(d)
@@ -136,10 +136,10 @@ def _queue(name, argv, cwd, env, out, log, extra):
     """One build more for the background thread (started if none is running)."""
     with _lock:
         _jobs[name] = {"argv": argv, "cwd": cwd, "env": env, "out": out, "log": log, "extra": extra, "proc": None,
-                       "done": threading.Event()}
-        if not any(t.is_alive() for t in _runner):
-            _runner.append(threading.Thread(target=_run_all, daemon=True))
-            _runner[-1].start()
+                       "error": None, "done": threading.Event()}
+        if not _busy:  # decided under the lock, as the thread decides to end: a job queued meanwhile is never lost
+            _busy.append(True)
+            threading.Thread(target=_run_all, daemon=True).start()
 
 
 def _run_all():
@@ -150,20 +150,29 @@ def _run_all():
             if not todo or _ended.is_set():
                 for j in todo:
                     j["done"].set()
+                _busy.clear()
                 return
             j = todo[0]
-            with open(j["log"] or os.devnull, "w") as f:  # a file, not a pipe: an unread pipe, once full, blocks
-                j["proc"] = subprocess.Popen([sys.executable, *j["argv"]], cwd=j["cwd"], env=j["env"], stdout=f,
-                                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            try:
+                with open(j["log"] or os.devnull, "w") as f:  # a file, not a pipe: an unread pipe, once full, blocks
+                    j["proc"] = subprocess.Popen([sys.executable, *j["argv"]], cwd=j["cwd"], env=j["env"], stdout=f,
+                                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            except OSError as e:  # told to its waiter, not lost with this thread
+                j["error"] = e
+                j["done"].set()
+                continue
         j["proc"].wait()
         j["done"].set()
 
 
 def _wait(name, timeout):
-    """The build `name` finished (or the session ended) within timeout seconds -> its Popen, None if never started."""
-    if not _jobs[name]["done"].wait(timeout):
+    """The build `name` ended within timeout seconds -> its Popen."""
+    j = _jobs[name]
+    if not j["done"].wait(timeout):
         raise TimeoutError(f"the background build {name!r} took over {timeout} s")
-    return _jobs[name]["proc"]
+    if j["proc"] is None:
+        raise RuntimeError(f"the background build {name!r} did not start: {j['error'] or 'the session is ending'}")
+    return j["proc"]
 
 
 def result():
@@ -184,7 +193,7 @@ def inductor_warm():
     start(exports=False)
     try:
         _wait("inductor", 300)
-    except TimeoutError:
+    except (TimeoutError, RuntimeError):
         with _lock:
             _jobs["inductor"]["done"].set()  # if it has not started, it never will
             proc = _jobs["inductor"]["proc"]
