@@ -18,8 +18,10 @@ def one_thread():
 
 
 def pytest_collection_modifyitems(items):
-    """The test that waits for Inductor's kernels (tests/prebuild.py) runs last, so they build meanwhile."""
-    items.sort(key=lambda item: "inductor_cache" in getattr(item, "fixturenames", ()))  # stable: the rest in order
+    """The test that waits for Inductor's kernels (tests/prebuild.py) runs last, so they build meanwhile; before it
+    tests/test_ddp.py, whose ranks then have both cores, the builds having ended."""
+    items.sort(key=lambda item: ("inductor_cache" in getattr(item, "fixturenames", ()),
+                                 item.path.name == "test_ddp.py"))  # stable: the rest in order
 
 
 def pytest_collection_finish(session):
