@@ -16,6 +16,8 @@ import data
 import splits
 import train
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # they run beside the background builds
+
 DET, SEG, SRC = "angiography_detection", "angiography_segmentation", "retinography_segmentation"
 TINY = ["scale=[0.33,0.125,1024]", "imgsz=64", "batch=2", "workers=0", "attn_dim=16", "attn_heads=2",
         "attn_tokens=16", "nbs=2", "warmup_min_iters=2", "epochs=1", "plots=False"]

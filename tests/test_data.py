@@ -16,6 +16,8 @@ import data
 import splits
 import synthetic
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # they run beside the background builds
+
 DET, SEG, SRC = "angiography_detection", "angiography_segmentation", "retinography_segmentation"
 
 
