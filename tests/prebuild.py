@@ -27,7 +27,7 @@ from prune import prune
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = {"scale": [0.33, 0.125, 1024], "dual_bn": True, "imgsz": 64}
-_jobs = {}  # name -> {argv, cwd, env, out, log, extra, proc: its Popen once started, done: threading.Event}
+_jobs = {}  # name -> {argv, cwd, env, out, log, extra, proc: its Popen once started, error, done: threading.Event}
 _lock, _busy, _ended, _dir = threading.Lock(), [], threading.Event(), []  # _busy: [True] while the thread runs
 
 
