@@ -605,6 +605,9 @@ def convert_drive(src, root, val=0.2, prep=None, group=None, seed=42):
     for s, part in (("train", "training"), ("test", "test")):
         d = find_dir(src, part)
         if d is None or not (d / "images").is_dir() or not (d / "1st_manual").is_dir():
+            if d is not None and (d / "images").is_dir():  # copies without the test labels exist
+                log(f"drive: {d} has images/ but no 1st_manual/ (the manual vessels) -> no {s} split from it; "
+                    f"{'evaluate.py --split test needs them' if s == 'test' else 'nothing to train on'}")
             continue
         pairs = _pairs(d / "images", d / "1st_manual", lambda stem: f"{stem.split('_')[0]}_manual1.gif")
         by_split[s] = [dict(name=f"drive_{stem}", image=p, mask=m, group=f"drive_{stem.split('_')[0]}",

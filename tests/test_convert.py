@@ -5,6 +5,7 @@ DRIVE trains one tiny camtl epoch (detection, vessels and fundus replay)."""
 import gzip
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -249,6 +250,17 @@ def test_drive_official_split(tmp_path):
     assert all(e["fov"] == e["mask"].replace("labels/", "fov/") for v in split.values() for e in v)
     f = np.asarray(Image.open(root / "retinography/fov/drive_21_training.png")) > 0
     assert np.array_equal(f, _fundus(seed=21)[1])
+
+
+def test_drive_without_test_labels_says_the_test_split_is_left_out(tmp_path, capsys):
+    """A copy whose test/ has images but no 1st_manual/ (the labels some copies lack): training converts, and one
+    line says that there is no test split to score."""
+    src, root = _drive(tmp_path / "DRIVE", 3, 2), tmp_path / "root"
+    shutil.rmtree(src / "test/1st_manual")
+    split = convert.convert_drive(src, root, val=0.0)
+    assert len(split["train"]) == 3 and split["test"] == []
+    err = [line for line in capsys.readouterr().err.splitlines() if "1st_manual" in line]
+    assert len(err) == 1 and "test" in err[0] and "--split test" in err[0], err
 
 
 def test_drive_preprocess_uses_its_fov_mask(tmp_path):
