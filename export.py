@@ -28,10 +28,10 @@ Three kinds of .pt2, all loaded by `load_program(path)` and by `python predict.p
   through the fused target-domain program: the images it is deployed on (camtl: angiogram detection and vessel
   images; a YOLOv8: detection images). Only the convolution stacks are int8 (INT8_PARTS: backbone, neck, s5, the
   seg head's and Detect's conv branches), and their last convs still return fp32 logits; attention, the seg head's
-  gated fusion and the decode (DFL softmax, anchors, sigmoid) stay fp32. Its speed depends on the CPU's int8
-  instructions (AVX512-VNNI and the like). Making it needs the optional package torchao (its PT2E quantiser, and the
-  Inductor passes that turn its quantize/dequantize pairs into oneDNN int8 convolutions); running it needs only
-  torch. Not the default: it does not equal eager within 1e-3, and its accuracy cost depends on the checkpoint
+  gated fusion, the fine vessel path (seg_stride 4, 2) and the decode (DFL softmax, anchors, sigmoid) stay fp32.
+  Its speed depends on the CPU's int8 instructions (AVX512-VNNI and the like). Making it needs the optional package
+  torchao (its PT2E quantiser, and the Inductor passes that turn its quantize/dequantize pairs into oneDNN int8
+  convolutions); running it needs only torch. Not the default: it does not equal eager within 1e-3, and its accuracy cost depends on the checkpoint
   (speed and accuracy: docs/benchmarks.md). So, once written, it is scored against the fused fp32 model on
   --int8-val (64) validation images of the same data: mAP50, mAP50-95 and Dice(full) side by side, and a warning
   naming each one that drops by more than --int8-tolerance (1) points.

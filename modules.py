@@ -437,9 +437,9 @@ class FinePath(nn.Module):
     with the backbone's own map at that stride (the skip: layer 2 at stride 4, layer 0 at stride 2), two 3x3 Convs,
     and a 1x1 conv to a logit *added* to the coarser logit upsampled. That 1x1 starts at zero,
     so a new fine path draws exactly the stride-8 head's vessels, upsampled, and learns only the residual detail.
-    Each step is half as wide as its skip (16 and 8 channels at scale n): a 3x3 conv at stride 4 or 2 costs 16 or
-    64 times one at stride 8, and twice the width costs 2.6x the step time (docs/benchmarks.md). No attention at
-    these scales, for the same reason."""
+    Each step is half as wide as its skip (16 and 8 channels at scale n): a layer at stride 4 or 2 runs over 4 or
+    16 times the positions of one at stride 8, and twice the width costs 2.6x the step time (docs/benchmarks.md). No
+    attention at these scales, for the same reason."""
 
     def __init__(self, c, skips):
         super().__init__()
