@@ -32,9 +32,9 @@ Three kinds of .pt2, all loaded by `load_program(path)` and by `python predict.p
   Its speed depends on the CPU's int8 instructions (AVX512-VNNI and the like). Making it needs the optional package
   torchao (its PT2E quantiser, and the Inductor passes that turn its quantize/dequantize pairs into oneDNN int8
   convolutions); running it needs only torch. Not the default: it does not equal eager within 1e-3, and its
-  accuracy cost depends on the checkpoint (speed and accuracy: docs/benchmarks.md). So, once written, it is scored against the fused fp32 model on
-  --int8-val (64) validation images of the same data: mAP50, mAP50-95 and Dice(full) side by side, and a warning
-  naming each one that drops by more than --int8-tolerance (1) points.
+  accuracy cost depends on the checkpoint (speed and accuracy: docs/benchmarks.md). So, once written, it is scored
+  against the fused fp32 model on --int8-val (64) validation images of the same data: mAP50, mAP50-95 and Dice(full)
+  side by side, and a warning naming each one that drops by more than --int8-tolerance (1) points.
 ONNX (`--format onnx`, also writes the .pt2) needs the `onnx` and `onnxscript` packages, which nanoCAMTL does not
 require.
 """
