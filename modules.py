@@ -124,10 +124,14 @@ class C2f(nn.Module):
         self.m = nn.ModuleList(Bottleneck(self.c, self.c, shortcut) for _ in range(n))
 
     def forward(self, x):
-        y = list(self.cv1(x).chunk(2, 1))  # 2 x (B, c, H, W)
+        y = self.cv1(x)  # (B, 2c, H, W): its two halves are the first two chunks
+        ys, h = [y], y[:, self.c:]  # h (B, c, H, W)
         for m in self.m:
-            y.append(m(y[-1]))
-        return self.cv2(torch.cat(y, 1))  # (B, (2+n)c, H, W) -> (B, c2, H, W)
+            h = m(h)
+            ys.append(h)
+        # cv1's whole output joins the concat, not its halves: the same values, and Inductor keeps the concat of an
+        # int8 program channels_last only when an input is a whole channels_last buffer (else NCHW plus transposes)
+        return self.cv2(torch.cat(ys, 1))  # (B, (2+n)c, H, W) -> (B, c2, H, W)
 
 
 class SPPF(nn.Module):
