@@ -124,8 +124,8 @@ class C2f(nn.Module):
         self.m = nn.ModuleList(Bottleneck(self.c, self.c, shortcut) for _ in range(n))
 
     def forward(self, x):
-        y = self.cv1(x)  # (B, 2c, H, W): its two halves are the first two chunks
-        ys, h = [y], y[:, self.c:]  # h (B, c, H, W)
+        y = self.cv1(x)  # (B, 2c, H, W)
+        ys, h = [y], y[:, self.c:]  # h (B, c, H, W): its second half, where the bottlenecks chain
         for m in self.m:
             h = m(h)
             ys.append(h)

@@ -10,7 +10,7 @@ from box_ops import bbox_ciou
 from losses import DetectionLoss, task_aligned_assign
 from checkpoints import read_ultralytics
 from model import YOLOv8
-from modules import Conv
+from modules import C2f, Conv
 
 FIX = Path(__file__).parent / "fixtures"
 
@@ -212,3 +212,17 @@ def test_fused_conv_folds_batchnorm():
     ref = c(x)
     c.fuse()
     assert isinstance(c.bn, torch.nn.Identity) and torch.allclose(c(x), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,shortcut", [(0, False), (1, True), (2, True), (2, False)])
+def test_c2f_concat_of_cv1_whole_equals_its_two_halves(n, shortcut):
+    # C2f concatenates cv1's whole output (for the int8 program's layout); YOLOv8 defines it on cv1's two halves
+    torch.manual_seed(0)
+    m = C2f(16, 32, n, shortcut).eval()
+    x = torch.randn(2, 16, 12, 10)
+    with torch.no_grad():
+        y = list(m.cv1(x).chunk(2, 1))
+        for b in m.m:
+            y.append(b(y[-1]))
+        want = m.cv2(torch.cat(y, 1))
+        assert torch.equal(m(x), want)
