@@ -199,6 +199,9 @@ def task_files(root, key):
             found = [q for q in (d / "labels").glob(p.stem + ".*") if q.suffix.lower() in IMG_EXTS]
             found.sort(key=lambda q: q.suffix.lower() != ".png")
             e["mask"] = found[0].relative_to(root).as_posix() if found else f"{folder}/labels/{p.stem}.png"
+            fov = [q for q in (d / "fov").glob(p.stem + ".*") if q.suffix.lower() in IMG_EXTS]
+            if fov:  # the user's own field-of-view mask: vessels are scored inside it
+                e["fov"] = sorted(fov, key=lambda q: q.suffix.lower() != ".png")[0].relative_to(root).as_posix()
         e["domain"] = domain
         out.append(e)
     return out

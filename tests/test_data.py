@@ -147,6 +147,20 @@ def test_check_counts_an_image_listed_twice_once(tmp_path, capsys):
     assert "all 3 images usable" in capsys.readouterr().err
 
 
+def test_own_fov_masks_in_the_fov_folder_are_listed_and_used(tmp_path):
+    """A user's own field-of-view masks in retinography/fov/ (same stem, any image type) go into the splits
+    training writes, and the dataset scores vessels inside them; an image without one has none."""
+    for n in ("a", "b"):
+        _png(tmp_path / "retinography/images" / f"{n}.png", np.full((8, 8, 3), 50, np.uint8))
+        _png(tmp_path / "retinography/labels" / f"{n}.png", np.eye(8, dtype=np.uint8) * 255)
+    _png(tmp_path / "retinography/fov/a.png", np.pad(np.full((6, 6), 255, np.uint8), 1))
+    listed = {Path(e["image"]).stem: e for e in data.make_splits(tmp_path, ratios=(1, 0, 0))[SRC]["train"]}
+    assert listed["a"]["fov"] == "retinography/fov/a.png" and "fov" not in listed["b"]
+    item, problem = data.scan_entry(tmp_path, listed["a"], "seg", 1)
+    assert problem is None and item["fov"] == tmp_path / "retinography/fov/a.png"
+    assert data.scan_entry(tmp_path, listed["b"], "seg", 1)[0]["fov"] is None
+
+
 def test_data_py_names_where_the_split_tools_went(tmp_path):
     """The split and check commands moved to splits.py: `python data.py split` says so in one line, no traceback."""
     r = subprocess.run([sys.executable, "data.py", "split", "--root", str(tmp_path)], cwd=Path(data.__file__).parent,
