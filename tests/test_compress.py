@@ -142,15 +142,20 @@ def portable_instead_of_compiled(prog, path, meta, freeze=False):
 
 
 @pytest.fixture(scope="module")
-def compressed(tmp_path_factory):
-    """A tiny camtl run (1 epoch from random init), then `compress.py --prune 0.5 --qat --epochs 1` on it (--qat
-    exports int8: the optional torchao)."""
-    pytest.importorskip("torchao", reason="compress.py --qat exports int8 with the optional package torchao")
+def trained(tmp_path_factory):
+    """A tiny camtl run (1 epoch from random init) -> (its folder's parent, its product)."""
     tmp = tmp_path_factory.mktemp("compress")
     synthetic.make_synthetic(tmp / "synth", n=6, imgsz=64, seed=0)
     base, _ = train.main(["--stage", "camtl", "--set", *TINY_RUN, f"data={tmp / 'synth'}", f"project={tmp / 'runs'}",
                           f"weights_dir={tmp / 'weights'}", "plots=False", "epochs=1", "seg_stride=4"])
-    weights = base / "weights" / "yolov8c-camtl.pt"
+    return tmp, base / "weights" / "yolov8c-camtl.pt"
+
+
+@pytest.fixture(scope="module")
+def compressed(trained):
+    """`compress.py --prune 0.5 --qat --epochs 1` on the tiny run (--qat exports int8: the optional torchao)."""
+    pytest.importorskip("torchao", reason="compress.py --qat exports int8 with the optional package torchao")
+    tmp, weights = trained
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(export, "compile_package", portable_instead_of_compiled)
         res = compress.main(["--weights", str(weights), "--prune", "0.5", "--qat", "--epochs", "1", "--calib", "4",
@@ -213,6 +218,27 @@ def test_a_pruned_checkpoint_goes_through_every_command(compressed, tmp_path, ca
     rows = (run / "results.csv").read_text().strip().splitlines()
     assert len(rows) == 3  # header, the fine-tune's epoch, the resumed one
     assert torch.load(product, weights_only=True)["config"]["widths"] == cfg["widths"]
+
+
+def test_pruning_alone_needs_no_extra_narrows_the_seg_head_when_asked_and_evaluate_scores_it(trained, monkeypatch):
+    """compress.py --prune without --qat runs with torchao absent; --prune-seg narrows the seg head's hidden widths
+    as well; evaluate.py loads the smaller network from its checkpoint and scores what compress.py measured on it."""
+    tmp, weights = trained
+    monkeypatch.setattr(export, "torchao_pt2e", lambda *a: (_ for _ in ()).throw(ImportError(export.NEEDS_TORCHAO)))
+    res = compress.main(["--weights", str(weights), "--prune", "0.5", "--prune-seg", "--epochs", "1", "--val", "64"])
+    assert list(res) == ["fp32", "prune50-seg fp32"]
+    product = tmp / "runs" / "camtl" / "exp-prune50-seg" / "weights" / "yolov8c-camtl.pt"
+    model, cfg = load_checkpoint(product)
+    seg = {k: n for k, n in cfg["widths"].items() if k.startswith("seg_head.")}
+    full = dict(sites(load_checkpoint(weights)[0]))
+    assert seg and all(n < full[k][0].conv.out_channels for k, n in seg.items() if full[k][0].conv.out_channels > 8)
+    assert any(n < full[k][0].conv.out_channels for k, n in seg.items())
+    assert res["prune50-seg fp32"]["params"] == count_params(model) < res["fp32"]["params"]
+    m = evaluate.main(["--weights", str(product), "--device", "cpu", "--batch", "1"])
+    for k in ("map50", "map50_95", "dice_full"):
+        assert m[k] == pytest.approx(res["prune50-seg fp32"][k], abs=1e-3), k
+    with pytest.raises(SystemExit, match="--prune-seg narrows the seg head as --prune R does the rest"):
+        compress.main(["--weights", str(weights), "--prune-seg", "--qat"])
 
 
 def test_compress_mistakes_are_one_line(compressed, tmp_path, monkeypatch):
