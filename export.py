@@ -43,6 +43,7 @@ import contextlib
 import copy
 import json
 import logging
+import os
 import statistics
 import time
 import zipfile
@@ -144,12 +145,21 @@ def program_meta(model, net, prog, imgsz, dynamic_batch, compiled):
                 outputs=dict(zip(net.outputs, shapes)), config=cfg, compiled=compiled)
 
 
+def usable_cpus():
+    """The CPUs this process may run on (a cluster job's share, not the whole host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def compile_package(prog, path, meta, freeze=False):
     """AOTInductor: prog compiled to machine code and packaged at path, META in its metadata. -> None, or the reason
     (one line) when this machine cannot compile it, e.g. no C++ compiler. freeze: weights become constants of the
     compiled graph, which is what lets Inductor pack int8 weights into oneDNN convolutions (it freezes only
-    without autograd)."""
-    configs = {"aot_inductor.metadata": {META: json.dumps(meta)}, **({"freezing": True} if freeze else {})}
+    without autograd). Inductor writes its loops' thread count into the program: by default torch's current one,
+    so a program compiled under OMP_NUM_THREADS=1 runs those loops on one thread forever (the pruned int8 program:
+    2.13x fp32 compiled for 2 threads, 1.80x compiled for 1). It compiles for every CPU this process may use."""
+    meta = {**meta, "threads": usable_cpus()}
+    configs = {"aot_inductor.metadata": {META: json.dumps(meta)}, "cpp.threads": meta["threads"],
+               **({"freezing": True} if freeze else {})}
     try:
         with torch.no_grad() if freeze else contextlib.nullcontext():
             torch._inductor.aoti_compile_and_package(prog, package_path=str(path), inductor_configs=configs)

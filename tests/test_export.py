@@ -2,6 +2,7 @@
 predictions from a .pt2 equal predictions from the checkpoint it came from, and the int8 program stays close to the
 fp32 model (when the optional torchao is installed; without it, --int8 says so in one line), its mAP and Dice
 printed beside the fp32 model's and a drop beyond the tolerance a warning."""
+import json
 import sys
 from pathlib import Path
 
@@ -131,6 +132,7 @@ def test_compiled_artefact_is_the_default_equals_eager_and_predicts(cli_builds, 
     assert code == 0 and f"wrote {out} (compiled by AOTInductor" in text, text
     run, meta = export.load_program(out)
     assert meta["compiled"] and meta["imgsz"] == 64 and meta["model"] == "CAMTL"
+    assert meta["threads"] == export.usable_cpus()  # compiled under OMP_NUM_THREADS=1 (tests/prebuild.py)
     eager = export.deployable(load_checkpoint(camtl_ckpt)[0])
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
@@ -139,6 +141,22 @@ def test_compiled_artefact_is_the_default_equals_eager_and_predicts(cli_builds, 
     with pytest.raises(ValueError, match="compiled for cpu, asked to run on meta"):
         export.load_program(out, "meta")
     predicts_a_folder(out, tmp_path)
+
+
+def test_programs_are_compiled_for_every_usable_cpu_not_torch_s_current_threads(tmp_path, monkeypatch):
+    """Inductor writes its loops' thread count into the program; export compiles for the CPUs the process may use,
+    whatever torch's thread count is (a job run with OMP_NUM_THREADS=1 would otherwise write a one-thread program)."""
+    seen = {}
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package",
+                        lambda prog, package_path, inductor_configs: seen.update(inductor_configs))
+    monkeypatch.setattr(export.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert export.compile_package(None, tmp_path / "p.pt2", {"model": "CAMTL"}) is None
+    finally:
+        torch.set_num_threads(before)
+    assert seen["cpp.threads"] == 4 and json.loads(seen["aot_inductor.metadata"][export.META])["threads"] == 4
 
 
 # -----------------------------------------------------------------------------
