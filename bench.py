@@ -293,8 +293,7 @@ def bench_camtl(a):
 
 def int8_program(export, model, size, path):
     """export.py's int8 program (export_int8: torchao's PT2E quantiser, then AOTInductor) as a callable, or why not
-    as a string (no torchao, or no compiler). Calibrated on random images, which is quick;
-    a trained network calibrated on real images can run at another speed (docs/benchmarks.md, compression)."""
+    as a string (no torchao, or no compiler). Calibrated on random images: the speed does not depend on them."""
     try:
         export.export_int8(model, size, path, [torch.rand(1, 3, size, size) for _ in range(4)], verbose=False)
     except ImportError:
