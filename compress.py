@@ -10,7 +10,8 @@ the hidden widths of the bottlenecks, SPPF and Detect's branches, and the backbo
 multiples of 8), the ones whose BN-folded filters are smallest; --prune-seg narrows the seg head's hidden widths too
 (left whole by default: they are about 4% of the FLOPs, and narrowing them cost vessel Dice that fine-tuning did not
 bring back). The network is physically smaller: its checkpoint keeps its widths in its config (`widths`), so
-evaluate.py, predict.py, export.py (also --int8) and --resume load it as any other. The pruned network before fine-tuning is saved as {run}/pruned.pt.
+evaluate.py, predict.py, export.py (also --int8) and --resume load it as any other. The pruned network before
+fine-tuning is saved as {run}/pruned.pt.
 --qat fine-tunes with fake quantisation (the key `qat`): every convolution export.py --int8 makes int8 computes with
 int8 weights and uint8 inputs in training, so the weights learn to live with the rounding. Then the product is
 exported with export.py --int8 (needs the optional package torchao), and so is --weights, as the post-training int8

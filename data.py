@@ -182,6 +182,13 @@ def parse_labels(text, nc):
 # splits
 
 
+def _same_stem(folder, stem):
+    """The image file in folder named stem.* (a PNG first, else any image type), or None."""
+    found = sorted((q for q in folder.glob(stem + ".*") if q.suffix.lower() in IMG_EXTS),
+                   key=lambda q: (q.suffix.lower() != ".png", q.name))
+    return found[0] if found else None
+
+
 def task_files(root, key):
     """Every image of a task's folder (sorted) with the mask/label path that should go with it."""
     folder, task, domain = TASK_KEYS[key]
@@ -195,13 +202,12 @@ def task_files(root, key):
         e = {"image": p.relative_to(root).as_posix()}
         if task == "det":
             e["label"] = f"{folder}/labels/{p.stem}.txt"
-        else:  # prefer a PNG mask, accept any image type with the same stem
-            found = [q for q in (d / "labels").glob(p.stem + ".*") if q.suffix.lower() in IMG_EXTS]
-            found.sort(key=lambda q: q.suffix.lower() != ".png")
-            e["mask"] = found[0].relative_to(root).as_posix() if found else f"{folder}/labels/{p.stem}.png"
-            fov = [q for q in (d / "fov").glob(p.stem + ".*") if q.suffix.lower() in IMG_EXTS]
+        else:
+            mask = _same_stem(d / "labels", p.stem)
+            e["mask"] = mask.relative_to(root).as_posix() if mask else f"{folder}/labels/{p.stem}.png"
+            fov = _same_stem(d / "fov", p.stem)
             if fov:  # the user's own field-of-view mask: vessels are scored inside it
-                e["fov"] = sorted(fov, key=lambda q: q.suffix.lower() != ".png")[0].relative_to(root).as_posix()
+                e["fov"] = fov.relative_to(root).as_posix()
         e["domain"] = domain
         out.append(e)
     return out
